@@ -71,6 +71,10 @@ class DecodeConfig:
     #   DualCache does; with threshold/factor that can leave masks (a warning says so)
     first_release_nfe: bool = False  # cached modes: spend one cached forward on a block the
     #   block-start forward already finished, as Fast-dLLM's first release did (NFE only)
+    refresh_interval: int = 0  # cached modes: also refresh the whole cache every this many steps
+    #   of a block (0 = only at block start; 1 = every step, which equals no cache)
+    measure_drift: bool = False  # cached modes: also run an exact full forward at every cached
+    #   step and record the largest |logit difference| on the block (slow; measures the approximation)
 
     def __post_init__(self):
         for name in ("gen_length", "block_length", "steps"):
@@ -93,6 +97,8 @@ class DecodeConfig:
             raise ValueError("set threshold or factor, not both")
         if self.factor is not None and self.factor <= 0:
             raise ValueError(f"factor must be positive, got {self.factor}")
+        if self.refresh_interval < 0:
+            raise ValueError(f"refresh_interval must be >= 0, got {self.refresh_interval}")
 
     @property
     def num_blocks(self) -> int:
@@ -121,6 +127,7 @@ class DecodeResult:
     masks_left: int  # masks left in the output (only the capped mode can leave any)
     prompt_length: int  # P
     nfe_per_block: list[int] = field(default_factory=list)  # forwards spent on each block
+    max_drift: float | None = None  # largest |cached - exact| block logit (measure_drift only)
 
     @property
     def generated(self) -> torch.Tensor:
@@ -171,7 +178,10 @@ def propose(logits, mask, config: DecodeConfig, generator, noise_shape, noise_of
         noisy = logits.to(torch.float64).exp() / noise ** config.temperature
     else:
         noisy = logits
-    x0 = noisy.argmax(dim=-1)  # (B, K)
+    # The mask token is never a proposal: committing it would leave the position masked forever
+    # (a trained LLaDA never predicts it, so this changes nothing there; the confidences below
+    # still use the full softmax, as the original's do).
+    x0 = noisy.index_fill(-1, torch.tensor([config.mask_id], device=noisy.device), -torch.inf).argmax(dim=-1)  # (B, K)
     # 2) The original LLaDA's EOS/EOT flag writes `noisy[..., eos] = logits[..., eot] = -inf`. At
     #    temperature 0 `noisy` *is* `logits`, so both EOS and EOT lose their confidence; at T > 0
     #    they are two tensors and only EOT's confidence is suppressed. Reproduced as it behaves.
@@ -235,7 +245,7 @@ def select_factor(conf: torch.Tensor, factor: float, off_by_one: bool = True) ->
 # ---------------------------------------------------------------------------------------------
 
 
-def query_window(cache: str, step: int, block: tuple[int, int], length: int) -> tuple[int, int]:
+def query_window(cache: str, step: int, block: tuple[int, int], length: int, refresh_interval: int = 0) -> tuple[int, int]:
     """The [start, end) of the canvas fed to the model at `step` of the block [s, e).
 
     - 'none': always the whole canvas (vanilla LLaDA).
@@ -243,9 +253,10 @@ def query_window(cache: str, step: int, block: tuple[int, int], length: int) -> 
       then the block plus the masked suffix; the prefix is read from the cache.
     - 'dual': the whole canvas at the first step, then the block alone; prefix and suffix are
       read from the cache (stale), the block's fresh K/V are written over its cached ones.
+    With refresh_interval n > 0, every n-th step of the block is a full refresh as well.
     """
     s, e = block
-    if cache == "none" or step == 0:
+    if cache == "none" or step == 0 or (refresh_interval and step % refresh_interval == 0):
         return 0, length
     return (s, length) if cache == "prefix" else (s, e)
 
@@ -289,6 +300,26 @@ def _check_inputs(model, prompt_ids, config, attention_mask):
             raise ValueError("attention_mask has a row with no real token")
 
 
+def forward_block(model, x, window, block, prompt_index, key_mask, config, cache=None):
+    """Run the model over x[:, window] and return the logits of the block positions, (B, K, V).
+
+    With classifier-free guidance the unconditional copy (prompt masked) rides in the same
+    batched forward, and the two are combined as un + (cfg + 1)(cond - un).
+    """
+    (q0, q1), (c0, e) = window, block
+    inp = x[:, q0:q1]  # (B, Q)
+    if config.cfg_scale > 0:
+        uncond = torch.where(prompt_index[:, q0:q1], torch.full_like(inp, config.mask_id), inp)
+        inp = torch.cat([inp, uncond], dim=0)  # (2B, Q)
+    positions = torch.arange(q0, q1, device=x.device)  # (Q,)
+    logits = model(inp, positions=positions, cache=cache, attention_mask=key_mask,
+                   logits_range=(c0 - q0, e - q0))  # (rows, K, V): the LM head runs on the block only
+    if config.cfg_scale > 0:
+        cond, uncond = logits.chunk(2, dim=0)
+        logits = uncond + (config.cfg_scale + 1) * (cond - uncond)  # (B, K, V)
+    return logits
+
+
 # ---------------------------------------------------------------------------------------------
 # The decoding loop (vanilla LLaDA, Fast-dLLM caches and parallel commit rules)
 # ---------------------------------------------------------------------------------------------
@@ -329,7 +360,7 @@ def generate(model, prompt_ids: torch.Tensor, config: DecodeConfig, generator: t
     if config.cache != "none":
         cache = KVCache.for_model(model.config, batch=rows, capacity=L, device=device, dtype=model.dtype)
 
-    nfe, query_tokens, nfe_per_block = 0, 0, []
+    nfe, query_tokens, nfe_per_block, max_drift = 0, 0, [], 0.0
     steps_per_block = config.steps_per_block
     for b in range(config.num_blocks):
         s, e = P + b * config.block_length, P + (b + 1) * config.block_length
@@ -344,24 +375,18 @@ def generate(model, prompt_ids: torch.Tensor, config: DecodeConfig, generator: t
             # 1) Pick the query window by cache policy and run the model over it. Commits land in
             #    the block [c0, e); only the capped mode can leave masks before the block, and the
             #    original makes those eligible again at a full forward, so c0 widens to P there.
-            q0, q1 = query_window(config.cache, step, (s, e), L)
+            q0, q1 = query_window(config.cache, step, (s, e), L, config.refresh_interval)
             c0 = P if config.cap_steps_per_block and q0 == 0 else s
-            inp = x[:, q0:q1]  # (B, Q)
-            if config.cfg_scale > 0:
-                uncond = torch.where(prompt_index[:, q0:q1], torch.full_like(inp, mask_id), inp)
-                inp = torch.cat([inp, uncond], dim=0)  # (2B, Q)
-            positions = torch.arange(q0, q1, device=device)  # (Q,)
-            logits = model(inp, positions=positions, cache=cache, attention_mask=key_mask,
-                           logits_range=(c0 - q0, e - q0))  # (rows, K, V): the block's logits only
-            if config.cfg_scale > 0:
-                cond, uncond = logits.chunk(2, dim=0)
-                logits = uncond + (config.cfg_scale + 1) * (cond - uncond)  # (B, K, V)
+            logits = forward_block(model, x, (q0, q1), (c0, e), prompt_index, key_mask, config, cache)
             nfe += 1
             query_tokens += q1 - q0
+            if config.measure_drift and q0 > 0:
+                exact = forward_block(model, x, (0, L), (c0, e), prompt_index, key_mask, config)  # no cache
+                max_drift = max(max_drift, float((exact - logits).abs().max()))
             # 2) Propose a token and a confidence for every masked position of the block.
             block_mask = x[:, c0:e] == mask_id  # (B, K)
             x0, conf = propose(logits, block_mask, config, generator, noise_shape=(B, q1 - q0, logits.shape[-1]),
-                               noise_offset=c0 - q0, extra_noise=config.cache == "prefix" and step > 0)
+                               noise_offset=c0 - q0, extra_noise=config.cache == "prefix" and q0 > 0)
             # 3) Choose which proposals to commit: a fixed count, a threshold or a factor bound.
             if config.threshold is not None:
                 commit = select_threshold(conf, config.threshold)
@@ -382,4 +407,5 @@ def generate(model, prompt_ids: torch.Tensor, config: DecodeConfig, generator: t
         warnings.warn(f"{masks_left} masks left in the output: cap_steps_per_block allows "
                       f"{steps_per_block} forwards per block, too few for these settings", stacklevel=2)
     return DecodeResult(ids=x, nfe=nfe, query_tokens=query_tokens, masks_left=masks_left,
-                        prompt_length=P, nfe_per_block=nfe_per_block)
+                        prompt_length=P, nfe_per_block=nfe_per_block,
+                        max_drift=max_drift if config.measure_drift else None)

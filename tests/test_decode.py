@@ -1,0 +1,231 @@
+"""decode.py: token- and NFE-exact parity with the original samplers, and the loop's invariants."""
+
+import warnings
+
+import pytest
+import torch
+from conftest import golden_cases, needs_golden
+from hypothesis import given
+from hypothesis import strategies as st
+
+from decode import (DecodeConfig, generate, left_pad, num_transfer_tokens, select_factor, select_threshold,
+                    select_topk)
+
+# Which original function maps to which cache policy.
+CACHE_OF = {"generate": "none", "generate_with_prefix_cache": "prefix", "generate_with_dual_cache": "dual"}
+
+
+def config_for_case(case, model):
+    """Our DecodeConfig for a golden case: the original's kwargs, plus the original's quirks as flags."""
+    cache = CACHE_OF[case.get("function", "generate")]
+    return DecodeConfig.for_model(
+        model.config, cache=cache, mask_id=case["mask_id"],
+        # Upstream Fast-dLLM caps DualCache at steps/num_blocks forwards per block.
+        cap_steps_per_block=case["impl"] == "fdl" and cache == "dual",
+        # The first release spends one more cached forward on a block finished by its first forward.
+        first_release_nfe=case["impl"] == "fdl_jun",
+        **case["kwargs"])
+
+
+@needs_golden
+@pytest.mark.parametrize("case", golden_cases(["llada_", "fdl_", "jun_"]))
+def test_golden_parity(tiny_model, case):
+    """Every LLaDA and Fast-dLLM golden case: same tokens, same number of forwards, same masks left."""
+    cfg = config_for_case(case, tiny_model)
+    for run in case["runs"]:
+        if case["seed"] is not None:
+            torch.manual_seed(case["seed"])  # the seeded cases used torch's global generator
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the capped edge case warns about the masks it leaves
+            out = generate(tiny_model, torch.tensor(run["prompt"]), cfg)
+        assert out.ids.tolist() == run["output_ids"]
+        assert out.nfe == run["forward_calls"]
+        assert out.masks_left == run["masks_left"]
+
+
+@needs_golden
+def test_capped_mode_warns_when_masks_are_left(tiny_model):
+    cfg = DecodeConfig.for_model(tiny_model.config, gen_length=32, block_length=8, steps=4, threshold=0.9,
+                                 cache="dual", cap_steps_per_block=True)
+    with pytest.warns(UserWarning, match="masks left"):
+        out = generate(tiny_model, torch.tensor([[83, 954, 722, 999, 851]]), cfg)
+    assert out.masks_left > 0
+    # Uncapped (the default), the same settings finish every block.
+    out = generate(tiny_model, torch.tensor([[83, 954, 722, 999, 851]]), DecodeConfig.for_model(
+        tiny_model.config, gen_length=32, block_length=8, steps=4, threshold=0.9, cache="dual"))
+    assert out.masks_left == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Properties of the loop (hypothesis draws the sizes and settings)
+# ---------------------------------------------------------------------------------------------
+
+settings_strategy = st.fixed_dictionaries({
+    "prompt_len": st.integers(1, 6),
+    "batch": st.integers(1, 3),
+    "block_length": st.sampled_from([2, 4, 8]),
+    "num_blocks": st.integers(1, 3),
+    "rule": st.sampled_from(["topk", "threshold", "factor"]),
+    "value": st.floats(0.05, 0.99),
+    "cache": st.sampled_from(["none", "prefix", "dual"]),
+    "seed": st.integers(0, 1000),
+})
+
+
+def build(model, s, **over):
+    gen = s["block_length"] * s["num_blocks"]
+    kw = dict(gen_length=gen, block_length=s["block_length"], steps=gen, cache=s["cache"])
+    if s["rule"] == "threshold":
+        kw["threshold"] = s["value"]
+    elif s["rule"] == "factor":
+        kw["factor"] = s["value"] * 3
+    kw.update(over)
+    prompt = torch.randint(0, 47, (s["batch"], s["prompt_len"]), generator=torch.Generator().manual_seed(s["seed"]))
+    return DecodeConfig.for_model(model.config, **kw), prompt
+
+
+@given(s=settings_strategy)
+def test_refresh_every_step_equals_no_cache(random_model, s):
+    """A cache refreshed at every step is no cache at all: the tokens and NFE are identical."""
+    cfg, prompt = build(random_model, s, refresh_interval=1)
+    ref = generate(random_model, prompt, build(random_model, s, cache="none")[0])
+    out = generate(random_model, prompt, cfg)
+    assert torch.equal(out.ids, ref.ids) and out.nfe == ref.nfe
+
+
+@given(s=settings_strategy)
+def test_threshold_above_one_is_one_token_per_step(random_model, s):
+    s = dict(s, rule="topk")
+    topk_cfg, prompt = build(random_model, s)
+    thr_cfg, _ = build(random_model, s, threshold=1.5)
+    a, b = generate(random_model, prompt, topk_cfg), generate(random_model, prompt, thr_cfg)
+    assert torch.equal(a.ids, b.ids) and a.nfe == b.nfe == s["block_length"] * s["num_blocks"]
+
+
+@given(s=settings_strategy)
+def test_loop_invariants(random_model, s):
+    """Every step commits >= 1 token per unfinished row, committed tokens never change, the prompt
+    is never modified, and no mask is left at the end."""
+    cfg, prompt = build(random_model, s)
+    mask_id, P = cfg.mask_id, prompt.shape[1]
+    history = []
+    out = generate(random_model, prompt, cfg, on_step=lambda x, nfe: history.append(x.clone()))
+    assert out.nfe == len(history)
+    prev = torch.cat([prompt, torch.full((prompt.shape[0], cfg.gen_length), mask_id)], dim=1)
+    for x in history:
+        assert torch.equal(x[:, :P], prompt)
+        was_committed = prev != mask_id
+        assert torch.equal(x[was_committed], prev[was_committed])  # committed tokens are final
+        # Each step commits at least one token in every row whose current block still had masks
+        # (the current block is the first one with a mask left in any row).
+        gen_masked = (prev[:, P:] == mask_id).view(prev.shape[0], -1, cfg.block_length)  # (B, blocks, K)
+        block = int(gen_masked.any(-1).any(0).nonzero()[0])
+        unfinished = gen_masked[:, block].any(-1)  # (B,)
+        newly = ((prev == mask_id) & (x != mask_id)).sum(1)  # (B,)
+        assert (newly[unfinished] >= 1).all()
+        prev = x
+    assert out.masks_left == 0 and not (out.ids == mask_id).any()
+
+
+@given(s=settings_strategy)
+def test_batch_equals_rows_alone(random_model, s):
+    """Rows of a batch (same-length prompts) decode exactly as they do alone."""
+    cfg, prompt = build(random_model, dict(s, batch=3))
+    batched = generate(random_model, prompt, cfg)
+    for i in range(3):
+        alone = generate(random_model, prompt[i:i + 1], cfg)
+        assert torch.equal(batched.ids[i], alone.ids[0])
+
+
+@given(s=settings_strategy, lengths=st.lists(st.integers(1, 7), min_size=2, max_size=4))
+def test_left_padded_batch_equals_each_prompt_alone(random_model, s, lengths):
+    """Prompts of different lengths, left-padded with the padding mask, give the tokens each gives alone."""
+    cfg, _ = build(random_model, s)
+    g = torch.Generator().manual_seed(s["seed"])
+    prompts = [torch.randint(0, 47, (n,), generator=g).tolist() for n in lengths]
+    ids, mask = left_pad(prompts, random_model.config.pad_token_id)
+    batched = generate(random_model, ids, cfg, attention_mask=mask)
+    for i, p in enumerate(prompts):
+        alone = generate(random_model, torch.tensor([p]), cfg)
+        assert batched.generated[i].tolist() == alone.generated[0].tolist()
+
+
+@needs_golden
+def test_drift_is_measured(tiny_model):
+    """The cached approximation is reported: zero with per-step refresh, positive without."""
+    prompt = torch.tensor([[83, 954, 722, 999, 851]])
+    kw = dict(gen_length=32, block_length=8, steps=32, threshold=0.9, measure_drift=True)
+    for cache in ("prefix", "dual"):
+        out = generate(tiny_model, prompt, DecodeConfig.for_model(tiny_model.config, cache=cache, **kw))
+        assert out.max_drift > 1e-4
+    out = generate(tiny_model, prompt, DecodeConfig.for_model(tiny_model.config, cache="dual", refresh_interval=1, **kw))
+    assert out.max_drift == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Commit rules and the schedule
+# ---------------------------------------------------------------------------------------------
+
+
+def test_schedule_spreads_remainder_to_first_steps():
+    masks = torch.tensor([[True] * 7 + [False], [True] * 8])
+    assert num_transfer_tokens(masks, 3).tolist() == [[3, 2, 2], [3, 3, 2]]
+
+
+def test_threshold_always_commits_the_best():
+    conf = torch.tensor([[0.5, 0.2, -torch.inf], [0.95, 0.91, 0.3]], dtype=torch.float64)
+    assert select_threshold(conf, 0.9).tolist() == [[True, False, False], [True, True, False]]
+
+
+def test_factor_rule_and_its_off_by_one():
+    # Sorted: 0.99, 0.3. Rank 2 needs >= 1 - 1/3; it fails, but it is the last rank: the original
+    # commits both. The rule as stated commits one.
+    conf = torch.tensor([[0.3, 0.99]], dtype=torch.float64)
+    assert select_factor(conf, 1.0, off_by_one=True).tolist() == [[True, True]]
+    assert select_factor(conf, 1.0, off_by_one=False).tolist() == [[False, True]]
+    # Three eligible, rank 2 fails: one committed either way.
+    conf = torch.tensor([[0.99, 0.3, 0.2]], dtype=torch.float64)
+    assert select_factor(conf, 1.0).sum() == 1
+    # Rows with nothing eligible commit nothing.
+    assert not select_factor(torch.full((1, 3), -torch.inf, dtype=torch.float64), 1.0).any()
+
+
+def test_topk_respects_per_row_counts():
+    conf = torch.tensor([[0.1, 0.9, 0.5], [0.3, 0.2, 0.8]], dtype=torch.float64)
+    assert select_topk(conf, torch.tensor([2, 1])).tolist() == [[False, True, True], [False, False, True]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(gen_length=30, block_length=8, steps=30), "not divisible by block_length"),
+    (dict(gen_length=32, block_length=8, steps=30), "not divisible by the number of blocks"),
+    (dict(gen_length=0, block_length=8, steps=8), "gen_length must be positive"),
+    (dict(gen_length=8, block_length=8, steps=-8), "steps must be positive"),
+    (dict(gen_length=8, block_length=8, steps=8, remasking="top"), "unknown remasking"),
+    (dict(gen_length=8, block_length=8, steps=8, cache="ring"), "unknown cache"),
+    (dict(gen_length=8, block_length=8, steps=8, threshold=0.9, factor=1.0), "not both"),
+    (dict(gen_length=8, block_length=8, steps=8, temperature=-1.0), "temperature"),
+])
+def test_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DecodeConfig(**kwargs)
+
+
+def test_generate_errors(random_model):
+    cfg = DecodeConfig.for_model(random_model.config, gen_length=8, block_length=8, steps=8)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        generate(random_model, torch.tensor([[1, 2]]), DecodeConfig(gen_length=8, block_length=8, steps=8, mask_id=500))
+    with pytest.raises(ValueError, match="mask_id is not set"):
+        generate(random_model, torch.tensor([[1, 2]]), DecodeConfig(gen_length=8, block_length=8, steps=8))
+    with pytest.raises(ValueError, match="contains the mask token"):
+        generate(random_model, torch.tensor([[1, 49]]), cfg)
+    with pytest.raises(ValueError, match="exceeds the model's max_sequence_length"):
+        generate(random_model, torch.tensor([[1] * 250]), cfg)
+    with pytest.raises(ValueError, match=r"must be \(B, P\)"):
+        generate(random_model, torch.tensor([1, 2]), cfg)
+    with pytest.raises(ValueError, match="left padding"):
+        generate(random_model, torch.tensor([[1, 2, 3]]), cfg, attention_mask=torch.tensor([[1, 0, 1]]))

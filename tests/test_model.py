@@ -1,0 +1,223 @@
+"""model.py: parity with the reference logits, the loader's contract, padding, dtypes."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from conftest import CKPT, TINY, needs_golden
+
+from cache import KVCache
+from model import LLaDAModel, ModelConfig, apply_rope, load_model, rope_cos_sin, save_model
+
+
+def golden_forward():
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(TINY, "forward.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity with the original model's logits (fp32)
+# ---------------------------------------------------------------------------------------------
+
+
+@needs_golden
+def test_full_forward_matches_reference(tiny_model):
+    g = golden_forward()
+    with torch.no_grad():
+        logits = tiny_model(g["input_ids"])
+    assert logits.shape == g["logits_full"].shape
+    assert (logits - g["logits_full"]).abs().max() <= 1e-5
+    with torch.no_grad():
+        logits_step = tiny_model(g["input_ids_step"])
+    assert (logits_step - g["logits_full_step"]).abs().max() <= 1e-5
+
+
+@needs_golden
+def test_cached_forwards_match_reference(tiny_model):
+    """Prefix cache and DualCache logits after in-block commits, against the original's."""
+    g = golden_forward()
+    s, e = g["block_start_end"].tolist()
+    L = g["input_ids"].shape[1]
+    with torch.no_grad():
+        # Prefix cache: K/V from the canvas before the commits, then the block + suffix re-run.
+        cache = KVCache.for_model(tiny_model.config, batch=1, capacity=L)
+        tiny_model(g["input_ids"], positions=torch.arange(L), cache=cache)
+        prefix = tiny_model(g["input_ids_step"][:, s:], positions=torch.arange(s, L), cache=cache)
+        assert (prefix - g["logits_prefix_step"]).abs().max() <= 1e-5
+        # DualCache: the same refresh, then only the block re-run against everything cached.
+        cache = KVCache.for_model(tiny_model.config, batch=1, capacity=L)
+        tiny_model(g["input_ids"], positions=torch.arange(L), cache=cache)
+        dual = tiny_model(g["input_ids_step"][:, s:e], positions=torch.arange(s, e), cache=cache)
+        assert (dual - g["logits_dual_step"]).abs().max() <= 1e-5
+    # The cache keeps post-RoPE keys; rotating the reference's pre-RoPE keys gives the same.
+    cos, sin = rope_cos_sin(torch.arange(L)[None], tiny_model.config.head_dim, tiny_model.config.rope_theta)
+    assert torch.allclose(cache.k[0], apply_rope(g["dual_k_layer0_after_replace"], cos, sin), atol=1e-5)
+    # The approximation is real: the cached logits are not the exact ones.
+    exact_block = g["logits_full_step"][:, s:e]
+    assert (dual - exact_block).abs().max() > 1e-4
+
+
+@needs_golden
+def test_loads_with_checkpoint_names_and_counts(tiny_model):
+    names = set(tiny_model.state_dict())
+    assert "model.transformer.wte.weight" in names
+    assert "model.transformer.ff_out.weight" in names
+    for part in ("attn_norm", "q_proj", "k_proj", "v_proj", "attn_out", "ff_norm", "ff_proj", "up_proj", "ff_out"):
+        assert f"model.transformer.blocks.1.{part}.weight" in names
+    assert tiny_model.config.mask_token_id == 1000 and tiny_model.config.eos_token_id == 1001
+
+
+def test_llada_8b_config_shape():
+    """The real LLaDA-8B config builds the advertised 291 tensors and 8,015,581,184 parameters."""
+    cfg = ModelConfig(d_model=4096, n_heads=32, n_kv_heads=32, n_layers=32, mlp_hidden_size=12288,
+                      vocab_size=126464, embedding_size=126464, rope_theta=500000.0)
+    with torch.device("meta"):
+        model = LLaDAModel(cfg)
+    state = model.state_dict()
+    assert len(state) == 291
+    assert sum(v.numel() for v in state.values()) == 8_015_581_184
+
+
+# ---------------------------------------------------------------------------------------------
+# The loader: sharded checkpoints, dtypes, and clear errors
+# ---------------------------------------------------------------------------------------------
+
+
+@needs_golden
+def test_sharded_checkpoint_with_index(tmp_path, tiny_model):
+    """Split the golden checkpoint into two shards with an index file; it loads identically."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(os.path.join(CKPT, "model.safetensors"))
+    names = sorted(state)
+    halves = [names[: len(names) // 2], names[len(names) // 2:]]
+    weight_map = {}
+    for i, part in enumerate(halves, start=1):
+        fname = f"model-0000{i}-of-00002.safetensors"
+        save_file({n: state[n] for n in part}, str(tmp_path / fname))
+        weight_map.update({n: fname for n in part})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    shutil.copy(os.path.join(CKPT, "config.json"), tmp_path / "config.json")
+    sharded = load_model(str(tmp_path), device="cpu")
+    ids = torch.randint(0, 999, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(sharded(ids), tiny_model(ids))
+
+
+@needs_golden
+def test_bf16_load_runs():
+    model = load_model(CKPT, device="cpu", dtype="bfloat16")
+    assert model.dtype == torch.bfloat16
+    with torch.no_grad():
+        logits = model(torch.randint(0, 999, (1, 12)))
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+@pytest.fixture
+def ckpt_copy(tmp_path):
+    if not os.path.isdir(CKPT):
+        pytest.skip("golden checkpoint absent")
+    dst = tmp_path / "ckpt"
+    shutil.copytree(CKPT, dst)
+    return dst
+
+
+def test_error_missing_directory(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_model(str(tmp_path / "nope"))
+
+
+def test_error_missing_config(tmp_path):
+    with pytest.raises(ValueError, match="config.json"):
+        load_model(str(tmp_path))
+
+
+def test_error_missing_weights(ckpt_copy):
+    os.remove(ckpt_copy / "model.safetensors")
+    with pytest.raises(ValueError, match="no model.safetensors"):
+        load_model(str(ckpt_copy))
+
+
+def test_error_missing_shard(ckpt_copy):
+    (ckpt_copy / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors"}}))
+    with pytest.raises(ValueError, match="missing"):
+        load_model(str(ckpt_copy))
+
+
+def test_error_missing_and_unexpected_keys(ckpt_copy):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(ckpt_copy / "model.safetensors"))
+    state["model.transformer.extra.weight"] = torch.zeros(2)
+    del state["model.transformer.ln_f.weight"]
+    save_file(state, str(ckpt_copy / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"missing keys \['model.transformer.ln_f.weight'\].*unexpected keys \['model.transformer.extra.weight'\]"):
+        load_model(str(ckpt_copy))
+
+
+def test_error_shape_mismatch(ckpt_copy):
+    raw = json.loads((ckpt_copy / "config.json").read_text())
+    raw["mlp_hidden_size"] = 96
+    (ckpt_copy / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=r"ff_proj.weight has shape \(128, 64\), expected \(96, 64\)"):
+        load_model(str(ckpt_copy))
+
+
+def test_error_unknown_dtype(ckpt_copy):
+    with pytest.raises(ValueError, match="unknown dtype"):
+        load_model(str(ckpt_copy), dtype="float8")
+
+
+def test_error_unsupported_option(ckpt_copy):
+    raw = json.loads((ckpt_copy / "config.json").read_text())
+    raw["alibi"] = True
+    (ckpt_copy / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="alibi"):
+        load_model(str(ckpt_copy))
+
+
+def test_error_bad_config_values():
+    with pytest.raises(ValueError, match="not divisible by n_heads"):
+        ModelConfig(d_model=30, n_heads=4, n_layers=1, mlp_hidden_size=8, vocab_size=10)
+    with pytest.raises(ValueError, match="mask_token_id 99 is outside"):
+        ModelConfig(d_model=8, n_heads=2, n_layers=1, mlp_hidden_size=8, vocab_size=10, mask_token_id=99,
+                    eos_token_id=1, pad_token_id=1)
+
+
+def test_save_and_load_roundtrip(tmp_path, random_model):
+    save_model(random_model, str(tmp_path))
+    again = load_model(str(tmp_path), device="cpu")
+    ids = torch.randint(0, 47, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(again(ids), random_model(ids))
+
+
+def test_weight_tying(tmp_path):
+    cfg = ModelConfig(d_model=16, n_heads=2, n_layers=1, mlp_hidden_size=32, vocab_size=20, weight_tying=True,
+                      mask_token_id=19, eos_token_id=18, pad_token_id=18)
+    model = LLaDAModel(cfg)
+    assert "model.transformer.ff_out.weight" not in model.state_dict()
+    h = torch.randn(1, 3, 16)
+    expected = torch.nn.functional.linear(model.model.transformer.ln_f(h), model.model.transformer.wte.weight)
+    assert torch.allclose(model.lm_head(h), expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Padding: a left-padded row is computed as it would be alone
+# ---------------------------------------------------------------------------------------------
+
+
+def test_padding_mask_matches_unpadded_row(random_model):
+    short = torch.tensor([[5, 6, 7, 8]])
+    padded = torch.tensor([[48, 48, 48, 5, 6, 7, 8]])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1]])
+    with torch.no_grad():
+        alone = random_model(short)
+        batched = random_model(padded, attention_mask=mask)
+        unmasked = random_model(padded)
+    assert torch.allclose(batched[:, 3:], alone, atol=1e-5)
+    # Without the mask (the original's behaviour) the padding changes the result.
+    assert not torch.allclose(unmasked[:, 3:], alone, atol=1e-3)
