@@ -152,7 +152,8 @@ def num_transfer_tokens(block_masks: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 def gumbel_noise(shape, generator, device) -> torch.Tensor:
-    """(-log u)^1, u ~ U(0,1) in float64; argmax(exp(logits) / noise^T) is a Gumbel-max sample."""
+    """-log(u), u ~ U(0, 1), in float64. argmax(exp(logits) / noise^T) = argmax(logits/T + Gumbel)
+    is a sample from softmax(logits / T): the Gumbel-max trick in the original's exponential form."""
     return -torch.log(torch.rand(shape, generator=generator, device=device, dtype=torch.float64))
 
 
@@ -165,6 +166,7 @@ def propose(logits, mask, config: DecodeConfig, generator, noise_shape, noise_of
     at `noise_offset`. `extra_noise` draws one unused Gumbel tensor first: Fast-dLLM's prefix cache
     calls its noise function twice per cached step (it only matters when temperature > 0).
     Returns x0 (B, K) and confidence (B, K) in float64, -inf where a position is not eligible.
+    The EOS/EOT flags edit `logits` in place.
     """
     B, K, _ = logits.shape
     block = slice(noise_offset, noise_offset + K)

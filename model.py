@@ -202,13 +202,12 @@ class LLaDABlock(nn.Module):
             # Write the fresh keys/values at the query positions, then attend over everything the
             # cache holds: positions not in this forward contribute their cached (stale) K/V.
             k, v = cache.update(self.layer_idx, k, v, positions)  # (B, Hkv, S, D) each
-        if self.n_kv_heads != self.n_heads:
-            # Grouped-query attention: each key/value head serves n_heads / n_kv_heads query heads.
-            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, H, S, D)
-            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, H, S, D)
         # No causal mask: a diffusion LM attends in both directions. key_mask (B, 1, 1, S) hides
-        # padding keys; None lets SDPA take its fastest unmasked path.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # (B, H, K, D)
+        # padding keys; None lets SDPA take its fastest unmasked path. With grouped-query attention
+        # each key/value head serves n_heads / n_kv_heads query heads; enable_gqa does that inside
+        # the kernel instead of copying the whole cache with repeat_interleave on every step.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, K, D)
         y = y.transpose(1, 2).reshape(B, K, self.n_heads * self.head_dim)  # (B, K, C)
         return self.attn_out(y)
 

@@ -8,8 +8,8 @@ from conftest import golden_cases, needs_golden
 from hypothesis import given
 from hypothesis import strategies as st
 
-from decode import (DecodeConfig, generate, left_pad, num_transfer_tokens, select_factor, select_threshold,
-                    select_topk)
+from decode import (DecodeConfig, generate, left_pad, num_transfer_tokens, propose, select_factor,
+                    select_threshold, select_topk)
 
 # Which original function maps to which cache policy.
 CACHE_OF = {"generate": "none", "generate_with_prefix_cache": "prefix", "generate_with_dual_cache": "dual"}
@@ -193,6 +193,27 @@ def test_factor_rule_and_its_off_by_one():
 def test_topk_respects_per_row_counts():
     conf = torch.tensor([[0.1, 0.9, 0.5], [0.3, 0.2, 0.8]], dtype=torch.float64)
     assert select_topk(conf, torch.tensor([2, 1])).tolist() == [[False, True, True], [False, False, True]]
+
+
+def test_eos_eot_confidence_flag_aliasing():
+    """LLaDA's flag: at T = 0 both EOS and EOT lose their confidence, at T > 0 only EOT does."""
+    eos, eot, mask_id = 1, 2, 3
+    logits = torch.tensor([[[0.0, 5.0, 0.0, 0.0], [0.0, 0.0, 5.0, 0.0]]])  # proposals: EOS, EOT
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    for temperature, eos_suppressed in ((0.0, True), (0.5, False)):
+        cfg = DecodeConfig(gen_length=2, block_length=2, steps=2, mask_id=mask_id, eos_id=eos, eot_id=eot,
+                           confidence_eos_eot_inf=True, temperature=temperature)
+        x0, conf = propose(logits.clone(), mask, cfg, torch.Generator().manual_seed(0), (1, 2, 4), 0)
+        assert x0.tolist() == [[eos, eot]]  # the proposals themselves are unchanged
+        assert conf[0, 1] == 0  # EOT: suppressed in both cases
+        assert (conf[0, 0] == 0) == eos_suppressed
+
+
+def test_mask_token_is_never_proposed():
+    logits = torch.tensor([[[0.0, 1.0, 0.0, 9.0]]])  # the mask token (3) has the top logit
+    cfg = DecodeConfig(gen_length=1, block_length=1, steps=1, mask_id=3, eos_id=0)
+    x0, _ = propose(logits, torch.ones(1, 1, dtype=torch.bool), cfg, None, (1, 1, 4), 0)
+    assert x0.item() == 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,60 @@
+"""The shipped checkpoint (checkpoints/arith): it loads like a real LLaDA checkpoint and it works."""
+
+import json
+import os
+
+import torch
+from conftest import SHIPPED
+
+import run
+import task
+from decode import DecodeConfig
+from model import load_model
+from train import evaluate
+
+
+def test_loads_through_load_model_and_autotokenizer():
+    from transformers import AutoTokenizer
+
+    model = load_model(SHIPPED, device="cpu")
+    tok = AutoTokenizer.from_pretrained(SHIPPED)
+    with open(os.path.join(SHIPPED, "config.json")) as f:
+        raw = json.load(f)
+    # Special ids live in config.json, as LLaDA's do, and agree with the tokenizer's.
+    assert tok.mask_token_id == raw["mask_token_id"] == model.config.mask_token_id
+    assert tok.eos_token_id == raw["eos_token_id"] == model.config.eos_token_id
+    assert tok.pad_token_id == raw["pad_token_id"]
+    problem = task.test_set(1)[0]
+    ids = tok(problem.prompt).input_ids
+    assert ids == task.encode(problem.prompt) and tok.decode(ids) == problem.prompt
+    assert os.path.getsize(os.path.join(SHIPPED, "model.safetensors")) < 20 * 2**20
+
+
+def test_vanilla_accuracy_on_held_out_sample():
+    """20 held-out problems with the vanilla sampler: a broken model or sampler scores ~0."""
+    model = load_model(SHIPPED, device="cpu")
+    assert evaluate(model, task.test_set(20, **task.load_task(SHIPPED))) >= 0.7
+
+
+def test_dual_cache_threshold_accuracy_on_held_out_sample():
+    """The same sample through DualCache + threshold 0.9 with a long EOS tail."""
+    model = load_model(SHIPPED, device="cpu")
+    problems = task.test_set(20, **task.load_task(SHIPPED))
+    from decode import generate, left_pad
+
+    ids, mask = left_pad([task.encode(p.prompt) for p in problems], model.config.pad_token_id)
+    cfg = DecodeConfig.for_model(model.config, gen_length=128, block_length=32, steps=128, cache="dual",
+                                 threshold=0.9)
+    out = generate(model, ids, cfg, attention_mask=mask)
+    text = ["".join(task.CHARS[t] for t in row if t < len(task.CHARS)) for row in out.generated.tolist()]
+    correct = sum(task.parse_answer(t) == p.answer_value for t, p in zip(text, problems))
+    assert correct >= 14
+    assert out.nfe < 128 // 4  # parallel decoding: far fewer forwards than tokens
+
+
+def test_run_py_with_no_flags(capsys):
+    run.main(["--no-live"])
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("Q: ")
+    assert printed[-1].startswith("NFE ") and "tokens/s" in printed[-1]
+    assert any(line.startswith("####") for line in printed)
