@@ -109,6 +109,36 @@ def bench(args):
     return rows
 
 
+def profile_dual_step(model, gen_length: int, block_length: int, repeats: int = 50) -> str:
+    """torch.profiler table of one DualCache decoding step (the block against the cached rest)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from cache import KVCache
+
+    prompt = task.encode(task.test_set(1)[0].prompt)
+    P, L = len(prompt), len(prompt) + gen_length
+    x = torch.full((1, L), model.config.mask_token_id, dtype=torch.long, device=model.device)
+    x[0, :P] = torch.tensor(prompt)
+    cache = KVCache.for_model(model.config, batch=1, capacity=L, device=model.device, dtype=model.dtype)
+    s, e = P, P + block_length
+    cfg = DecodeConfig.for_model(model.config, gen_length=gen_length, block_length=block_length, steps=gen_length)
+    from decode import propose
+
+    def step():
+        logits = model(x[:, s:e], positions=torch.arange(s, e, device=model.device), cache=cache)
+        return propose(logits, x[:, s:e] == cfg.mask_id, cfg, None, logits.shape, 0)
+
+    with torch.no_grad():
+        model(x, positions=torch.arange(L, device=model.device), cache=cache)  # block-start refresh
+        for _ in range(5):
+            step()  # warm-up
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if model.device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(repeats):
+                step()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
+
+
 COLUMNS = ("gen_length", "method", "problems", "accuracy", "agreement", "nfe", "tokens_per_forward",
            "query_tokens", "seconds", "tokens_per_s", "speedup", "max_logit_drift")
 HEADERS = ("G", "method", "n", "accuracy", "agree w/ vanilla", "NFE", "tok/fwd", "query tok", "wall s",
@@ -153,7 +183,13 @@ def main(argv=None):
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's)")
     ap.add_argument("--out", default=os.path.join(HERE, "bench_results"), help="where bench.json/bench.md go")
+    ap.add_argument("--profile", action="store_true", help="print a profile of one DualCache step and exit")
     args = ap.parse_args(argv)
+    if args.profile:
+        torch.set_num_threads(args.threads)
+        model = load_model(args.model, device=args.device, dtype=args.dtype)
+        print(profile_dual_step(model, args.lengths[0], args.block_length))
+        return
     if "vanilla" in args.methods:
         args.methods = ["vanilla"] + [m for m in args.methods if m != "vanilla"]
     rows = bench(args)

@@ -6,13 +6,20 @@ step-by-step arithmetic, a final `#### <answer>` line, then EOS padding to the e
 generation window. Real weights can't be downloaded here, so this project trains its own small
 model (train.py) on a task with the same shape:
 
-    prompt:   "Q: 7+5-3=?\n"
-    answer:   "7+5=12\n12-3=9\n#### 9" + EOS EOS EOS ...   (until the window is full)
+    prompt:   "Q: 07+05-03=?\n"
+    answer:   "07+05=12\n12-03=09\n#### 09" + EOS EOS EOS ...   (until the window is full)
 
 Operations are evaluated left to right, each line's result feeds the next, and only the final
 line is scored (exact match), so every step has to be right. Newlines are natural semantic
 delimiters (what AdaBlock looks for) and the long EOS tail is where parallel decoding wins
 (what Fast-dLLM exploits). `style="word"` phrases the same chain as a short word problem.
+
+Numbers are zero-padded to two digits by default (`width=2`), which makes the answer's layout a
+function of the prompt. With natural widths (`width=0`) where the `####` line starts depends on
+how many digits every intermediate result has. A 1M-parameter model's first-step predictions were
+then confidently inconsistent about that layout, and threshold decoding committed layout tokens
+that contradicted its own digits: on 100 held-out problems it scored 58 against vanilla's 96
+(README). LLaDA-8B does not show this on GSM8K; a model this small needs the layout made explicit.
 
 The held-out test set is fixed by a seed, and training never draws one of its problems.
 
@@ -48,6 +55,10 @@ class Problem:
     operands: tuple[int, ...]
     ops: tuple[str, ...]
     style: str = "compact"
+    width: int = 2  # numbers are zero-padded to this many digits (0 = written naturally)
+
+    def num(self, n: int) -> str:
+        return str(n).zfill(self.width) if self.width else str(n)
 
     def steps(self) -> list[tuple[int, str, int, int]]:
         """(left, op, right, result) for each line of the worked answer."""
@@ -65,7 +76,7 @@ class Problem:
     @property
     def prompt(self) -> str:
         if self.style == "compact":
-            expr = str(self.operands[0]) + "".join(f"{op}{b}" for op, b in zip(self.ops, self.operands[1:]))
+            expr = self.num(self.operands[0]) + "".join(f"{op}{self.num(b)}" for op, b in zip(self.ops, self.operands[1:]))
             return f"Q: {expr}=?\n"
         # The word style: the same chain, told as a story about one person's marbles.
         words = {"+": "finds {} more", "-": "loses {}", "*": "makes it {} times as many"}
@@ -76,12 +87,12 @@ class Problem:
     @property
     def answer(self) -> str:
         """The worked answer (without EOS padding)."""
-        lines = [f"{a}{op}{b}={r}" for a, op, b, r in self.steps()]
-        return "\n".join(lines) + f"\n#### {self.answer_value}"
+        lines = [f"{self.num(a)}{op}{self.num(b)}={self.num(r)}" for a, op, b, r in self.steps()]
+        return "\n".join(lines) + f"\n#### {self.num(self.answer_value)}"
 
 
 def sample_problem(rng: random.Random, min_operands=2, max_operands=3, max_operand=9, ops=OPS,
-                   style="compact") -> Problem:
+                   style="compact", width=2) -> Problem:
     """Draw a problem whose intermediate results all stay in [0, 99] (rejection sampling).
 
     The operand count n is weighted by how many chains of that length exist, (max_operand *
@@ -93,7 +104,7 @@ def sample_problem(rng: random.Random, min_operands=2, max_operands=3, max_opera
     while True:
         n = rng.choices(counts, weights)[0]
         p = Problem(tuple(rng.randint(1, max_operand) for _ in range(n)),
-                    tuple(rng.choice(ops) for _ in range(n - 1)), style)
+                    tuple(rng.choice(ops) for _ in range(n - 1)), style, width)
         if all(0 <= r <= 99 for *_, r in p.steps()):
             return p
 

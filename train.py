@@ -65,7 +65,7 @@ class TrainConfig:
     eval_every: int = 500  # held-out accuracy every this many steps
     eval_problems: int = 200  # held-out problems per evaluation
     save_every: int = 250  # training-state snapshot every this many steps
-    threads: int = 1  # torch CPU threads (more than the free cores makes it slower, not faster)
+    threads: int = 2  # torch CPU threads (more than the free cores makes it slower, not faster)
     bf16: bool = True  # bf16 autocast for the forward (2x faster on CPUs with bf16 units; weights stay fp32)
     device: str = "auto"  # 'auto' (CUDA when available), 'cpu' or 'cuda'
     min_operands: int = 2  # task: shortest chain
@@ -73,6 +73,7 @@ class TrainConfig:
     max_operand: int = 9  # task: operands are 1..max_operand
     ops: str = "+-"  # task: operators
     style: str = "compact"  # task: 'compact' or 'word'
+    width: int = 2  # task: zero-pad numbers to this many digits (0 = natural widths)
 
     def __post_init__(self):
         for name in ("steps", "batch_tokens", "d_model", "n_layers", "n_heads", "mlp_hidden_size",
@@ -87,7 +88,7 @@ class TrainConfig:
     @property
     def task(self) -> dict:
         return dict(min_operands=self.min_operands, max_operands=self.max_operands,
-                    max_operand=self.max_operand, ops=self.ops, style=self.style)
+                    max_operand=self.max_operand, ops=self.ops, style=self.style, width=self.width)
 
 
 # Generation windows seen in training, with their probabilities. Most batches are short (the
@@ -309,6 +310,7 @@ def parse_args(argv=None) -> TrainConfig:
         "device": "auto, cpu or cuda", "bf16": "bf16 autocast (1 or 0)", "min_operands": "task: shortest chain",
         "max_operands": "task: longest chain", "max_operand": "task: largest operand",
         "ops": "task: operators, e.g. '+-' or '+-*'", "style": "task: 'compact' or 'word'",
+        "width": "task: zero-pad numbers to this many digits (0 = natural)",
     }
     for name, value in asdict(defaults).items():
         kind = (lambda s: s.lower() in ("1", "true", "yes")) if isinstance(value, bool) else type(value)
