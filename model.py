@@ -360,20 +360,28 @@ def load_model(path: str, device=None, dtype=None) -> LLaDAModel:
     with torch.device("meta"):
         model = LLaDAModel(cfg)
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
-    state = {}
-    for file in _safetensors_files(path):
+    files = _safetensors_files(path)
+    # 1) Check names and shapes from the file headers alone, before reading any weights.
+    found = {}
+    for file in files:
         with safe_open(file, framework="pt", device="cpu") as f:
-            for name in f.keys():
-                state[name] = f.get_tensor(name)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+            found.update({name: (file, tuple(f.get_slice(name).get_shape())) for name in f.keys()})
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
     if missing or unexpected:
         raise ValueError(f"checkpoint {path}: missing keys {missing}; unexpected keys {unexpected}")
     for name, shape in expected.items():
-        if tuple(state[name].shape) != shape:
-            raise ValueError(f"checkpoint {path}: {name} has shape {tuple(state[name].shape)}, expected {shape}")
-    dtype = dtype or state[next(iter(expected))].dtype
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+        if found[name][1] != shape:
+            raise ValueError(f"checkpoint {path}: {name} has shape {found[name][1]}, expected {shape}")
+    # 2) Read tensor by tensor, converting and moving each one at once, so host memory holds
+    #    one tensor at a time rather than the whole checkpoint (16 GB for LLaDA-8B in bf16).
+    state = {}
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                tensor = f.get_tensor(name)
+                dtype = dtype or tensor.dtype  # default: the checkpoint's own dtype
+                state[name] = tensor.to(device=device, dtype=dtype)
     model.load_state_dict(state, assign=True)
     return model.eval()
 

@@ -100,8 +100,12 @@ def main(argv=None):
     except (ValueError, OSError) as err:
         sys.exit(f"could not load {args.model}: {err}")
     threshold = args.threshold if args.threshold is not None and args.threshold >= 0 and args.factor is None else None
+    # LLaDA's config.json has no end-of-turn id; its tokenizer knows '<|eot_id|>'.
+    eot_id = model.config.eot_token_id
+    if eot_id is None and "<|eot_id|>" in tokenizer.get_vocab():
+        eot_id = tokenizer.convert_tokens_to_ids("<|eot_id|>")
     try:
-        cfg = DecodeConfig.for_model(model.config, gen_length=args.gen_length, block_length=args.block_length,
+        cfg = DecodeConfig.for_model(model.config, eot_id=eot_id, gen_length=args.gen_length, block_length=args.block_length,
                                      steps=args.steps, temperature=args.temperature, remasking=args.remasking,
                                      cfg_scale=args.cfg_scale, cache=args.cache, threshold=threshold, factor=args.factor)
     except ValueError as err:
