@@ -40,6 +40,8 @@ METHODS = {
     "thr0.9": dict(cache="none", threshold=0.9),
     "prefix+thr0.9": dict(cache="prefix", threshold=0.9),
     "dual+thr0.9": dict(cache="dual", threshold=0.9),
+    "dual+thr0.99": dict(cache="dual", threshold=0.99),
+    "dual+thr0.999": dict(cache="dual", threshold=0.999),
     "factor1.0": dict(cache="none", factor=1.0),
     "prefix+factor1.0": dict(cache="prefix", factor=1.0),
     "dual+factor1.0": dict(cache="dual", factor=1.0),

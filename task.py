@@ -6,20 +6,19 @@ step-by-step arithmetic, a final `#### <answer>` line, then EOS padding to the e
 generation window. Real weights can't be downloaded here, so this project trains its own small
 model (train.py) on a task with the same shape:
 
-    prompt:   "Q: 07+05-03=?\n"
-    answer:   "07+05=12\n12-03=09\n#### 09" + EOS EOS EOS ...   (until the window is full)
+    prompt:   "Q: 7+5-3=?\n"
+    answer:   "7+5=12\n12-3=9\n#### 9" + EOS EOS EOS ...   (until the window is full)
 
 Operations are evaluated left to right, each line's result feeds the next, and only the final
 line is scored (exact match), so every step has to be right. Newlines are natural semantic
 delimiters (what AdaBlock looks for) and the long EOS tail is where parallel decoding wins
 (what Fast-dLLM exploits). `style="word"` phrases the same chain as a short word problem.
 
-Numbers are zero-padded to two digits by default (`width=2`), which makes the answer's layout a
-function of the prompt. With natural widths (`width=0`) where the `####` line starts depends on
-how many digits every intermediate result has. A 1M-parameter model's first-step predictions were
-then confidently inconsistent about that layout, and threshold decoding committed layout tokens
-that contradicted its own digits: on 100 held-out problems it scored 58 against vanilla's 96
-(README). LLaDA-8B does not show this on GSM8K; a model this small needs the layout made explicit.
+Numbers are written naturally by default, so where the `####` line starts depends on how many
+digits each intermediate result has. A small model's first-step predictions can be confidently
+inconsistent about that layout, which is exactly what parallel decoding is sensitive to (README,
+"Benchmark"). `width=2` zero-pads every number so the layout follows from the prompt; the same
+model and budget learned that variant far more slowly (12% held-out at step 3000 against 60%).
 
 The held-out test set is fixed by a seed, and training never draws one of its problems.
 
@@ -55,7 +54,7 @@ class Problem:
     operands: tuple[int, ...]
     ops: tuple[str, ...]
     style: str = "compact"
-    width: int = 2  # numbers are zero-padded to this many digits (0 = written naturally)
+    width: int = 0  # numbers are zero-padded to this many digits (0 = written naturally)
 
     def num(self, n: int) -> str:
         return str(n).zfill(self.width) if self.width else str(n)
@@ -92,7 +91,7 @@ class Problem:
 
 
 def sample_problem(rng: random.Random, min_operands=2, max_operands=3, max_operand=9, ops=OPS,
-                   style="compact", width=2) -> Problem:
+                   style="compact", width=0) -> Problem:
     """Draw a problem whose intermediate results all stay in [0, 99] (rejection sampling).
 
     The operand count n is weighted by how many chains of that length exist, (max_operand *

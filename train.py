@@ -65,7 +65,7 @@ class TrainConfig:
     eval_every: int = 500  # held-out accuracy every this many steps
     eval_problems: int = 200  # held-out problems per evaluation
     save_every: int = 250  # training-state snapshot every this many steps
-    threads: int = 2  # torch CPU threads (more than the free cores makes it slower, not faster)
+    threads: int = 1  # torch CPU threads (more than the free cores makes it slower, not faster)
     bf16: bool = True  # bf16 autocast for the forward (2x faster on CPUs with bf16 units; weights stay fp32)
     device: str = "auto"  # 'auto' (CUDA when available), 'cpu' or 'cuda'
     min_operands: int = 2  # task: shortest chain
@@ -73,7 +73,7 @@ class TrainConfig:
     max_operand: int = 9  # task: operands are 1..max_operand
     ops: str = "+-"  # task: operators
     style: str = "compact"  # task: 'compact' or 'word'
-    width: int = 2  # task: zero-pad numbers to this many digits (0 = natural widths)
+    width: int = 0  # task: zero-pad numbers to this many digits (0 = natural widths)
 
     def __post_init__(self):
         for name in ("steps", "batch_tokens", "d_model", "n_layers", "n_heads", "mlp_hidden_size",

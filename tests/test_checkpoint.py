@@ -58,3 +58,19 @@ def test_run_py_with_no_flags(capsys):
     assert printed[0].startswith("Q: ")
     assert printed[-1].startswith("NFE ") and "tokens/s" in printed[-1]
     assert any(line.startswith("####") for line in printed)
+
+
+def test_bench_smoke(tmp_path, capsys):
+    """bench.py end to end on two problems: every column is filled and the files are written."""
+    import bench
+
+    bench.main(["--lengths", "64", "--problems", "2", "--methods", "vanilla", "dual+thr0.9",
+                "--threads", "1", "--out", str(tmp_path)])
+    with open(tmp_path / "bench.json") as f:
+        rows = json.load(f)["rows"]
+    assert [r["method"] for r in rows] == ["vanilla", "dual+thr0.9"]
+    vanilla, fast = rows
+    assert vanilla["speedup"] == 1.0 and vanilla["agreement"] == 1.0 and vanilla["nfe"] == 64
+    assert fast["nfe"] < vanilla["nfe"] and fast["max_logit_drift"] is not None
+    assert "| 64 | dual+thr0.9 | 2 |" in capsys.readouterr().out
+    assert (tmp_path / "bench.md").is_file()
