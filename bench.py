@@ -12,7 +12,8 @@ and an exact recompute (measured on one extra, untimed decode).
 The table goes to stdout, and the same rows to bench_results/bench.json and bench.md.
 
 Usage:
-    python bench.py                         # the README's table (~15 min on 2 CPU cores)
+    python bench.py                         # ~15 min on 2 CPU cores (4 problems per row at G=1024)
+    python bench.py --problems-long 8       # the README's table (~25 min)
     python bench.py --lengths 256 --problems 20 --methods vanilla dual+thr0.9
 """
 
@@ -176,7 +177,7 @@ def main(argv=None):
     ap.add_argument("--model", default=os.path.join(HERE, "checkpoints", "arith"), help="checkpoint directory")
     ap.add_argument("--lengths", type=int, nargs="+", default=[256, 1024], help="generation lengths")
     ap.add_argument("--problems", type=int, default=50, help="held-out problems per row at lengths <= 256")
-    ap.add_argument("--problems-long", type=int, default=8, help="held-out problems per row at lengths > 256")
+    ap.add_argument("--problems-long", type=int, default=4, help="held-out problems per row at lengths > 256")
     ap.add_argument("--batch-size", type=int, default=1, help="problems decoded together (left-padded)")
     ap.add_argument("--block-length", type=int, default=32, help="semi-autoregressive block length")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),

@@ -37,19 +37,20 @@ def test_vanilla_accuracy_on_held_out_sample():
 
 
 def test_dual_cache_threshold_accuracy_on_held_out_sample():
-    """The same sample through DualCache + threshold 0.9 with a long EOS tail."""
+    """The same sample through DualCache + threshold 0.9. At G = 32 the checkpoint loses nothing to
+    parallel decoding (100/100 measured); longer windows lose accuracy (README, Benchmark)."""
     model = load_model(SHIPPED, device="cpu")
     problems = task.test_set(20, **task.load_task(SHIPPED))
     from decode import generate, left_pad
 
     ids, mask = left_pad([task.encode(p.prompt) for p in problems], model.config.pad_token_id)
-    cfg = DecodeConfig.for_model(model.config, gen_length=128, block_length=32, steps=128, cache="dual",
+    cfg = DecodeConfig.for_model(model.config, gen_length=32, block_length=32, steps=32, cache="dual",
                                  threshold=0.9)
     out = generate(model, ids, cfg, attention_mask=mask)
     text = ["".join(task.CHARS[t] for t in row if t < len(task.CHARS)) for row in out.generated.tolist()]
     correct = sum(task.parse_answer(t) == p.answer_value for t, p in zip(text, problems))
-    assert correct >= 14
-    assert out.nfe < 128 // 4  # parallel decoding: far fewer forwards than tokens
+    assert correct >= 17
+    assert out.nfe < 32 // 4  # parallel decoding: far fewer forwards than tokens
 
 
 def test_run_py_with_no_flags(capsys):
