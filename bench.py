@@ -67,10 +67,6 @@ def decode_all(model, problems, cfg, batch_size):
     return outputs, nfe, query, seconds
 
 
-def text_of(ids) -> str:
-    return "".join(task.CHARS[t] for t in ids if t < len(task.CHARS))
-
-
 def bench(args):
     torch.set_num_threads(args.threads)
     model = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -89,7 +85,7 @@ def bench(args):
                                          **METHODS[name])
             print(f"[G={G}] {name}: {n} problems ...", file=sys.stderr, flush=True)
             outputs, nfe, query, seconds = decode_all(model, problems, cfg, args.batch_size)
-            correct = sum(task.parse_answer(text_of(o)) == p.answer_value for o, p in zip(outputs, problems))
+            correct = sum(task.parse_answer(task.decode(o)) == p.answer_value for o, p in zip(outputs, problems))
             if name == "vanilla":
                 reference, vanilla_seconds = outputs, seconds
             drift = None

@@ -172,6 +172,11 @@ def encode(text: str) -> list[int]:
     return [v[c] for c in text]
 
 
+def decode(ids) -> str:
+    """Text of token ids without loading `transformers`; special tokens (EOS, mask) are dropped."""
+    return "".join(CHARS[t] for t in ids if t < len(CHARS))
+
+
 def save_task(path: str, **task) -> None:
     """Record the task settings next to a checkpoint, so bench.py evaluates the same task."""
     os.makedirs(path, exist_ok=True)

@@ -169,8 +169,7 @@ def evaluate(model, problems, gen_length=32, block_length=32, batch_size=200) ->
         ids, mask = left_pad([task.encode(p.prompt) for p in chunk], model.config.pad_token_id)
         out = generate(model, ids.to(model.device), cfg, attention_mask=mask.to(model.device))
         for p, row in zip(chunk, out.ids[:, ids.shape[1]:].tolist()):
-            text = "".join(task.CHARS[t] if t < len(task.CHARS) else "" for t in row)
-            correct += task.parse_answer(text) == p.answer_value
+            correct += task.parse_answer(task.decode(row)) == p.answer_value
     return correct / len(problems)
 
 

@@ -18,7 +18,7 @@ CKPT = os.path.join(TINY, "ckpt")
 SHIPPED = os.path.join(ROOT, "checkpoints", "arith")
 
 # Bounded, deadline-free hypothesis runs keep CI fast and free of timing flakes.
-settings.register_profile("ci", deadline=None, max_examples=15, derandomize=True)
+settings.register_profile("ci", deadline=None, max_examples=30, derandomize=True)
 settings.load_profile("ci")
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
