@@ -114,6 +114,12 @@ def test_bf16_load_runs():
     with torch.no_grad():
         logits = model(torch.randint(0, 999, (1, 12)))
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+    # A DualCache + threshold generation in bf16: the cache takes the model's dtype, no mask is left.
+    from decode import DecodeConfig, generate
+
+    cfg = DecodeConfig.for_model(model.config, gen_length=16, block_length=8, steps=16, cache="dual", threshold=0.9)
+    out = generate(model, torch.tensor([[83, 954, 722, 999, 851]]), cfg)
+    assert out.masks_left == 0 and out.ids.shape == (1, 21)
 
 
 @pytest.fixture
