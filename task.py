@@ -14,11 +14,9 @@ line is scored (exact match), so every step has to be right. Newlines are natura
 delimiters (what AdaBlock looks for) and the long EOS tail is where parallel decoding wins
 (what Fast-dLLM exploits). `style="word"` phrases the same chain as a short word problem.
 
-Numbers are written naturally by default, so where the `####` line starts depends on how many
-digits each intermediate result has. A small model's first-step predictions can be confidently
-inconsistent about that layout, which is exactly what parallel decoding is sensitive to (README,
-"Benchmark"). `width=2` zero-pads every number so the layout follows from the prompt; the same
-model and budget learned that variant far more slowly (12% held-out at step 3000 against 60%).
+Numbers are written naturally by default. `width=2` zero-pads every number so the answer's layout
+follows from the prompt; with the same model and budget that variant learned far more slowly
+(12% held-out at step 3000 against 60%), so it is an option, not the default.
 
 The held-out test set is fixed by a seed, and training never draws one of its problems.
 
@@ -173,8 +171,20 @@ def encode(text: str) -> list[int]:
 
 
 def decode(ids) -> str:
-    """Text of token ids without loading `transformers`; special tokens (EOS, mask) are dropped."""
-    return "".join(CHARS[t] for t in ids if t < len(CHARS))
+    """The response text of generated ids, without loading `transformers`.
+
+    The response ends at the first EOS or EOT, as evaluation harnesses cut a generation at its stop
+    token: whatever a model writes into the padding after it is not part of the answer. Masks (only
+    the capped decoding mode leaves any) are dropped.
+    """
+    v = vocabulary()
+    text = []
+    for t in ids:
+        if t in (v[EOS_TOKEN], v[EOT_TOKEN]):
+            break
+        if t < len(CHARS):
+            text.append(CHARS[t])
+    return "".join(text)
 
 
 def save_task(path: str, **task) -> None:
