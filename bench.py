@@ -28,7 +28,8 @@ import time
 import torch
 
 import task
-from decode import DecodeConfig, generate, left_pad
+from cache import KVCache
+from decode import DecodeConfig, generate, left_pad, propose
 from model import load_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -112,8 +113,6 @@ def profile_dual_step(model, gen_length: int, block_length: int, repeats: int = 
     """torch.profiler table of one DualCache decoding step (the block against the cached rest)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from cache import KVCache
-
     prompt = task.encode(task.test_set(1)[0].prompt)
     P, L = len(prompt), len(prompt) + gen_length
     x = torch.full((1, L), model.config.mask_token_id, dtype=torch.long, device=model.device)
@@ -121,7 +120,6 @@ def profile_dual_step(model, gen_length: int, block_length: int, repeats: int = 
     cache = KVCache.for_model(model.config, batch=1, capacity=L, device=model.device, dtype=model.dtype)
     s, e = P, P + block_length
     cfg = DecodeConfig.for_model(model.config, gen_length=gen_length, block_length=block_length, steps=gen_length)
-    from decode import propose
 
     def step():
         logits = model(x[:, s:e], positions=torch.arange(s, e, device=model.device), cache=cache)

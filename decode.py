@@ -33,7 +33,7 @@ forward, V vocabulary.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F

@@ -36,8 +36,6 @@ RUN_DEFAULTS = dict(gen_length=32, block_length=32, steps=32, cache="dual", thre
 def build_prompt(tokenizer, text: str, model_dir: str) -> str:
     """The prompt string: our task's format for the arithmetic checkpoint, the chat template for
     an instruction-tuned LLaDA, the text as it is otherwise."""
-    import task
-
     if os.path.isfile(os.path.join(model_dir, "task.json")):
         if text.startswith("Q:"):
             return text if text.endswith("\n") else text + "\n"

@@ -3,7 +3,6 @@
 import json
 import os
 
-import torch
 from conftest import SHIPPED
 
 import run
