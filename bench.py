@@ -1,26 +1,35 @@
 """
-Benchmark every decoding method on the project's trained checkpoint: accuracy and speed.
+Benchmark the decoding methods on the project's trained checkpoint: accuracy per task family and speed.
 
-For each generation length and each method it decodes the same held-out problems (task.py) and
-reports exact-match accuracy, agreement with vanilla's exact response (a method's damage shows
-here even where accuracy is modest), mean NFE, tokens per forward, query tokens pushed through
-the model per problem, wall seconds, tokens/s (generated-window tokens, EOS padding included, as
-Fast-dLLM counts throughput) and the speedup over vanilla, a ratio of wall times measured in this
-same run. The cached rows also report the largest logit difference between the cached forward
-and an exact recompute (measured on one extra, untimed decode).
+For each generation length and each method it decodes the same held-out problems of every task
+family (task.py: `short` and `long` arithmetic chains, `pair`) and reports accuracy per family and
+over all problems, agreement with vanilla's exact response (a method's damage shows here even
+where accuracy is modest), mean NFE, tokens per forward, query tokens pushed through the model per
+problem, wall seconds, tokens/s (generated-window tokens, EOS padding included, as Fast-dLLM counts
+throughput) and the speedup over vanilla, a ratio of wall times measured in this same run. The
+cached rows also report the largest logit difference between the cached forward and an exact
+recompute (measured on one extra, untimed decode). A family whose answers do not fit a window
+(`long` needs 64 tokens) is left out of that window's rows.
 
-The table goes to stdout, and the same rows to bench_results/bench.json and bench.md.
+`--sweep` traces accuracy against NFE instead (Fast-dLLM, arXiv 2505.22618, Fig. 3 and Sec. 3.2):
+confidence thresholds 0.1 ... 0.99, a fixed k tokens per step (1, 2, 4, 8) and the factor rule,
+each per family, without a cache so that only the commit rule differs. It writes sweep.json,
+sweep.md and sweep.svg, a plot drawn by hand as SVG so the bench needs no plotting library.
+
+Methods are `METHODS`: name -> DecodeConfig overrides; `decode_all` decodes a list of problems
+with one config. A new method is one more entry there.
 
 Usage:
-    python bench.py                         # ~15 min on 2 CPU cores (4 problems per row at G=1024)
-    python bench.py --problems-long 8       # the README's table (~25 min)
+    python bench.py --lengths 64 --problems 20          # every method, per-family accuracy
     python bench.py --lengths 256 --problems 20 --methods vanilla dual+thr0.9
+    python bench.py --sweep --problems 30               # accuracy vs NFE curves -> bench_results/sweep.svg
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -49,9 +58,34 @@ METHODS = {
     "dual+factor1.0": dict(cache="dual", factor=1.0),
 }
 
+# The sweep: series name -> values. A fixed k per step is the top-k schedule with steps = G / k.
+SWEEP = {
+    "threshold": (0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.99),
+    "k per step": (1, 2, 4, 8),
+    "factor": (0.5, 1.0, 2.0, 4.0),
+}
+
+
+def sweep_overrides(series: str, value, gen_length: int) -> dict:
+    """DecodeConfig overrides for one point of a sweep series."""
+    if series == "threshold":
+        return dict(threshold=value)
+    if series == "factor":
+        return dict(factor=value)
+    return dict(steps=gen_length // value)  # k per step: G / k steps, k commits each
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding a list of problems with one config, and scoring it per family
+# ---------------------------------------------------------------------------------------------
+
 
 def decode_all(model, problems, cfg, batch_size):
-    """Decode `problems` in batches; returns (generated id lists, total NFE, query tokens, seconds)."""
+    """Decode `problems` in batches; returns (generated id lists, total NFE, query tokens, seconds).
+
+    NFE is counted per problem: a batch's forwards count once for each of its rows (a batch runs
+    until its slowest row is done, so batch size 1 gives each problem's own NFE).
+    """
     outputs, nfe, query, seconds = [], 0, 0, 0.0
     for i in range(0, len(problems), batch_size):
         chunk = problems[i:i + batch_size]
@@ -68,14 +102,33 @@ def decode_all(model, problems, cfg, batch_size):
     return outputs, nfe, query, seconds
 
 
-def bench(args):
-    torch.set_num_threads(args.threads)
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
-    spec = task.load_task(args.model)
+def score_by_family(problems, outputs, families) -> dict[str, float]:
+    """{family: accuracy} of generated id lists (each cut at its first EOS, then scored)."""
+    right, total = {}, {}
+    for p, o in zip(problems, outputs):
+        total[p.family] = total.get(p.family, 0) + 1
+        right[p.family] = right.get(p.family, 0) + families[p.family].score(p, task.decode(o))
+    return {name: right[name] / total[name] for name in total}
+
+
+def problems_for(families, gen_length: int, n: int) -> list:
+    """Each family's first n held-out problems (pair has 13), for the families that fit the window."""
+    return [p for fam in families.values() if fam.gen_length <= gen_length for p in fam.test_set(n)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The method table
+# ---------------------------------------------------------------------------------------------
+
+
+def bench(args, model, families):
     rows = []
     for G in args.lengths:
         n = args.problems if G <= 256 else args.problems_long
-        problems = task.test_set(n, **spec)
+        problems = problems_for(families, G, n)
+        if not problems:
+            raise ValueError(f"no family's answers fit a {G}-token window (need >= "
+                             f"{min(f.gen_length for f in families.values())})")
         # Warm-up (allocator, kernels) so the first timed row is not penalised.
         decode_all(model, problems[:1], DecodeConfig.for_model(model.config, gen_length=args.block_length,
                                                                block_length=args.block_length,
@@ -84,36 +137,155 @@ def bench(args):
         for name in args.methods:
             cfg = DecodeConfig.for_model(model.config, gen_length=G, block_length=args.block_length, steps=G,
                                          **METHODS[name])
-            print(f"[G={G}] {name}: {n} problems ...", file=sys.stderr, flush=True)
+            print(f"[G={G}] {name}: {len(problems)} problems ...", file=sys.stderr, flush=True)
             outputs, nfe, query, seconds = decode_all(model, problems, cfg, args.batch_size)
-            correct = sum(task.parse_answer(task.decode(o)) == p.answer_value for o, p in zip(outputs, problems))
+            per_family = score_by_family(problems, outputs, families)
             if name == "vanilla":
                 reference, vanilla_seconds = outputs, seconds
             drift = None
             if cfg.cache != "none":
-                probe = problems[0]
                 drift_cfg = DecodeConfig.for_model(model.config, gen_length=G, block_length=args.block_length,
                                                    steps=G, measure_drift=True, **METHODS[name])
-                drift = generate(model, torch.tensor([task.encode(probe.prompt)], device=model.device), drift_cfg).max_drift
+                probe = torch.tensor([task.encode(problems[0].prompt)], device=model.device)
+                drift = generate(model, probe, drift_cfg).max_drift
+            k = len(problems)
             row = {
-                "gen_length": G, "method": name, "problems": n, "batch_size": args.batch_size,
-                "accuracy": correct / n,
-                "agreement": None if reference is None else sum(a == b for a, b in zip(outputs, reference)) / n,
-                "nfe": nfe / n, "tokens_per_forward": G * n / nfe, "query_tokens": query / n,
-                "seconds": seconds, "tokens_per_s": G * n / seconds,
+                "gen_length": G, "method": name, "problems": k, "batch_size": args.batch_size,
+                "accuracy": sum(per_family[p.family] for p in problems) / k,  # pooled over all problems
+                **{f"acc_{fam}": per_family.get(fam) for fam in families},
+                "agreement": None if reference is None else sum(a == b for a, b in zip(outputs, reference)) / k,
+                "nfe": nfe / k, "tokens_per_forward": G * k / nfe, "query_tokens": query / k,
+                "seconds": seconds, "tokens_per_s": G * k / seconds,
                 "speedup": None if vanilla_seconds is None else vanilla_seconds / seconds,
                 "max_logit_drift": drift,
             }
             rows.append(row)
-            print("  " + format_row(row), file=sys.stderr, flush=True)
+            print("  " + format_row(row, families), file=sys.stderr, flush=True)
     return rows
+
+
+def columns(families):
+    """(row key, header) of the table, with one accuracy column per family."""
+    return ([("gen_length", "G"), ("method", "method"), ("problems", "n"), ("accuracy", "accuracy")]
+            + [(f"acc_{f}", f) for f in families]
+            + [("agreement", "agree w/ vanilla"), ("nfe", "NFE"), ("tokens_per_forward", "tok/fwd"),
+               ("query_tokens", "query tok"), ("seconds", "wall s"), ("tokens_per_s", "tok/s"),
+               ("speedup", "speedup"), ("max_logit_drift", "max Δlogit")])
+
+
+def fmt(key, value) -> str:
+    if value is None:
+        return "–"
+    if key in ("accuracy", "agreement") or key.startswith("acc_"):
+        return f"{100 * value:.1f}%"
+    if key == "speedup":
+        return f"{value:.1f}×"
+    if key == "max_logit_drift":
+        return f"{value:.2g}"
+    if isinstance(value, float):
+        return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+    return str(value)
+
+
+def format_row(row, families) -> str:
+    return " | ".join(f"{h} {fmt(k, row[k])}" for k, h in columns(families))
+
+
+def markdown(rows, header_note: str, families) -> str:
+    cols = columns(families)
+    lines = [header_note, "", "| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(k, r[k]) for k, _ in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# The sweep: accuracy against NFE for each commit rule, per family
+# ---------------------------------------------------------------------------------------------
+
+
+def sweep(args, model, families) -> list[dict]:
+    """One row per (series, value, family): accuracy and mean NFE per problem."""
+    G = args.lengths[0]
+    problems = problems_for(families, G, args.problems)
+    rows = []
+    for series, values in SWEEP.items():
+        for value in values:
+            cfg = DecodeConfig.for_model(model.config, gen_length=G, block_length=args.block_length, steps=G,
+                                         cache=args.sweep_cache, **sweep_overrides(series, value, G))
+            print(f"[G={G}] {series} {value}: {len(problems)} problems ...", file=sys.stderr, flush=True)
+            for name in dict.fromkeys(p.family for p in problems):
+                group = [p for p in problems if p.family == name]
+                outputs, nfe, _, seconds = decode_all(model, group, cfg, args.batch_size)
+                rows.append({"series": series, "value": value, "family": name, "problems": len(group),
+                             "accuracy": score_by_family(group, outputs, families)[name],
+                             "nfe": nfe / len(group), "seconds": seconds,
+                             "example": task.decode(outputs[0])})
+                print(f"  {name}: {100 * rows[-1]['accuracy']:.1f}% at NFE {rows[-1]['nfe']:.1f}", file=sys.stderr)
+    return rows
+
+
+def sweep_markdown(rows, header_note: str) -> str:
+    """Rows = settings, columns = families, cells 'accuracy (NFE)'."""
+    fams = list(dict.fromkeys(r["family"] for r in rows))
+    cell = {(r["series"], r["value"], r["family"]): r for r in rows}
+    lines = [header_note, "", "| rule | value | " + " | ".join(f"{f} acc (NFE)" for f in fams) + " |",
+             "|---|---|" + "---|" * len(fams)]
+    for series, value in dict.fromkeys((r["series"], r["value"]) for r in rows):
+        cells = [f"{100 * c['accuracy']:.0f}% ({c['nfe']:.1f})" for f in fams if (c := cell[(series, value, f)])]
+        lines.append(f"| {series} | {value:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+COLORS = {"threshold": "#1f77b4", "k per step": "#d62728", "factor": "#2ca02c"}
+
+
+def sweep_svg(rows, gen_length: int, title: str) -> str:
+    """Accuracy (y) against NFE (x, log scale), one panel per family, one line per commit rule.
+    Hand-written SVG: GitHub renders it inline, and the bench needs no plotting library."""
+    fams = list(dict.fromkeys(r["family"] for r in rows))
+    W, H, left, top, pw, ph, gap = 300, 230, 50, 40, 230, 150, 20  # panel size and margins (pixels)
+    x_max = math.log2(gen_length)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{len(fams) * W + gap}" height="{H + 30}" '
+           f'font-family="sans-serif" font-size="11">',
+           f'<rect width="100%" height="100%" fill="white"/>',
+           f'<text x="10" y="16" font-size="13">{title}</text>']
+    for i, fam in enumerate(fams):
+        ox, oy = left + i * W, top  # the panel's plot-area corner
+        X = lambda nfe: ox + pw * math.log2(max(nfe, 1)) / x_max  # noqa: E731
+        Y = lambda acc: oy + ph * (1 - acc)  # noqa: E731
+        out.append(f'<rect x="{ox}" y="{oy}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>')
+        out.append(f'<text x="{ox + pw / 2}" y="{oy - 6}" text-anchor="middle" font-weight="bold">{fam}</text>')
+        for acc in (0, 0.25, 0.5, 0.75, 1):  # y grid
+            out.append(f'<line x1="{ox}" x2="{ox + pw}" y1="{Y(acc)}" y2="{Y(acc)}" stroke="#eee"/>')
+            out.append(f'<text x="{ox - 4}" y="{Y(acc) + 4}" text-anchor="end">{100 * acc:.0f}%</text>')
+        for e in range(int(x_max) + 1):  # x ticks at powers of two
+            out.append(f'<text x="{X(2 ** e)}" y="{oy + ph + 14}" text-anchor="middle">{2 ** e}</text>')
+        out.append(f'<text x="{ox + pw / 2}" y="{oy + ph + 30}" text-anchor="middle">NFE (forwards per problem)</text>')
+        for series, color in COLORS.items():
+            pts = sorted((r["nfe"], r["accuracy"], r["value"]) for r in rows if r["family"] == fam and r["series"] == series)
+            if not pts:
+                continue
+            out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="'
+                       + " ".join(f"{X(n):.1f},{Y(a):.1f}" for n, a, _ in pts) + '"/>')
+            out += [f'<circle cx="{X(n):.1f}" cy="{Y(a):.1f}" r="3" fill="{color}"><title>{series} {v:g}: '
+                    f'{100 * a:.0f}% at NFE {n:.1f}</title></circle>' for n, a, v in pts]
+    for j, (series, color) in enumerate(COLORS.items()):  # legend, top right
+        x = len(fams) * W - 330 + 110 * j
+        out.append(f'<circle cx="{x}" cy="12" r="4" fill="{color}"/><text x="{x + 8}" y="16">{series}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Profile of one DualCache step
+# ---------------------------------------------------------------------------------------------
 
 
 def profile_dual_step(model, gen_length: int, block_length: int, repeats: int = 50) -> str:
     """torch.profiler table of one DualCache decoding step (the block against the cached rest)."""
     from torch.profiler import ProfilerActivity, profile
 
-    prompt = task.encode(task.test_set(1)[0].prompt)
+    prompt = task.encode(task.FAMILIES["short"].test_set(1)[0].prompt)
     P, L = len(prompt), len(prompt) + gen_length
     x = torch.full((1, L), model.config.mask_token_id, dtype=torch.long, device=model.device)
     x[0, :P] = torch.tensor(prompt)
@@ -136,71 +308,72 @@ def profile_dual_step(model, gen_length: int, block_length: int, repeats: int = 
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15)
 
 
-COLUMNS = ("gen_length", "method", "problems", "accuracy", "agreement", "nfe", "tokens_per_forward",
-           "query_tokens", "seconds", "tokens_per_s", "speedup", "max_logit_drift")
-HEADERS = ("G", "method", "n", "accuracy", "agree w/ vanilla", "NFE", "tok/fwd", "query tok", "wall s",
-           "tok/s", "speedup", "max Δlogit")
-
-
-def fmt(key, value) -> str:
-    if value is None:
-        return "–"
-    if key in ("accuracy", "agreement"):
-        return f"{100 * value:.1f}%"
-    if key == "speedup":
-        return f"{value:.1f}×"
-    if key == "max_logit_drift":
-        return f"{value:.2g}"
-    if isinstance(value, float):
-        return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
-    return str(value)
-
-
-def format_row(row) -> str:
-    return " | ".join(f"{h} {fmt(k, row[k])}" for k, h in zip(COLUMNS, HEADERS))
-
-
-def markdown(rows, header_note: str) -> str:
-    lines = [header_note, "", "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
-    lines += ["| " + " | ".join(fmt(k, r[k]) for k in COLUMNS) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Benchmark decoding methods on the trained checkpoint.")
-    ap.add_argument("--model", default=os.path.join(HERE, "checkpoints", "arith"), help="checkpoint directory")
-    ap.add_argument("--lengths", type=int, nargs="+", default=[256, 1024], help="generation lengths")
-    ap.add_argument("--problems", type=int, default=50, help="held-out problems per row at lengths <= 256")
-    ap.add_argument("--problems-long", type=int, default=4, help="held-out problems per row at lengths > 256")
+    ap.add_argument("--model", default=os.path.join(HERE, "checkpoints", "mix"), help="checkpoint directory")
+    ap.add_argument("--lengths", type=int, nargs="+", default=None,
+                    help="generation lengths (default: 64 256 1024; the sweep uses the first, default 64)")
+    ap.add_argument("--problems", type=int, default=30,
+                    help=f"held-out problems per family per row at lengths <= 256 (1..{task.HELD_OUT}; pair has 13)")
+    ap.add_argument("--problems-long", type=int, default=4, help="held-out problems per family per row at lengths > 256")
     ap.add_argument("--batch-size", type=int, default=1, help="problems decoded together (left-padded)")
     ap.add_argument("--block-length", type=int, default=32, help="semi-autoregressive block length")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
                     help="methods to run (vanilla first: speedups and agreement are relative to it)")
+    ap.add_argument("--sweep", action="store_true",
+                    help="trace accuracy against NFE for thresholds, k per step and factors (writes sweep.svg)")
+    ap.add_argument("--sweep-cache", default="none", choices=("none", "prefix", "dual"), help="cache used by the sweep")
     ap.add_argument("--threads", type=int, default=max(1, torch.get_num_threads()), help="torch CPU threads")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's)")
-    ap.add_argument("--out", default=os.path.join(HERE, "bench_results"), help="where bench.json/bench.md go")
+    ap.add_argument("--out", default=os.path.join(HERE, "bench_results"), help="where the result files go")
     ap.add_argument("--profile", action="store_true", help="print a profile of one DualCache step and exit")
     args = ap.parse_args(argv)
-    if args.profile:
-        torch.set_num_threads(args.threads)
+    for flag in ("problems", "problems_long"):
+        if not 1 <= getattr(args, flag) <= task.HELD_OUT:
+            ap.error(f"--{flag.replace('_', '-')} must be between 1 and {task.HELD_OUT} (each family's held-out "
+                     f"set), got {getattr(args, flag)}")
+    for flag in ("batch_size", "block_length", "threads"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    args.lengths = args.lengths or ([64] if args.sweep else [64, 256, 1024])
+    bad = [G for G in args.lengths if G < 1 or G % args.block_length]
+    if bad:
+        ap.error(f"--lengths {bad}: each must be a positive multiple of --block-length {args.block_length}")
+    torch.set_num_threads(args.threads)
+    try:
         model = load_model(args.model, device=args.device, dtype=args.dtype)
+        families = task.families_for(task.load_task(args.model))
+    except (ValueError, OSError) as err:
+        sys.exit(f"bench.py: error: could not load {args.model}: {err}")
+    if args.profile:
         print(profile_dual_step(model, args.lengths[0], args.block_length))
         return
-    if "vanilla" in args.methods:
-        args.methods = ["vanilla"] + [m for m in args.methods if m != "vanilla"]
-    rows = bench(args)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else \
-        f"CPU, {args.threads} threads"
-    note = (f"`python bench.py {' '.join(sys.argv[1:]) if argv is None else ' '.join(argv)}`".replace("` ", "`").strip()
+    device = torch.cuda.get_device_name() if model.device.type == "cuda" else f"CPU, {args.threads} threads"
+    note = (f"`python bench.py {' '.join(sys.argv[1:]) if argv is None else ' '.join(argv)}`".replace(" `", "`")
             + f" — {device}, block length {args.block_length}, batch size {args.batch_size}, temperature 0")
-    table = markdown(rows, note)
-    print(table)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench.json"), "w") as f:
-        json.dump({"command": note, "rows": rows}, f, indent=1)
-    with open(os.path.join(args.out, "bench.md"), "w") as f:
-        f.write(table)
+    if args.sweep:
+        rows = sweep(args, model, families)
+        table = sweep_markdown(rows, note + f", G = {args.lengths[0]}, cache {args.sweep_cache}")
+        files = {"sweep.json": json.dumps({"command": note, "rows": rows}, indent=1), "sweep.md": table,
+                 "sweep.svg": sweep_svg(rows, args.lengths[0], f"Accuracy vs NFE, G = {args.lengths[0]}, "
+                                        f"block {args.block_length}, cache {args.sweep_cache}")}
+    else:
+        if "vanilla" in args.methods:
+            args.methods = ["vanilla"] + [m for m in args.methods if m != "vanilla"]
+        rows = bench(args, model, families)
+        table = markdown(rows, note, families)
+        files = {"bench.json": json.dumps({"command": note, "rows": rows}, indent=1), "bench.md": table}
+    print(table)
+    for name, text in files.items():
+        with open(os.path.join(args.out, name), "w") as f:
+            f.write(text)
 
 
 if __name__ == "__main__":

@@ -1,28 +1,32 @@
 """
-A synthetic arithmetic task shaped like GSM8K, and the character tokenizer the trained model uses.
+The synthetic tasks the project's small model is trained and scored on, and its character tokenizer.
 
-LLaDA-8B's fast-decoding results are reported on GSM8K: a word problem, several lines of
-step-by-step arithmetic, a final `#### <answer>` line, then EOS padding to the end of the
-generation window. Real weights can't be downloaded here, so this project trains its own small
-model (train.py) on a task with the same shape:
+Real LLaDA weights can't be downloaded here, so the project trains its own small model (train.py).
+The tasks are chosen so that the decoding methods' trade-offs *show*: each family is a reason
+why committing several tokens per forward can go wrong (Fast-dLLM, arXiv 2505.22618, Sec. 3.2).
 
-    prompt:   "Q: 7+5-3=?\n"
-    answer:   "7+5=12\n12-3=9\n#### 9" + EOS EOS EOS ...   (until the window is full)
+    family  prompt            a right response (then EOS EOS ... to the end of the window)
+    short   "Q: 7+5-3=?\n"    "7+5=12\n12-3=9\n#### 9"     2-3 operands, GSM8K-shaped worked answer
+    long    "Q: 7+5-3+8+1=?\n" the same format, 4-6 lines  later lines need the committed earlier ones
+    pair    "Q: ?+?=9\n"      "4+5" (or "1+8", "2+7", ...) several valid answers whose tokens depend
+                                                           on each other: a mixed "4+7" is wrong
 
-Operations are evaluated left to right, each line's result feeds the next, and only the final
-line is scored (exact match), so every step has to be right. Newlines are natural semantic
-delimiters (what AdaBlock looks for) and the long EOS tail is where parallel decoding wins
-(what Fast-dLLM exploits). `style="word"` phrases the same chain as a short word problem.
+Chains are evaluated left to right, every intermediate result stays in [0, 99], and only the final
+`#### N` line is scored (exact match). `pair` is scored as a valid answer, not by string match:
+the response must be exactly `a+b` with digits a, b in 1..9 and a + b = N. A response is cut at
+its first EOS/EOT before scoring (`decode`), as evaluation harnesses cut at the stop token.
 
-Numbers are written naturally by default. `width=2` zero-pads every number so the answer's layout
-follows from the prompt; with the same model and budget that variant learned far more slowly
-(12% held-out at step 3000 against 60%), so it is an option, not the default.
+Each family has a fixed held-out test set (the first `HELD_OUT` distinct draws of its own seeded
+stream) that training never draws, whatever size a script evaluates. `pair` has only 13 distinct
+prompts (N = 4..16), so its "test set" is those 13 and training necessarily sees the same prompts:
+it tests whether decoding keeps an answer consistent, not generalisation.
 
-The held-out test set is fixed by a seed, and training never draws one of its problems.
-
-Usage:
-    problems = test_set(200)                       # [Problem(...)], fixed forever by TEST_SEED
-    tok = build_tokenizer(); tok.save_pretrained(ckpt_dir)
+API (what other code, e.g. an evaluation-harness adapter, iterates over):
+    for name, fam in FAMILIES.items():       # 'short', 'long', 'pair'
+        for p in fam.test_set(50):           # [Problem]: p.prompt, p.answer (a reference), p.family
+            ok = fam.score(p, response_text) # bool; also task.score(p, text)
+    fam.gen_length                           # a window that fits every answer (tokens)
+    ids = encode(p.prompt); text = decode(generated_ids)
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import functools
 import json
 import os
 import random
+import re
 from dataclasses import dataclass
 
 # Special tokens, spelled as LLaDA spells them. EOS doubles as padding, as in LLaDA.
@@ -38,85 +43,37 @@ EOS_TOKEN = "<|endoftext|>"
 EOT_TOKEN = "<|eot_id|>"
 MASK_TOKEN = "<|mdm_mask|>"
 SPECIAL_TOKENS = (EOS_TOKEN, EOT_TOKEN, MASK_TOKEN)
-# Every character either style can produce. Fixed, so the token ids never move.
+# Every character any family can produce. Fixed, so the token ids never move.
 CHARS = "0123456789+-*=?#:.,' \n" + "abcdefghijklmnopqrstuvwxyz" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
-TEST_SEED = 20260101  # fixes the held-out test set
-OPS = "+-"  # the default task adds and subtracts (multiplication is an option: harder to learn)
+TEST_SEED = 20260101  # fixes the held-out test sets (each family offsets it by its own amount)
+HELD_OUT = 200  # problems per family reserved for evaluation; training excludes all of them
+OPS = "+-*"  # operators a chain may use ('+-' by default; '*' is harder to learn)
 
 
 @dataclass(frozen=True)
 class Problem:
-    """One problem: the operands and operators of a left-to-right chain."""
+    """One problem of one family. `answer` is a right response (for `pair`, one of several)."""
 
-    operands: tuple[int, ...]
-    ops: tuple[str, ...]
-    style: str = "compact"
-    width: int = 0  # numbers are zero-padded to this many digits (0 = written naturally)
-
-    def num(self, n: int) -> str:
-        return str(n).zfill(self.width) if self.width else str(n)
-
-    def steps(self) -> list[tuple[int, str, int, int]]:
-        """(left, op, right, result) for each line of the worked answer."""
-        lines, acc = [], self.operands[0]
-        for op, b in zip(self.ops, self.operands[1:]):
-            res = acc + b if op == "+" else acc - b if op == "-" else acc * b
-            lines.append((acc, op, b, res))
-            acc = res
-        return lines
-
-    @property
-    def answer_value(self) -> int:
-        return self.steps()[-1][3]
-
-    @property
-    def prompt(self) -> str:
-        if self.style == "compact":
-            expr = self.num(self.operands[0]) + "".join(f"{op}{self.num(b)}" for op, b in zip(self.ops, self.operands[1:]))
-            return f"Q: {expr}=?\n"
-        # The word style: the same chain, told as a story about one person's marbles.
-        words = {"+": "finds {} more", "-": "loses {}", "*": "makes it {} times as many"}
-        story = f"Sam has {self.operands[0]} marbles. "
-        story += " ".join(f"Then Sam {words[op].format(b)}." for op, b in zip(self.ops, self.operands[1:]))
-        return f"Q: {story} How many marbles now?\n"
-
-    @property
-    def answer(self) -> str:
-        """The worked answer (without EOS padding)."""
-        lines = [f"{self.num(a)}{op}{self.num(b)}={self.num(r)}" for a, op, b, r in self.steps()]
-        return "\n".join(lines) + f"\n#### {self.num(self.answer_value)}"
+    family: str  # name of the family that made and scores it
+    prompt: str  # the text the model is given, ending in a newline
+    answer: str  # a reference response, without EOS padding
+    value: int  # chains: the final result; pair: the target sum N
 
 
-def sample_problem(rng: random.Random, min_operands=2, max_operands=3, max_operand=9, ops=OPS,
-                   style="compact", width=0) -> Problem:
-    """Draw a problem whose intermediate results all stay in [0, 99] (rejection sampling).
-
-    The operand count n is weighted by how many chains of that length exist, (max_operand *
-    len(ops))^n, so draws are close to uniform over problems: uniform n would spend most of a
-    test set on the few short chains and leave training almost none of them.
-    """
-    counts = list(range(min_operands, max_operands + 1))
-    weights = [(max_operand * len(ops)) ** n for n in counts]
-    while True:
-        n = rng.choices(counts, weights)[0]
-        p = Problem(tuple(rng.randint(1, max_operand) for _ in range(n)),
-                    tuple(rng.choice(ops) for _ in range(n - 1)), style, width)
-        if all(0 <= r <= 99 for *_, r in p.steps()):
-            return p
+# ---------------------------------------------------------------------------------------------
+# Chains of arithmetic (the `short` and `long` families)
+# ---------------------------------------------------------------------------------------------
 
 
-def test_set(n: int = 200, **task) -> list[Problem]:
-    """The held-out problems: the first n distinct draws of the TEST_SEED stream."""
-    rng, seen, out = random.Random(TEST_SEED), set(), []
-    for _ in range(100 * n):
-        p = sample_problem(rng, **task)
-        if p.prompt not in seen:
-            seen.add(p.prompt)
-            out.append(p)
-            if len(out) == n:
-                return out
-    raise ValueError(f"the task has fewer than {n} distinct problems; widen it")
+def chain_steps(operands, ops) -> list[tuple[int, str, int, int]]:
+    """(left, op, right, result) for each line of the worked answer, evaluated left to right."""
+    lines, acc = [], operands[0]
+    for op, b in zip(ops, operands[1:]):
+        res = acc + b if op == "+" else acc - b if op == "-" else acc * b
+        lines.append((acc, op, b, res))
+        acc = res
+    return lines
 
 
 def parse_answer(text: str) -> int | None:
@@ -128,6 +85,193 @@ def parse_answer(text: str) -> int | None:
             except ValueError:
                 return None
     return None
+
+
+class Family:
+    """A family of problems: how to draw one, its held-out test set, and how to score a response."""
+
+    name: str = ""
+    gen_length: int = 32  # a generation window that fits every answer with room for EOS
+    offset: int = 0  # added to TEST_SEED, so every family has its own held-out stream
+    size: int | None = None  # number of distinct prompts when small (pair), else None
+
+    def sample(self, rng: random.Random) -> Problem:
+        raise NotImplementedError
+
+    def score(self, problem: Problem, response: str) -> bool:
+        raise NotImplementedError
+
+    def test_set(self, n: int = HELD_OUT) -> list[Problem]:
+        """The first n distinct draws of this family's held-out stream (fewer if it has fewer)."""
+        if not 0 < n <= HELD_OUT:
+            raise ValueError(f"a family's test set has 1..{HELD_OUT} problems (task.HELD_OUT, the "
+                             f"problems training excludes), got {n}")
+        return list(_test_set(self, min(n, self.size or n)))
+
+    def held_out_prompts(self) -> set[str]:
+        """Every prompt any script may score on: training never draws these."""
+        return {p.prompt for p in self.test_set(HELD_OUT)} if self.size is None else set()
+
+
+@functools.lru_cache(maxsize=64)
+def _test_set(family: Family, n: int) -> tuple[Problem, ...]:
+    rng, seen, out = random.Random(TEST_SEED + family.offset), set(), []
+    for _ in range(1000 * n):
+        p = family.sample(rng)
+        if p.prompt not in seen:
+            seen.add(p.prompt)
+            out.append(p)
+            if len(out) == n:
+                return tuple(out)
+    raise ValueError(f"family {family.name!r} has fewer than {n} distinct problems; widen it")
+
+
+@dataclass(frozen=True, eq=True)
+class Chain(Family):
+    """Left-to-right chains of + and - (or *), each line's result feeding the next."""
+
+    name: str = "short"
+    min_operands: int = 2  # shortest chain
+    max_operands: int = 3  # longest chain
+    max_operand: int = 9  # operands are 1..max_operand
+    ops: str = "+-"  # operators drawn from
+    style: str = "compact"  # 'compact' ("Q: 7+5=?") or 'word' (a short story about marbles)
+    width: int = 0  # zero-pad every number to this many digits (0 = natural widths)
+    gen_length: int = 32  # window for the answer: 22 characters at most for 3 operands
+    offset: int = 0  # 0 keeps the original task's held-out set for `short`
+
+    def __post_init__(self):
+        if not 2 <= self.min_operands <= self.max_operands:
+            raise ValueError(f"chains need 2 <= min_operands <= max_operands, got {self.min_operands}, "
+                             f"{self.max_operands}")
+        if not 1 <= self.max_operand <= 99:
+            raise ValueError(f"max_operand must be in 1..99 (results stay in 0..99), got {self.max_operand}")
+        if not self.ops or any(op not in OPS for op in self.ops):
+            raise ValueError(f"ops must be a non-empty string of operators from {OPS!r}, got {self.ops!r}")
+        if self.style not in ("compact", "word"):
+            raise ValueError(f"style must be 'compact' or 'word', got {self.style!r}")
+        if not 0 <= self.width <= 2:
+            raise ValueError(f"width must be 0, 1 or 2 digits, got {self.width}")
+
+    def num(self, n: int) -> str:
+        return str(n).zfill(self.width) if self.width else str(n)
+
+    def make(self, operands, ops) -> Problem:
+        """The problem for one chain: its prompt, worked answer and final value."""
+        steps = chain_steps(operands, ops)
+        if self.style == "compact":
+            expr = self.num(operands[0]) + "".join(f"{op}{self.num(b)}" for op, b in zip(ops, operands[1:]))
+            prompt = f"Q: {expr}=?\n"
+        else:  # the word style: the same chain, told as a story about one person's marbles
+            words = {"+": "finds {} more", "-": "loses {}", "*": "makes it {} times as many"}
+            story = f"Sam has {operands[0]} marbles. "
+            story += " ".join(f"Then Sam {words[op].format(b)}." for op, b in zip(ops, operands[1:]))
+            prompt = f"Q: {story} How many marbles now?\n"
+        value = steps[-1][3]
+        lines = [f"{self.num(a)}{op}{self.num(b)}={self.num(r)}" for a, op, b, r in steps]
+        return Problem(self.name, prompt, "\n".join(lines) + f"\n#### {self.num(value)}", value)
+
+    def sample(self, rng: random.Random) -> Problem:
+        """A chain whose intermediate results all stay in [0, 99] (rejection sampling).
+
+        The operand count n is weighted by how many chains of that length exist, (max_operand *
+        len(ops))^n, so draws are close to uniform over problems: uniform n would spend most of a
+        test set on the few short chains and leave training almost none of them.
+        """
+        counts = list(range(self.min_operands, self.max_operands + 1))
+        weights = [(self.max_operand * len(self.ops)) ** n for n in counts]
+        while True:
+            n = rng.choices(counts, weights)[0]
+            operands = tuple(rng.randint(1, self.max_operand) for _ in range(n))
+            ops = tuple(rng.choice(self.ops) for _ in range(n - 1))
+            if all(0 <= r <= 99 for *_, r in chain_steps(operands, ops)):
+                return self.make(operands, ops)
+
+    def score(self, problem: Problem, response: str) -> bool:
+        """Exact match of the final `#### N` line (the worked lines are not checked)."""
+        return parse_answer(response) == problem.value
+
+
+# ---------------------------------------------------------------------------------------------
+# Pairs: several right answers whose tokens must agree (the `pair` family)
+# ---------------------------------------------------------------------------------------------
+
+PAIR_RE = re.compile(r"([1-9])\+([1-9])")
+
+
+@dataclass(frozen=True, eq=True)
+class Pair(Family):
+    """`Q: ?+?=N` -> any `a+b` with digits 1..9 summing to N. Every digit pair is equally likely in
+    training, so the model's per-position marginals are spread over many answers: committing the
+    two digits in one step from their separate marginals can produce a pair from two answers."""
+
+    name: str = "pair"
+    low: int = 4  # smallest target sum
+    high: int = 16  # largest target sum (9 answers at N = 10, down to 3 at N = 4 and 16)
+    gen_length: int = 32
+    offset: int = 2
+
+    @property
+    def size(self) -> int:
+        return self.high - self.low + 1
+
+    def make(self, total: int, a: int) -> Problem:
+        return Problem(self.name, f"Q: ?+?={total}\n", f"{a}+{total - a}", total)
+
+    def sample(self, rng: random.Random) -> Problem:
+        """A target N uniform in low..high, and a right answer uniform among its digit pairs."""
+        total = rng.randint(self.low, self.high)
+        return self.make(total, rng.randint(max(1, total - 9), min(9, total - 1)))
+
+    def score(self, problem: Problem, response: str) -> bool:
+        """Valid answer: the response (cut at EOS) is exactly `a+b`, digits 1..9, a + b = N."""
+        m = PAIR_RE.fullmatch(response.strip())
+        return m is not None and int(m[1]) + int(m[2]) == problem.value
+
+
+# The default families, by name. A checkpoint's task.json can build its own (families_for).
+FAMILIES: dict[str, Family] = {
+    "short": Chain(name="short", min_operands=2, max_operands=3, gen_length=32, offset=0),
+    "long": Chain(name="long", min_operands=4, max_operands=6, gen_length=64, offset=1),
+    "pair": Pair(),
+}
+
+
+def families_for(spec: dict) -> dict[str, Family]:
+    """The families a checkpoint's task.json describes.
+
+    New checkpoints record {"families": [names...], "chain": {max_operand, ops, style, width},
+    "mix": {...}}; checkpoints from before the families (checkpoints/arith) record one chain's
+    settings ({min_operands, max_operands, max_operand, ops, style, width}): that is the `short`
+    family with those settings.
+    """
+    if "families" not in spec:
+        return {"short": Chain(name="short", **{k: v for k, v in spec.items() if k != "name"})}
+    chain = spec.get("chain", {})
+    out = {}
+    for name in spec["families"]:
+        if name not in FAMILIES:
+            raise ValueError(f"unknown family {name!r}; known: {', '.join(FAMILIES)}")
+        base = FAMILIES[name]
+        out[name] = Chain(**{**base.__dict__, **chain}) if isinstance(base, Chain) else base
+    return out
+
+
+def score(problem: Problem, response: str, families: dict[str, Family] | None = None) -> bool:
+    """Score a response (text already cut at EOS) with its problem's family."""
+    return (families or FAMILIES)[problem.family].score(problem, response)
+
+
+def test_set(n: int = HELD_OUT, **spec) -> list[Problem]:
+    """Held-out problems of a task spec (a checkpoint's task.json, see families_for; {} = `short`).
+
+    With several families, n problems in turn from each (short, long, pair, short, ...), so
+    the first problem is always the first family's first: what run.py shows.
+    """
+    fams = list(families_for(spec).values())
+    sets = [f.test_set(n) for f in fams]
+    mixed = [s[i] for i in range(n) for s in sets if i < len(s)]
+    return mixed[:n]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,15 +331,15 @@ def decode(ids) -> str:
     return "".join(text)
 
 
-def save_task(path: str, **task) -> None:
-    """Record the task settings next to a checkpoint, so bench.py evaluates the same task."""
+def save_task(path: str, spec: dict) -> None:
+    """Record the task spec next to a checkpoint, so bench.py and run.py evaluate the same task."""
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "task.json"), "w") as f:
-        json.dump(task, f, indent=2)
+        json.dump(spec, f, indent=2)
 
 
 def load_task(path: str) -> dict:
-    """The task settings a checkpoint was trained on ({} = the defaults)."""
+    """The task spec a checkpoint was trained on ({} = the `short` family's defaults)."""
     file = os.path.join(path, "task.json")
     if not os.path.isfile(file):
         return {}

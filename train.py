@@ -1,25 +1,34 @@
 """
-Train the project's small LLaDA-format checkpoint on the synthetic arithmetic task (task.py).
+Train the project's small LLaDA-format checkpoint on the synthetic task families (task.py).
 
 This is LLaDA's supervised fine-tuning objective (Nie et al., "Large Language Diffusion Models",
-arXiv 2502.09992, Algorithm 2), used here from scratch: for each example draw a masking ratio
-t ~ U(eps, 1), hide every answer token (the worked answer and its EOS padding) independently with
-probability t, never hide the prompt, and minimise the cross-entropy on the hidden tokens
-weighted by 1/t, normalised by the answer length. The model is model.py's own class and the
-checkpoint is written in the layout `load_model` reads (config.json, model.safetensors,
-tokenizer files), so it loads exactly as a real LLaDA checkpoint does.
+arXiv 2502.09992, Algorithm 2): for each example draw a masking ratio t ~ U(eps, 1), hide every
+answer token (the response and its EOS padding) independently with probability t, never hide the
+prompt, and minimise the cross-entropy on the hidden tokens weighted by 1/t, normalised by the
+answer length. The model is model.py's own class and the checkpoint is written in the layout
+`load_model` reads (config.json, model.safetensors, tokenizer files), so it loads exactly as a
+real LLaDA checkpoint does.
 
-Differences from the paper: no pre-training stage (the task is all there is); generation windows
-of several lengths in one run (mostly short ones, sometimes up to 1024 tokens) so the model has
-seen the long EOS tails that the benchmark decodes; batches sized in tokens, not sequences.
+Differences from the paper: no pre-training stage (the task families are all there is);
+generation windows of several lengths in one run (mostly short ones, sometimes up to 1024 tokens)
+so the model has seen the long EOS tails that the benchmark decodes; batches sized in tokens.
+Each example's family is drawn from --mix (e.g. "short:0.3,long:0.4,pair:0.3"); training never
+draws a problem of any family's held-out set (task.HELD_OUT problems, whatever --eval-problems).
 
-Resumable: every --save-every steps the weights, the optimizer moments and the step go to
---state-dir (safetensors + JSON, nothing pickled). Each step's batch and masks are drawn from
-generators seeded by (seed, step), so a resumed run continues exactly where it stopped.
+Resumable and crash-safe: every --save-every steps the weights, the optimizer moments and the log
+go to --state-dir/step-NNNNNNNN/ (safetensors + JSON, nothing pickled), written in a temporary
+directory that is renamed into place only when both files are complete, so a crash mid-write
+leaves the previous snapshot as the newest. Each step's batch and masks are drawn from generators
+seeded by (seed, step), so a resumed run ends with the same weights as one run straight through.
+A snapshot can be exported: rerun with the same flags and --steps at that snapshot's step.
+
+bf16 autocast is used only where it is faster: `--bf16 auto` (the default) times a few fp32 and
+bf16 training steps at the start and keeps the faster (on CPUs without bf16 units bf16 is many
+times slower); the choice is printed and kept on resume.
 
 Usage:
-    python train.py                          # reproduces checkpoints/arith (CPU, one thread)
-    python train.py --steps 50 --out /tmp/x  # a smoke run
+    python train.py                          # reproduces checkpoints/mix (continues checkpoints/arith)
+    python train.py --steps 50 --init '' --out /tmp/x --state-dir /tmp/x-state   # a smoke run
 """
 
 from __future__ import annotations
@@ -29,6 +38,8 @@ import json
 import math
 import os
 import random
+import re
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -37,89 +48,132 @@ import torch
 import torch.nn.functional as F
 
 import task
-from model import LLaDAModel, ModelConfig, init_weights, save_model
+from model import LLaDAModel, ModelConfig, init_weights, load_model, save_model
 
 # ---------------------------------------------------------------------------------------------
 # Settings
 # ---------------------------------------------------------------------------------------------
+
+BF16_CHOICES = ("auto", "on", "off")
 
 
 @dataclass
 class TrainConfig:
     """Everything that decides the trained weights. The CLI reads its defaults from here."""
 
-    out: str = "checkpoints/arith"  # where the final checkpoint is written
-    state_dir: str = "runs/arith"  # resumable training state (weights, optimizer, log)
-    steps: int = 6000  # optimizer steps
+    out: str = "checkpoints/mix"  # where the final checkpoint is written
+    state_dir: str = "runs/mix"  # resumable training state (one directory per snapshot)
+    init: str = "checkpoints/arith"  # checkpoint whose weights training starts from ('' = random init)
+    steps: int = 1800  # optimizer steps
     batch_tokens: int = 4096  # tokens per batch (the number of sequences follows from the window)
-    lr: float = 2e-3  # peak learning rate (AdamW), after a linear warmup
-    min_lr: float = 1e-4  # end of the cosine decay
-    warmup: int = 200  # warmup steps
+    lr: float = 1e-3  # peak learning rate (AdamW), after a linear warmup
+    min_lr: float = 5e-5  # end of the cosine decay
+    warmup: int = 100  # warmup steps
     weight_decay: float = 0.01  # AdamW weight decay on matrices
     d_model: int = 128  # model width
     n_layers: int = 4  # transformer blocks
     n_heads: int = 4  # attention heads
     mlp_hidden_size: int = 512  # SwiGLU width
     eps: float = 1e-3  # smallest masking ratio t
-    seed: int = 0  # seeds the weights, the batches and the masks
-    eval_every: int = 500  # held-out accuracy every this many steps
-    eval_problems: int = 200  # held-out problems per evaluation
-    save_every: int = 250  # training-state snapshot every this many steps
+    seed: int = 0  # seeds the weights (without --init), the batches and the masks
+    eval_every: int = 300  # held-out accuracy every this many steps
+    eval_problems: int = 100  # held-out problems per family per evaluation (at most task.HELD_OUT)
+    save_every: int = 150  # training-state snapshot every this many steps
     threads: int = 1  # torch CPU threads (more than the free cores makes it slower, not faster)
-    bf16: bool = True  # bf16 autocast for the forward (2x faster on CPUs with bf16 units; weights stay fp32)
+    bf16: str = "auto"  # bf16 autocast: 'auto' (time both, keep the faster), 'on' or 'off'
     device: str = "auto"  # 'auto' (CUDA when available), 'cpu' or 'cuda'
-    min_operands: int = 2  # task: shortest chain
-    max_operands: int = 3  # task: longest chain
-    max_operand: int = 9  # task: operands are 1..max_operand
-    ops: str = "+-"  # task: operators
-    style: str = "compact"  # task: 'compact' or 'word'
-    width: int = 0  # task: zero-pad numbers to this many digits (0 = natural widths)
+    mix: str = "short:0.3,long:0.4,pair:0.3"  # task families and their share of the examples
+    max_operand: int = 9  # chains: operands are 1..max_operand
+    ops: str = "+-"  # chains: operators, from '+-*'
+    style: str = "compact"  # chains: 'compact' or 'word'
+    width: int = 0  # chains: zero-pad numbers to this many digits (0 = natural widths)
 
     def __post_init__(self):
         for name in ("steps", "batch_tokens", "d_model", "n_layers", "n_heads", "mlp_hidden_size",
                      "eval_every", "save_every", "threads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.style not in ("compact", "word"):
-            raise ValueError(f"style must be 'compact' or 'word', got {self.style!r}")
+        if not 0 < self.eval_problems <= task.HELD_OUT:
+            raise ValueError(f"eval_problems must be in 1..{task.HELD_OUT} (the held-out set), got {self.eval_problems}")
         if not 0 < self.eps < 1:
             raise ValueError(f"eps must be in (0, 1), got {self.eps}")
+        if not (self.lr > 0 and self.min_lr >= 0 and self.warmup >= 0):
+            raise ValueError(f"need lr > 0, min_lr >= 0, warmup >= 0; got {self.lr}, {self.min_lr}, {self.warmup}")
+        if self.bf16 not in BF16_CHOICES:
+            raise ValueError(f"bf16 must be one of {BF16_CHOICES}, got {self.bf16!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        self.weights()  # parses --mix, raising on a bad one
+        task.families_for(self.task)  # the chain settings (ops, max_operand, style, width)
+
+    def weights(self) -> dict[str, float]:
+        """--mix as {family: share}."""
+        out = {}
+        for part in self.mix.split(","):
+            name, _, share = part.partition(":")
+            name = name.strip()
+            if name not in task.FAMILIES:
+                raise ValueError(f"mix: unknown family {name!r} in {self.mix!r}; known: {', '.join(task.FAMILIES)}")
+            try:
+                out[name] = float(share) if share else 1.0
+            except ValueError:
+                raise ValueError(f"mix: share {share!r} of {name!r} is not a number; write e.g. 'short:0.3,pair:0.7'") from None
+            if not out[name] > 0:
+                raise ValueError(f"mix: share of {name!r} must be positive, got {share}")
+        return out
 
     @property
     def task(self) -> dict:
-        return dict(min_operands=self.min_operands, max_operands=self.max_operands,
-                    max_operand=self.max_operand, ops=self.ops, style=self.style, width=self.width)
+        """The task spec written to the checkpoint's task.json (see task.families_for)."""
+        return {"families": list(self.weights()), "mix": self.weights(),
+                "chain": dict(max_operand=self.max_operand, ops=self.ops, style=self.style, width=self.width)}
 
+
+# Settings that cannot change the trained weights, so a resume may change them. `steps` is here
+# so that a run can be extended or a snapshot exported; extending changes the cosine schedule
+# from the resume point on.
+RESUMABLE_CHANGES = ("steps", "eval_every", "eval_problems", "save_every", "threads", "device", "out", "state_dir")
 
 # Generation windows seen in training, with their probabilities. Most batches are short (the
-# task's answers are < 30 tokens); the long ones teach the EOS tail at the benchmark's lengths.
-WINDOWS = ((32, 0.6), (64, 0.15), (256, 0.15), (1024, 0.1))
+# answers are < 50 tokens); the long ones teach the EOS tail at the benchmark's lengths.
+WINDOWS = ((32, 0.5), (64, 0.25), (256, 0.15), (1024, 0.1))
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
     """Linear warmup, then cosine decay from lr to min_lr."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: a batch is prompts + worked answers + EOS padding, all the same length
+# Data: a batch is prompts + responses + EOS padding, all the same length
 # ---------------------------------------------------------------------------------------------
+
+
+def held_out_prompts(cfg: TrainConfig) -> set[str]:
+    """Every prompt any script may score on (task.HELD_OUT per family), whatever eval_problems is."""
+    return set().union(*(f.held_out_prompts() for f in task.families_for(cfg.task).values()))
 
 
 def make_batch(cfg: TrainConfig, step: int, held_out: set[str], eos_id: int):
     """The batch of step `step`: ids (B, L) and the answer-region mask (B, L). Deterministic."""
     rng = random.Random(cfg.seed * 1_000_003 + step)
     window = rng.choices([w for w, _ in WINDOWS], [p for _, p in WINDOWS])[0]
+    families, weights = task.families_for(cfg.task), cfg.weights()
+    names, shares = list(weights), list(weights.values())
     problems = []
     while len(problems) < max(1, cfg.batch_tokens // (window + 16)):
-        p = task.sample_problem(rng, **cfg.task)
-        if p.prompt not in held_out:  # the held-out test set never appears in training
+        # One family per example (no draw with a single family, so the stream is the plain task's).
+        name = names[0] if len(names) == 1 else rng.choices(names, shares)[0]
+        p = families[name].sample(rng)
+        if p.prompt not in held_out:  # held-out problems never appear in training
             problems.append(p)
     prompts = [task.encode(p.prompt) for p in problems]
     answers = [task.encode(p.answer) for p in problems]
+    # A window too short for a long chain's answer grows to fit it (and at least one EOS).
+    window = max(window, 1 + max(len(a) for a in answers))
     length = max(len(q) for q in prompts) + window
     ids = torch.full((len(problems), length), eos_id, dtype=torch.long)  # (B, L), EOS-padded
     answer_region = torch.ones_like(ids, dtype=torch.bool)  # (B, L)
@@ -152,72 +206,210 @@ def diffusion_loss(model, ids, answer_region, mask_id: int, eps: float, generato
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation: exact match of the final answer with the vanilla sampler
+# Evaluation: each family's scorer on its held-out problems, vanilla sampler
 # ---------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def evaluate(model, problems, gen_length=32, block_length=32, batch_size=200) -> float:
-    """Held-out exact-match accuracy with the vanilla sampler (one token per step, temperature 0)."""
+def evaluate(model, problems, families=None, block_length=32, batch_size=200, gen_length=None) -> float:
+    """Held-out accuracy with the vanilla sampler (one token per step, temperature 0).
+
+    Each problem is scored by its family (task.score); each family decodes at its own window
+    (family.gen_length) unless gen_length is given.
+    """
     from decode import DecodeConfig, generate, left_pad
 
-    cfg = DecodeConfig.for_model(model.config, gen_length=gen_length, block_length=block_length,
-                                 steps=gen_length)
+    families = families or task.FAMILIES
     correct = 0
-    for i in range(0, len(problems), batch_size):
-        chunk = problems[i:i + batch_size]
-        ids, mask = left_pad([task.encode(p.prompt) for p in chunk], model.config.pad_token_id)
-        out = generate(model, ids.to(model.device), cfg, attention_mask=mask.to(model.device))
-        for p, row in zip(chunk, out.ids[:, ids.shape[1]:].tolist()):
-            correct += task.parse_answer(task.decode(row)) == p.answer_value
+    for name in dict.fromkeys(p.family for p in problems):  # families in order of appearance
+        group = [p for p in problems if p.family == name]
+        G = gen_length or families[name].gen_length
+        cfg = DecodeConfig.for_model(model.config, gen_length=G, block_length=min(block_length, G), steps=G)
+        for i in range(0, len(group), batch_size):
+            chunk = group[i:i + batch_size]
+            ids, mask = left_pad([task.encode(p.prompt) for p in chunk], model.config.pad_token_id)
+            out = generate(model, ids.to(model.device), cfg, attention_mask=mask.to(model.device))
+            for p, row in zip(chunk, out.generated.tolist()):
+                correct += families[name].score(p, task.decode(row))
     return correct / len(problems)
 
 
-# ---------------------------------------------------------------------------------------------
-# Resumable state: safetensors for tensors, JSON for the rest
-# ---------------------------------------------------------------------------------------------
+def evaluate_families(model, families, n: int) -> dict[str, float]:
+    """{family: vanilla accuracy on its first n held-out problems}."""
+    return {name: round(evaluate(model, fam.test_set(n), families), 4) for name, fam in families.items()}
 
 
-def save_state(cfg: TrainConfig, model, opt, step: int, log: list) -> None:
+# ---------------------------------------------------------------------------------------------
+# Resumable state: one directory per snapshot, safetensors for tensors, JSON for the rest
+# ---------------------------------------------------------------------------------------------
+
+SNAPSHOT = re.compile(r"step-(\d{8})")
+
+
+def snapshot_dir(cfg: TrainConfig, step: int) -> str:
+    return os.path.join(cfg.state_dir, f"step-{step:08d}")
+
+
+def save_state(cfg: TrainConfig, model, opt, step: int, log: list, precision: str) -> str:
+    """Write the snapshot of `step` atomically: both files into a temporary directory, then one
+    rename. A crash at any point leaves either the complete snapshot or none of it."""
     from safetensors.torch import save_file
 
-    os.makedirs(cfg.state_dir, exist_ok=True)
+    final = snapshot_dir(cfg, step)
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an earlier crash
+    os.makedirs(tmp)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     names = {p: n for n, p in model.named_parameters()}
     for p, s in opt.state.items():
-        for key in ("exp_avg", "exp_avg_sq", "step"):
-            tensors[f"opt.{names[p]}.{key}"] = s[key].detach().cpu().reshape(-1) if key == "step" else s[key].detach().cpu().contiguous()
-    tmp = os.path.join(cfg.state_dir, "state.tmp")
-    save_file(tensors, tmp)
-    os.replace(tmp, os.path.join(cfg.state_dir, "state.safetensors"))  # atomic: a crash keeps the old one
-    with open(os.path.join(cfg.state_dir, "state.json.tmp"), "w") as f:
-        json.dump({"step": step, "config": asdict(cfg), "log": log}, f, indent=1)
-    os.replace(os.path.join(cfg.state_dir, "state.json.tmp"), os.path.join(cfg.state_dir, "state.json"))
+        tensors[f"opt.{names[p]}.exp_avg"] = s["exp_avg"].detach().cpu().contiguous()
+        tensors[f"opt.{names[p]}.exp_avg_sq"] = s["exp_avg_sq"].detach().cpu().contiguous()
+        tensors[f"opt.{names[p]}.step"] = s["step"].detach().cpu().reshape(1)
+    # The step is stamped in both files too, so even a hand-assembled directory is checked.
+    save_file(tensors, os.path.join(tmp, "state.safetensors"), metadata={"step": str(step)})
+    with open(os.path.join(tmp, "state.json"), "w") as f:
+        json.dump({"step": step, "precision": precision, "config": asdict(cfg), "log": log}, f, indent=1)
+    if os.path.isdir(final):  # re-saving a step (an export run): replace it
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    return final
 
 
-def load_state(cfg: TrainConfig, model, opt) -> tuple[int, list]:
-    """Restore a snapshot from --state-dir if there is one; returns (next step, log)."""
-    from safetensors.torch import load_file
+def latest_snapshot(cfg: TrainConfig) -> str | None:
+    """The newest complete snapshot at or before cfg.steps (temporary directories are ignored)."""
+    if not os.path.isdir(cfg.state_dir):
+        return None
+    steps = [int(m[1]) for name in os.listdir(cfg.state_dir) if (m := SNAPSHOT.fullmatch(name))]
+    steps = [s for s in steps if s <= cfg.steps]
+    return snapshot_dir(cfg, max(steps)) if steps else None
 
-    meta_path = os.path.join(cfg.state_dir, "state.json")
-    if not os.path.isfile(meta_path):
-        return 0, []
-    with open(meta_path) as f:
-        meta = json.load(f)
-    saved = {k: v for k, v in meta["config"].items() if k not in ("steps", "eval_every", "save_every", "threads", "device", "out", "state_dir", "eval_problems")}
-    mine = {k: v for k, v in asdict(cfg).items() if k in saved}
+
+def load_state(cfg: TrainConfig, model, opt) -> tuple[int, list, str | None]:
+    """Restore the newest snapshot in --state-dir; returns (next step, log, saved precision)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    path = latest_snapshot(cfg)
+    if path is None:
+        return 0, [], None
+    remedy = (f"delete {path} to resume from the snapshot before it, or pass another --state-dir "
+              "to start afresh")
+    meta_file, tensor_file = os.path.join(path, "state.json"), os.path.join(path, "state.safetensors")
+    for file in (meta_file, tensor_file):
+        if not os.path.isfile(file):
+            raise ValueError(f"snapshot file {file} is missing; {remedy}")
+    try:
+        with open(meta_file) as f:
+            meta = json.load(f)
+        step, saved_cfg = int(meta["step"]), meta["config"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"snapshot file {meta_file} is unreadable ({err}); {remedy}") from None
+    try:
+        with safe_open(tensor_file, framework="pt") as f:
+            stamped = (f.metadata() or {}).get("step")
+        tensors = load_file(tensor_file)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"snapshot file {tensor_file} is unreadable ({err}); {remedy}") from None
+    if not step == int(SNAPSHOT.fullmatch(os.path.basename(path))[1]) == int(stamped or -1):
+        raise ValueError(f"snapshot {path} is inconsistent: directory, {meta_file} (step {step}) and "
+                         f"{tensor_file} (step {stamped}) disagree; {remedy}")
+    # Every setting that changes the data or the weights must match, or the run would silently drift.
+    saved = {k: v for k, v in saved_cfg.items() if k not in RESUMABLE_CHANGES}
+    mine = {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES}
     if saved != mine:
-        diff = {k: (saved[k], mine[k]) for k in saved if saved[k] != mine[k]}
+        diff = {k: (saved.get(k), mine.get(k)) for k in saved.keys() | mine.keys() if saved.get(k) != mine.get(k)}
         raise ValueError(f"{cfg.state_dir} holds a run with other settings (saved, now): {diff}; "
                          "use another --state-dir or the same settings")
-    tensors = load_file(os.path.join(cfg.state_dir, "state.safetensors"))
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    try:
+        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    except RuntimeError as err:
+        raise ValueError(f"snapshot file {tensor_file} does not fit this model ({err}); {remedy}") from None
     for name, p in model.named_parameters():
         if f"opt.{name}.exp_avg" in tensors:
             opt.state[p] = {"step": tensors[f"opt.{name}.step"].reshape(()).clone(),
                             "exp_avg": tensors[f"opt.{name}.exp_avg"].to(p.device),
                             "exp_avg_sq": tensors[f"opt.{name}.exp_avg_sq"].to(p.device)}
-    return meta["step"], meta["log"]
+    return step, meta["log"], meta.get("precision")
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup: the model, the output check, the precision probe
+# ---------------------------------------------------------------------------------------------
+
+
+def build_model(cfg: TrainConfig, device) -> LLaDAModel:
+    """A fresh model of cfg's shape, with --init's weights when given."""
+    ids = task.special_ids()
+    mcfg = ModelConfig(d_model=cfg.d_model, n_heads=cfg.n_heads, n_layers=cfg.n_layers,
+                       mlp_hidden_size=cfg.mlp_hidden_size, vocab_size=len(task.vocabulary()),
+                       rope_theta=10000.0, max_sequence_length=2048, **ids)
+    model = init_weights(LLaDAModel(mcfg), cfg.seed).to(device)
+    if cfg.init:
+        try:
+            start = load_model(cfg.init, device=device, dtype=torch.float32)
+        except (ValueError, OSError) as err:
+            raise ValueError(f"--init {cfg.init}: cannot load it ({err}); pass --init '' to train from scratch") from None
+        theirs = {k: getattr(start.config, k) for k in ("d_model", "n_heads", "n_layers", "mlp_hidden_size",
+                                                          "vocab_size", *ids)}
+        mine = {k: getattr(mcfg, k) for k in theirs}
+        if theirs != mine:
+            raise ValueError(f"--init {cfg.init} has another shape or other token ids than these settings "
+                             f"(theirs, mine): { {k: (theirs[k], mine[k]) for k in mine if theirs[k] != mine[k]} }")
+        model.load_state_dict(start.state_dict())
+    return model
+
+
+def check_writable(path: str, flag: str) -> None:
+    """Fail now, not after hours of training, if `path` can't be created or written."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".write-test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise ValueError(f"{flag} {path} is not a writable directory ({err.strerror or err}); "
+                         f"pass another {flag}") from None
+
+
+def choose_precision(cfg: TrainConfig, model, opt_free_batch, device, mask_id: int) -> str:
+    """'bf16' or 'fp32': --bf16 on/off as given; 'auto' times two training steps of each (after a
+    warm-up step) on this machine and keeps bf16 only if it is at least 10% faster."""
+    if cfg.bf16 != "auto":
+        return "bf16" if cfg.bf16 == "on" else "fp32"
+    ids, region = opt_free_batch
+
+    def seconds(enabled: bool, give_up_after: float = math.inf) -> float:
+        """Best of two timed forward+backward passes after a warm-up one (the first pays for
+        allocation and kernel selection)."""
+        times = []
+        for i in range(3):
+            start = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled):
+                loss, _ = diffusion_loss(model, ids, region, mask_id, cfg.eps, torch.Generator().manual_seed(i))
+            loss.backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+            if times[-1] > give_up_after:  # already hopeless (emulated bf16 is ~10x slower): stop early
+                break
+        model.zero_grad(set_to_none=True)  # the probe changes no weight and leaves no gradient
+        return min(times[1:] or times)
+
+    fp32 = seconds(False)
+    bf16 = seconds(True, give_up_after=3 * fp32)
+    choice = "bf16" if bf16 < 0.9 * fp32 else "fp32"
+    print(f"precision probe: fp32 {fp32 * 1000:.0f} ms/step, bf16 autocast {bf16 * 1000:.0f} ms/step -> {choice}")
+    return choice
+
+
+def write_checkpoint(cfg: TrainConfig, model, log: list, precision: str) -> None:
+    """The shipped artefact: model + tokenizer + task spec + training curve."""
+    save_model(model, cfg.out)
+    task.build_tokenizer().save_pretrained(cfg.out)
+    task.save_task(cfg.out, cfg.task)
+    with open(os.path.join(cfg.out, "training_log.json"), "w") as f:
+        json.dump({"config": asdict(cfg), "precision": precision, "log": log}, f, indent=1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,47 +417,38 @@ def load_state(cfg: TrainConfig, model, opt) -> tuple[int, list]:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_model(cfg: TrainConfig, device) -> LLaDAModel:
-    ids = task.special_ids()
-    mcfg = ModelConfig(d_model=cfg.d_model, n_heads=cfg.n_heads, n_layers=cfg.n_layers,
-                       mlp_hidden_size=cfg.mlp_hidden_size, vocab_size=len(task.vocabulary()),
-                       rope_theta=10000.0, max_sequence_length=2048, **ids)
-    return init_weights(LLaDAModel(mcfg), cfg.seed).to(device)
-
-
-def write_checkpoint(cfg: TrainConfig, model, log: list) -> None:
-    """The shipped artefact: model + tokenizer + task settings + training curve."""
-    save_model(model, cfg.out)
-    task.build_tokenizer().save_pretrained(cfg.out)
-    task.save_task(cfg.out, **cfg.task)
-    with open(os.path.join(cfg.out, "training_log.json"), "w") as f:
-        json.dump({"config": asdict(cfg), "log": log}, f, indent=1)
-
-
 def train(cfg: TrainConfig) -> LLaDAModel:
     torch.set_num_threads(cfg.threads)
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this torch build or machine has no CUDA device; use --device cpu")
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
+    check_writable(cfg.out, "--out")  # before any step, so a typo costs seconds, not the run
+    check_writable(cfg.state_dir, "--state-dir")
     model = build_model(cfg, device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    start, log = load_state(cfg, model, opt)
+    start, log, precision = load_state(cfg, model, opt)
     if start:
-        print(f"resuming {cfg.state_dir} at step {start}")
-    held_out = task.test_set(cfg.eval_problems, **cfg.task)
-    held_out_prompts = {p.prompt for p in held_out}
+        print(f"resuming {snapshot_dir(cfg, start)} at step {start}")
+    families = task.families_for(cfg.task)
+    held_out = held_out_prompts(cfg)
     mask_id, eos_id = model.config.mask_token_id, model.config.eos_token_id
+    if precision is None:  # a new run decides once; a resumed one keeps its choice (same numerics)
+        precision = choose_precision(cfg, model, make_batch(cfg, 0, held_out, eos_id), device, mask_id)
+    else:
+        print(f"precision: {precision} (kept from the snapshot)")
     elapsed0 = log[-1]["seconds"] if log else 0.0  # training time of earlier sessions
-    t0, ema = time.time(), None
+    t0, ema = time.time(), (log[-1]["loss"] if log else None)
     for step in range(start, cfg.steps):
         model.train()
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
-        ids, region = make_batch(cfg, step, held_out_prompts, eos_id)
+        ids, region = make_batch(cfg, step, held_out, eos_id)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + 7)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss, _ = diffusion_loss(model, ids, region, mask_id, cfg.eps, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -274,25 +457,32 @@ def train(cfg: TrainConfig) -> LLaDAModel:
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         seconds = elapsed0 + time.time() - t0
         done = step + 1
-        # A one-line progress bar: step, loss, speed, time left.
+        # A one-line progress report: step, loss, speed, time left.
         rate = (done - start) / max(1e-9, time.time() - t0)
-        bar = "#" * int(30 * done / cfg.steps)
-        sys.stdout.write(f"\r[{bar:<30}] {done}/{cfg.steps} loss {ema:.4f} lr {lr_at(cfg, step):.2e} "
-                         f"{rate:.2f} it/s, {(cfg.steps - done) / max(rate, 1e-9) / 60:.0f} min left ")
-        sys.stdout.flush()
+        if done % 10 == 0 or done == cfg.steps:
+            print(f"step {done}/{cfg.steps} loss {ema:.4f} lr {lr_at(cfg, step):.2e} {rate:.2f} it/s, "
+                  f"{(cfg.steps - done) / max(rate, 1e-9) / 60:.0f} min left", flush=True)
         entry = {"step": done, "loss": round(ema, 5), "seconds": round(seconds, 1)}
         if done % cfg.eval_every == 0 or done == cfg.steps:
             model.eval()
-            entry["accuracy"] = evaluate(model, held_out)
-            print(f"\nstep {done}: held-out exact match {entry['accuracy']:.3f} ({seconds / 60:.1f} min)")
+            entry["accuracy"] = evaluate_families(model, families, cfg.eval_problems)
+            print(f"step {done}: held-out vanilla accuracy {entry['accuracy']} ({seconds / 60:.1f} min)", flush=True)
         if done % 50 == 0 or "accuracy" in entry:
             log.append(entry)
         if done % cfg.save_every == 0 or done == cfg.steps:
-            save_state(cfg, model, opt, done, log)
+            save_state(cfg, model, opt, done, log, precision)
     model.eval()
-    write_checkpoint(cfg, model, log)
-    print(f"\nwrote {cfg.out}")
+    write_checkpoint(cfg, model, log, precision)
+    print(f"wrote {cfg.out}")
     return model
+
+
+def parse_bf16(text: str) -> str:
+    """--bf16: auto/on/off (1/0, true/false, yes/no also read as on/off); anything else is an error."""
+    value = {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off", "no": "off"}.get(text.lower(), text.lower())
+    if value not in BF16_CHOICES:
+        raise argparse.ArgumentTypeError(f"expected auto, on or off, got {text!r}")
+    return value
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -300,23 +490,37 @@ def parse_args(argv=None) -> TrainConfig:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     help_text = {
         "out": "checkpoint directory to write", "state_dir": "directory for resumable training state",
-        "steps": "optimizer steps", "batch_tokens": "tokens per batch", "lr": "peak learning rate",
+        "init": "checkpoint to start from ('' = random weights)",
+        "steps": "optimizer steps (rerun with the step of a snapshot to export it)",
+        "batch_tokens": "tokens per batch", "lr": "peak learning rate",
         "min_lr": "final learning rate", "warmup": "warmup steps", "weight_decay": "AdamW weight decay",
         "d_model": "model width", "n_layers": "transformer blocks", "n_heads": "attention heads",
         "mlp_hidden_size": "SwiGLU hidden width", "eps": "smallest masking ratio", "seed": "random seed",
-        "eval_every": "evaluate every N steps", "eval_problems": "held-out problems per evaluation",
-        "save_every": "snapshot every N steps", "threads": "CPU threads for torch",
-        "device": "auto, cpu or cuda", "bf16": "bf16 autocast (1 or 0)", "min_operands": "task: shortest chain",
-        "max_operands": "task: longest chain", "max_operand": "task: largest operand",
-        "ops": "task: operators, e.g. '+-' or '+-*'", "style": "task: 'compact' or 'word'",
-        "width": "task: zero-pad numbers to this many digits (0 = natural)",
+        "eval_every": "evaluate every N steps", "eval_problems": "held-out problems per family per evaluation",
+        "save_every": "snapshot every N steps (about 10 MB each, all kept)", "threads": "CPU threads for torch",
+        "device": "auto, cpu or cuda", "bf16": "bf16 autocast: auto (time both), on or off",
+        "mix": "families and shares, e.g. 'short:0.3,long:0.4,pair:0.3'",
+        "max_operand": "chains: largest operand (1..99)", "ops": "chains: operators from '+-*'",
+        "style": "chains: 'compact' or 'word'", "width": "chains: zero-pad numbers to this many digits (0 = natural)",
     }
     for name, value in asdict(defaults).items():
-        kind = (lambda s: s.lower() in ("1", "true", "yes")) if isinstance(value, bool) else type(value)
+        kind = parse_bf16 if name == "bf16" else type(value)
         ap.add_argument("--" + name.replace("_", "-"), type=kind, default=value,
-                        help=f"{help_text[name]} (default: {value})")
-    return TrainConfig(**vars(ap.parse_args(argv)))
+                        help=f"{help_text[name]} (default: {value!r})")
+    args = ap.parse_args(argv)
+    try:
+        return TrainConfig(**vars(args))
+    except ValueError as err:
+        ap.error(str(err))
+
+
+def main(argv=None) -> None:
+    cfg = parse_args(argv)
+    try:
+        train(cfg)
+    except ValueError as err:  # a user's mistake (paths, snapshots, settings): one line, exit 2
+        sys.exit(f"train.py: error: {err}")
 
 
 if __name__ == "__main__":
-    train(parse_args())
+    main()

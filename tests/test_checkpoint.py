@@ -64,7 +64,7 @@ def test_bench_smoke(tmp_path, capsys):
     """bench.py end to end on two problems: every column is filled and the files are written."""
     import bench
 
-    bench.main(["--lengths", "64", "--problems", "2", "--methods", "vanilla", "dual+thr0.9",
+    bench.main(["--model", SHIPPED, "--lengths", "64", "--problems", "2", "--methods", "vanilla", "dual+thr0.9",
                 "--threads", "1", "--out", str(tmp_path)])
     with open(tmp_path / "bench.json") as f:
         rows = json.load(f)["rows"]
@@ -72,5 +72,5 @@ def test_bench_smoke(tmp_path, capsys):
     vanilla, fast = rows
     assert vanilla["speedup"] == 1.0 and vanilla["agreement"] == 1.0 and vanilla["nfe"] == 64
     assert fast["nfe"] < vanilla["nfe"] and fast["max_logit_drift"] is not None
-    assert "| 64 | dual+thr0.9 | 2 |" in capsys.readouterr().out
+    assert "| 64 | dual+thr0.9 | 2 | 100.0% | 100.0% |" in capsys.readouterr().out
     assert (tmp_path / "bench.md").is_file()

@@ -1,5 +1,6 @@
-"""train.py and task.py: the diffusion objective, the data, a smoke training run that resumes exactly."""
+"""train.py: the diffusion objective, the data, crash-safe snapshots that resume exactly, bad settings."""
 
+import json
 import os
 
 import pytest
@@ -9,17 +10,28 @@ import task
 import train
 from model import load_model
 
+EOS = task.special_ids()["eos_token_id"]
+
 
 def tiny_cfg(tmp_path, **over):
-    kw = dict(out=str(tmp_path / "ckpt"), state_dir=str(tmp_path / "state"), steps=12, batch_tokens=512,
-              d_model=32, n_layers=1, n_heads=2, mlp_hidden_size=64, warmup=2, eval_every=12, eval_problems=8,
-              save_every=4, threads=1, device="cpu", bf16=False)
+    kw = dict(out=str(tmp_path / "ckpt"), state_dir=str(tmp_path / "state"), init="", steps=12,
+              batch_tokens=512, d_model=32, n_layers=1, n_heads=2, mlp_hidden_size=64, warmup=2,
+              eval_every=12, eval_problems=4, save_every=4, threads=1, device="cpu", bf16="off")
     kw.update(over)
     return train.TrainConfig(**kw)
 
 
 def batch(cfg, step=0):
-    return train.make_batch(cfg, step, set(), task.special_ids()["eos_token_id"])
+    return train.make_batch(cfg, step, set(), EOS)
+
+
+def prompts_of(ids, region):
+    return [task.decode(row[~r].tolist()) for row, r in zip(ids, region)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The objective
+# ---------------------------------------------------------------------------------------------
 
 
 def test_masking_never_touches_the_prompt(tmp_path):
@@ -69,35 +81,70 @@ def test_one_step_lowers_the_loss(tmp_path):
         assert loss_at() < before
 
 
-def test_batches_are_deterministic_and_exclude_the_test_set(tmp_path):
-    cfg = tiny_cfg(tmp_path)
-    held = {p.prompt for p in task.test_set(50)}
-    eos = task.special_ids()["eos_token_id"]
-    a, _ = train.make_batch(cfg, 3, held, eos)
-    b, _ = train.make_batch(cfg, 3, held, eos)
+# ---------------------------------------------------------------------------------------------
+# The data
+# ---------------------------------------------------------------------------------------------
+
+
+def test_batches_are_deterministic_mix_families_and_fit_every_answer(tmp_path):
+    cfg = tiny_cfg(tmp_path, batch_tokens=2048)
+    a, _ = batch(cfg, 3)
+    b, _ = batch(cfg, 3)
     assert torch.equal(a, b)
+    seen = set()
     for step in range(20):
-        ids, region = train.make_batch(cfg, step, held, eos)
-        for row, r in zip(ids, region):
-            prompt = task.decode(row[~r].tolist())
-            assert prompt not in held
+        ids, region = batch(cfg, step)
+        for prompt, row in zip(prompts_of(ids, region), ids):
+            seen.add("pair" if "?+?" in prompt else "long" if prompt.count("+") + prompt.count("-") >= 3 else "short")
+            assert row[-1] == EOS  # the answer fit its window, with EOS padding after it
+    assert seen == {"short", "long", "pair"}
 
 
-def test_task_answers_are_right():
-    for p in task.test_set(200):
-        assert task.parse_answer(p.answer) == p.answer_value
-        assert all(0 <= r <= 99 for *_, r in p.steps())
-        assert eval(p.prompt[3:-3]) == p.answer_value  # left-to-right +/- is ordinary evaluation
-    assert len({p.prompt for p in task.test_set(200)}) == 200
-    assert task.parse_answer("1+2=3\n#### x") is None and task.parse_answer("no answer") is None
+def test_training_excludes_every_held_out_problem_whatever_eval_problems(tmp_path):
+    """With --eval-problems 4, training still never draws any of the task.HELD_OUT problems per
+    family that bench.py may score on, and the batches don't depend on eval_problems at all."""
+    small, large = tiny_cfg(tmp_path, eval_problems=4), tiny_cfg(tmp_path, eval_problems=task.HELD_OUT)
+    held = train.held_out_prompts(small)
+    assert held == train.held_out_prompts(large)
+    every_scored = {p.prompt for name in ("short", "long") for p in task.FAMILIES[name].test_set(task.HELD_OUT)}
+    assert held == every_scored
+    for step in range(40):
+        ids, region = train.make_batch(small, step, held, EOS)
+        assert not set(prompts_of(ids, region)) & every_scored
+        assert torch.equal(ids, train.make_batch(large, step, held, EOS)[0])
+    with pytest.raises(ValueError, match="eval_problems"):
+        tiny_cfg(tmp_path, eval_problems=task.HELD_OUT + 1)
 
 
-def test_smoke_training_writes_a_loadable_checkpoint_and_resumes_exactly(tmp_path, monkeypatch):
-    """A short run writes a checkpoint that load_model/AutoTokenizer read; a run killed at step 10
-    and resumed (from its step-8 snapshot) ends with the same weights as one run straight through."""
+def test_a_single_family_mix_is_the_plain_task(tmp_path):
+    ids, region = batch(tiny_cfg(tmp_path, mix="short"), 0)
+    assert all(p.startswith("Q: ") and "?+?" not in p and p.count("+") + p.count("-") <= 2
+               for p in prompts_of(ids, region))
+
+
+# ---------------------------------------------------------------------------------------------
+# Snapshots: exact resume, crash between the two writes, corrupt or mismatched state
+# ---------------------------------------------------------------------------------------------
+
+
+def assert_same_weights(a, b):
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """A 12-step run straight through (snapshots at 4, 8, 12), shared by the resume tests."""
+    path = tmp_path_factory.mktemp("straight")
+    return train.train(tiny_cfg(path)), path
+
+
+def test_smoke_training_writes_a_loadable_checkpoint_and_resumes_exactly(tmp_path, monkeypatch, straight):
+    """A run killed at step 10 and resumed (from its step-8 snapshot) ends with the same weights as
+    one run straight through; the checkpoint loads through load_model and AutoTokenizer."""
     from transformers import AutoTokenizer
 
-    straight = train.train(tiny_cfg(tmp_path / "a"))
+    model, path = straight
     real_make_batch = train.make_batch
 
     def dies_at_step_10(cfg, step, *args):
@@ -107,23 +154,145 @@ def test_smoke_training_writes_a_loadable_checkpoint_and_resumes_exactly(tmp_pat
 
     monkeypatch.setattr(train, "make_batch", dies_at_step_10)
     with pytest.raises(KeyboardInterrupt):
-        train.train(tiny_cfg(tmp_path / "b"))
+        train.train(tiny_cfg(tmp_path))
     monkeypatch.setattr(train, "make_batch", real_make_batch)
-    resumed = train.train(tiny_cfg(tmp_path / "b"))  # picks the state up at step 8, runs to 12
-    for (name, p), q in zip(straight.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(p, q), name
-    ckpt = str(tmp_path / "a" / "ckpt")
+    assert sorted(os.listdir(tmp_path / "state")) == ["step-00000004", "step-00000008"]
+    assert_same_weights(model, train.train(tiny_cfg(tmp_path)))  # resumes at 8, runs to 12
+    ckpt = str(path / "ckpt")
     loaded = load_model(ckpt, device="cpu")
     ids = torch.randint(0, 70, (1, 10))
     with torch.no_grad():
-        assert torch.equal(loaded(ids), straight(ids))
+        assert torch.equal(loaded(ids), model(ids))
     tok = AutoTokenizer.from_pretrained(ckpt)
     assert tok.mask_token_id == loaded.config.mask_token_id
-    assert tok.decode(tok("Q: 1+2=?\n").input_ids) == "Q: 1+2=?\n"
-    assert os.path.isfile(os.path.join(ckpt, "training_log.json"))
+    assert tok.decode(tok("Q: ?+?=9\n").input_ids) == "Q: ?+?=9\n"
+    with open(os.path.join(ckpt, "training_log.json")) as f:
+        log = json.load(f)
+    assert log["precision"] == "fp32" and set(log["log"][-1]["accuracy"]) == {"short", "long", "pair"}
+    assert task.families_for(task.load_task(ckpt)) == task.FAMILIES
 
 
-def test_resume_refuses_other_settings(tmp_path):
+def test_a_crash_between_the_two_snapshot_writes_resumes_from_the_previous_one(tmp_path, monkeypatch, straight):
+    """The tensors of step 8 are written, then the process dies before the JSON. The step-8
+    snapshot must not exist; resuming from step 4 ends exactly where the straight run does."""
+    real_dump = json.dump
+
+    def dies_writing_step_8(obj, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("step") == 8:
+            raise KeyboardInterrupt
+        return real_dump(obj, *args, **kwargs)
+
+    monkeypatch.setattr(train.json, "dump", dies_writing_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(tiny_cfg(tmp_path))
+    monkeypatch.setattr(train.json, "dump", real_dump)
+    state = tmp_path / "state"
+    assert sorted(os.listdir(state)) == ["step-00000004", "step-00000008.tmp"]
+    assert (state / "step-00000008.tmp" / "state.safetensors").is_file()  # the torn write
+    assert train.latest_snapshot(tiny_cfg(tmp_path)).endswith("step-00000004")
+    assert_same_weights(straight[0], train.train(tiny_cfg(tmp_path)))
+    assert "step-00000008.tmp" not in os.listdir(state)  # cleaned up when step 8 was saved again
+
+
+def test_snapshot_files_that_disagree_are_refused(tmp_path):
+    """A hand-assembled snapshot: step 8's tensors beside step 4's JSON."""
+    train.train(tiny_cfg(tmp_path, steps=8))
+    state = tmp_path / "state"
+    os.replace(state / "step-00000004" / "state.json", state / "step-00000008" / "state.json")
+    with pytest.raises(ValueError, match="inconsistent"):
+        train.train(tiny_cfg(tmp_path))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete_json", "garble_json"])
+def test_corrupt_or_missing_snapshot_files_name_the_file_and_the_remedy(tmp_path, damage):
     train.train(tiny_cfg(tmp_path, steps=4))
-    with pytest.raises(ValueError, match="other settings"):
-        train.train(tiny_cfg(tmp_path, lr=0.5))
+    snap = tmp_path / "state" / "step-00000004"
+    if damage == "truncate":
+        file = snap / "state.safetensors"
+        file.write_bytes(file.read_bytes()[:1000])
+    elif damage == "delete_json":
+        file = snap / "state.json"
+        file.unlink()
+    else:
+        file = snap / "state.json"
+        file.write_text("{not json")
+    with pytest.raises(ValueError) as err:
+        train.train(tiny_cfg(tmp_path))
+    assert str(file) in str(err.value) and f"delete {snap}" in str(err.value)
+
+
+def test_resume_refuses_settings_that_change_the_data(tmp_path):
+    train.train(tiny_cfg(tmp_path, steps=4))
+    for change in (dict(lr=0.5), dict(mix="short:1,pair:1"), dict(ops="+-*"), dict(max_operand=8),
+                   dict(batch_tokens=256), dict(seed=1), dict(bf16="on")):
+        with pytest.raises(ValueError, match="other settings"):
+            train.train(tiny_cfg(tmp_path, **change))
+
+
+def test_resume_accepts_settings_that_do_not_change_the_weights(tmp_path, monkeypatch, straight):
+    real_save = train.save_state
+
+    def dies_after_step_8(cfg, model, opt, step, *args):
+        real_save(cfg, model, opt, step, *args)
+        if step == 8:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_state", dies_after_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(tiny_cfg(tmp_path))
+    monkeypatch.setattr(train, "save_state", real_save)
+    resumed = train.train(tiny_cfg(tmp_path, eval_problems=2, eval_every=3, save_every=6))
+    assert_same_weights(straight[0], resumed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad settings: clear errors before any training
+# ---------------------------------------------------------------------------------------------
+
+
+def test_unwritable_out_is_found_before_training(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="--out .* not a writable directory"):
+        train.train(tiny_cfg(tmp_path, out=str(tmp_path / "a_file" / "ckpt")))
+    assert not (tmp_path / "state").exists() or not os.listdir(tmp_path / "state")  # no step was run
+    with pytest.raises(SystemExit, match="--out"):
+        train.main(["--out", str(tmp_path / "a_file"), "--state-dir", str(tmp_path / "s"), "--init", "",
+                    "--steps", "1", "--bf16", "off"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--bf16", "maybe"], "--bf16: expected auto, on or off, got 'maybe'"),
+    (["--ops", "/"], "ops must be a non-empty string of operators from"),
+    (["--max-operand", "0"], "max_operand must be in 1..99"),
+    (["--mix", "short:0.5,prose:0.5"], "unknown family 'prose'"),
+    (["--mix", "short:x"], "is not a number"),
+    (["--eval-problems", "0"], "eval_problems must be in"),
+    (["--steps", "0"], "steps must be positive"),
+])
+def test_bad_flags_get_one_clear_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as err:
+        train.parse_args(argv)
+    assert err.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bf16_flag_spellings():
+    assert [train.parse_bf16(s) for s in ("auto", "ON", "1", "true", "off", "0", "no")] == \
+        ["auto", "on", "on", "on", "off", "off", "off"]
+
+
+def test_init_with_another_shape_is_refused(tmp_path, straight):
+    with pytest.raises(ValueError, match="another shape"):
+        train.build_model(tiny_cfg(tmp_path, init=str(straight[1] / "ckpt"), d_model=64), "cpu")
+
+
+def test_precision_probe_decides_and_says_so(tmp_path, capsys):
+    cfg = tiny_cfg(tmp_path, bf16="auto", batch_tokens=256)
+    model = train.build_model(cfg, torch.device("cpu"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    choice = train.choose_precision(cfg, model, batch(cfg), torch.device("cpu"), model.config.mask_token_id)
+    assert choice in ("fp32", "bf16") and f"-> {choice}" in capsys.readouterr().out
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the probe trains nothing
+    assert all(p.grad is None for p in model.parameters())
+    assert train.choose_precision(tiny_cfg(tmp_path, bf16="off"), model, None, None, 0) == "fp32"
+    assert train.choose_precision(tiny_cfg(tmp_path, bf16="on"), model, None, None, 0) == "bf16"
