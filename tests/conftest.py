@@ -59,3 +59,18 @@ def random_model():
             if p.dim() == 2:
                 p.mul_(8.0)
     return model
+
+
+# Device-independent tests take the `device` fixture: they run on the CPU, and on CUDA when torch
+# sees a GPU (marked `cuda`, skipped cleanly otherwise). `pytest -m cuda` runs only the GPU ones.
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: runs on a CUDA device; skipped where torch sees none")
+
+
+@pytest.fixture(scope="session", params=[
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="no CUDA device")]),
+])
+def device(request):
+    return torch.device(request.param)
