@@ -1,0 +1,641 @@
+"""
+Evaluate this project's model with lm-evaluation-harness, on one process or many.
+
+lm-evaluation-harness (EleutherAI, `lm-eval`) owns the benchmarks: it builds the prompts
+(few-shot, chat template), asks a model for generations or log-likelihoods, and scores them.
+This file is the model side only. It registers the project's LLaDA-compatible model with lm-eval
+as `dllm`, decodes with `decode.generate` (so every DecodeConfig setting, Fast-dLLM's caches and
+commit rules included, is a `--model_args` key), and estimates log-likelihoods the way LLaDA's
+own evaluation does (Nie et al., "Large Language Diffusion Models", arXiv 2502.09992, Eq. 6):
+a Monte-Carlo estimate of the masked-diffusion bound. Run as a script it *is* the `lm_eval`
+command, so every lm-eval flag works; under `accelerate launch` or `torchrun` each process takes
+its share of the documents and lm-eval gathers the scores, as LLaDA's evaluation does.
+
+Differences from LLaDA's and Fast-dLLM's `eval_llada.py`: prompts are left-padded *with* an
+attention mask; a task's `max_gen_toks` sets the generation length unless `gen_length` is given;
+the chat template is applied only when lm-eval asks (`--apply_chat_template`), not whenever the
+checkpoint's name contains "instruct"; Monte-Carlo masking ratios are drawn independently per
+sample and seeded per request, so a score does not depend on how requests are split across ranks.
+
+The toy tasks (eval_tasks/) are this project's held-out problems (task.py) as lm-eval task files;
+`python eval_harness.py --write-toy-tasks` rebuilds them.
+
+Usage:
+    python eval_harness.py --tasks toy_arith --limit 50 \\
+        --model_args pretrained=checkpoints/arith,gen_length=32,cache=dual,threshold=0.9
+    accelerate launch eval_harness.py --tasks gsm8k --num_fewshot 5 --model_args pretrained=DIR,...
+
+Shape legend: B batch (requests, or Monte-Carlo samples of one request), P prompt (context),
+N continuation, L = P + N, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+import types
+import typing
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import task
+from decode import DecodeConfig, generate, left_pad
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CHECKPOINT = os.path.join(HERE, "checkpoints", "arith")
+TASK_DIR = os.path.join(HERE, "eval_tasks")
+
+log = logging.getLogger("lm_eval.dllm")  # under lm-eval's logger: its CLI sets the level and format
+
+# ---------------------------------------------------------------------------------------------
+# Settings: the adapter's own, and every DecodeConfig field, all by name in --model_args
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HarnessConfig:
+    """The adapter's settings; every DecodeConfig field is a model_args key as well."""
+
+    pretrained: str = DEFAULT_CHECKPOINT  # checkpoint directory (config.json, *.safetensors, tokenizer)
+    dtype: str | None = None  # 'bfloat16', 'float32', ... (default: the checkpoint's own)
+    device: str | None = None  # default: CUDA when available; under a launcher, the process's device
+    batch_size: int = 1  # generation: requests decoded together; loglikelihood: Monte-Carlo samples per forward
+    mc_num: int = 128  # Monte-Carlo samples per log-likelihood (LLaDA's evaluation uses 128)
+    seed: int = 1234  # seeds the Monte-Carlo masks and temperature > 0 sampling, per request
+    check_greedy: bool = True  # loglikelihood's is_greedy: decode the continuation greedily (one
+    #   token per step) and compare; costs N forwards per request. False answers False, faster.
+    max_batch_size: int | None = None  # accepted for lm-eval's --max_batch_size; unused
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.mc_num < 1:
+            raise ValueError(f"mc_num must be >= 1, got {self.mc_num}")
+
+
+def _settings() -> dict[str, tuple[type, typing.Any]]:
+    """name -> (owning dataclass, resolved type hint) for every valid model_args key."""
+    out = {}
+    for cls in (HarnessConfig, DecodeConfig):
+        hints = typing.get_type_hints(cls)  # the annotations are strings; resolve them
+        for f in dataclasses.fields(cls):
+            if f.name in out:
+                raise RuntimeError(f"setting {f.name!r} is in both HarnessConfig and DecodeConfig")
+            out[f.name] = (cls, hints[f.name])
+    return out
+
+
+def _coerce(name: str, value, hint):
+    """`value` (a string, or what lm-eval already parsed it into) as the field's type."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() == "none"):
+        if optional:
+            return None
+        raise ValueError(f"model_args {name}: None is not allowed (expected {base.__name__})")
+    text = str(value).strip()
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+    elif base is int and not isinstance(value, bool):
+        try:
+            number = float(text)
+            if number.is_integer():
+                return int(number)
+        except ValueError:
+            pass
+    elif base is float and not isinstance(value, bool):
+        try:
+            return float(text)
+        except ValueError:
+            pass
+    elif base is str:
+        return text
+    else:
+        return value
+    raise ValueError(f"model_args {name}={value!r}: expected {base.__name__}")
+
+
+def parse_model_args(model_args: dict) -> tuple[HarnessConfig, dict]:
+    """Split and type-check model_args: (HarnessConfig, DecodeConfig keyword arguments).
+
+    Keys are read from the two dataclasses' fields, so a field added to DecodeConfig later is a
+    valid key with no change here. lm-eval passes None for flags the user didn't set; those are
+    dropped so the defaults apply. When `gen_length` is given without `block_length` or `steps`,
+    those follow it (one block, one token per step), as DecodeConfig's defaults do.
+    """
+    valid = _settings()
+    given = {k: v for k, v in model_args.items() if v is not None}
+    unknown = sorted(set(given) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown model_args {unknown}; valid keys: {', '.join(sorted(valid))}")
+    if str(given.get("batch_size", "1")).startswith("auto"):
+        raise ValueError("batch_size 'auto' is not supported by dllm; give a number")
+    typed = {k: _coerce(k, v, valid[k][1]) for k, v in given.items()}
+    harness = HarnessConfig(**{k: v for k, v in typed.items() if valid[k][0] is HarnessConfig})
+    decode_kwargs = {k: v for k, v in typed.items() if valid[k][0] is DecodeConfig}
+    if "gen_length" in decode_kwargs:
+        decode_kwargs.setdefault("block_length", decode_kwargs["gen_length"])
+        decode_kwargs.setdefault("steps", decode_kwargs["gen_length"])
+    return harness, decode_kwargs
+
+
+def fit_to_max_gen_toks(config: DecodeConfig, max_gen_toks: int) -> DecodeConfig:
+    """The config with gen_length = max_gen_toks rounded up to whole blocks.
+
+    The block length stays; `steps` keeps its steps per block, so steps per token is unchanged
+    (e.g. 256/32/256 and max_gen_toks=100 -> gen_length 128, 4 blocks, 128 steps).
+    """
+    if max_gen_toks < 1:
+        raise ValueError(f"max_gen_toks must be >= 1, got {max_gen_toks}")
+    blocks = math.ceil(max_gen_toks / config.block_length)
+    return dataclasses.replace(config, gen_length=blocks * config.block_length,
+                               steps=blocks * config.steps_per_block)
+
+
+def cut_at_stop(text: str, until: list[str]) -> str:
+    """The response up to the first occurrence of any stop string (earliest position wins)."""
+    cut = len(text)
+    for stop in until:
+        if stop:
+            at = text.find(stop)
+            if at != -1:
+                cut = min(cut, at)
+    return text[:cut]
+
+
+def request_seed(seed: int, *parts) -> int:
+    """A per-request seed from the run's seed and the request's content (stable across ranks and runs)."""
+    return (seed * 1_000_003 + zlib.crc32(json.dumps(parts).encode())) % (2 ** 63)
+
+
+# ---------------------------------------------------------------------------------------------
+# The likelihood: LLaDA's Monte-Carlo estimate of the masked-diffusion bound
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def mc_loglikelihood(model, context: list[int], continuation: list[int], mask_id: int, mc_num: int,
+                     batch_size: int, generator: torch.Generator, cfg_scale: float = 0.0) -> float:
+    """Estimate log p(continuation | context) from below, as LLaDA's evaluation does.
+
+    The masked-diffusion bound: draw a masking level t, hide each continuation token with
+    probability t, and score the hidden ones; -E_t[(1/t) * sum CE(masked)] <= log p. LLaDA
+    evaluates the lower-variance equivalent with a masked *count*: draw k uniformly from 1..N,
+    mask exactly k of the N continuation positions at random, and weight the summed cross-entropy
+    by N / k. The context is never masked. The estimate averages `mc_num` such samples, run
+    `batch_size` at a time; `generator` (CPU) makes it reproducible.
+    """
+    device = model.device
+    P, N = len(context), len(continuation)
+    seq = torch.tensor(context + continuation, dtype=torch.long)  # (L,)
+    target = seq[P:].to(device)  # (N,)
+    total = 0.0
+    for start in range(0, mc_num, batch_size):
+        B = min(batch_size, mc_num - start)
+        # 1) How many continuation tokens each sample hides: k ~ U{1..N}.
+        k = torch.randint(1, N + 1, (B,), generator=generator)  # (B,)
+        # 2) Which ones: the k positions with the smallest uniform keys (a random k-subset).
+        keys = torch.rand(B, N, generator=generator)  # (B, N)
+        hidden = keys.argsort(dim=1).argsort(dim=1) < k[:, None]  # (B, N) rank < k
+        x = seq.repeat(B, 1)  # (B, L)
+        x[:, P:] = x[:, P:].masked_fill(hidden, mask_id)
+        x, hidden, k = x.to(device), hidden.to(device), k.to(device)
+        # 3) One bidirectional forward; the LM head runs on the continuation only.
+        if cfg_scale > 0:
+            # Classifier-free guidance, as LLaDA's evaluation applies it: an unconditional copy
+            # (context masked) rides in the same forward.
+            uncond = x.clone()
+            uncond[:, :P] = mask_id
+            cond_logits, uncond_logits = model(torch.cat([x, uncond]), logits_range=(P, P + N)).chunk(2)
+            logits = uncond_logits + (cfg_scale + 1) * (cond_logits - uncond_logits)  # (B, N, V)
+        else:
+            logits = model(x, logits_range=(P, P + N))  # (B, N, V)
+        # 4) Cross-entropy of the hidden tokens, summed per sample and weighted by N / k.
+        ce = F.cross_entropy(logits.float().flatten(0, 1), target.repeat(B), reduction="none").view(B, N)  # (B, N)
+        total += float(((ce * hidden).sum(dim=1) * N / k).sum())
+    return -total / mc_num
+
+
+# ---------------------------------------------------------------------------------------------
+# The lm-eval model
+# ---------------------------------------------------------------------------------------------
+
+try:
+    import lm_eval.models  # noqa: F401  (registers lm-eval's own models lazily, so --model hf still works)
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+except ImportError as err:  # the optional install is missing: say how to get it
+    raise ImportError("eval_harness.py needs lm-eval and accelerate: pip install -r requirements-eval.txt") from err
+
+
+@register_model("dllm")
+class DiffusionLM(LM):
+    """This project's masked-diffusion model behind lm-eval's three request types."""
+
+    def __init__(self, **model_args):
+        super().__init__()
+        from accelerate import Accelerator
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        from model import load_model
+
+        self.config, decode_kwargs = parse_model_args(model_args)
+        cfg = self.config
+        # 1) Data parallelism. Accelerator() reads what `accelerate launch` / `torchrun` set and
+        #    joins the process group (NCCL on GPUs; gloo on CPUs, which accelerate only picks
+        #    when told the run is on CPU). One process: rank 0 of 1, nothing to join.
+        if cfg.device and cfg.device.startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's --device defaults to 'cuda'; on a machine without one, run on the CPU.
+            log.warning("device=%s: CUDA is not available, using the CPU", cfg.device)
+            cfg.device = "cpu"
+        on_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+        accelerator = Accelerator(cpu=on_cpu)
+        self.accelerator = accelerator if accelerator.num_processes > 1 else None
+        if self.accelerator is not None:
+            self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
+            device = accelerator.device  # one device per process
+            if cfg.device not in (None, "cpu", str(device)):
+                log.warning("device=%s ignored: under a launcher each process uses %s", cfg.device, device)
+        else:
+            device = cfg.device
+        # 2) The model and its tokenizer.
+        if not os.path.isdir(cfg.pretrained):
+            raise ValueError(f"pretrained={cfg.pretrained!r} is not a checkpoint directory")
+        self.model = load_model(cfg.pretrained, device=device, dtype=cfg.dtype)
+        self._device = self.model.device
+        hf_logging.set_verbosity_error()  # AutoTokenizer warns that it doesn't know model_type 'llada'
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.pretrained)
+        # 3) Decoding settings. LLaDA's config.json has no end-of-turn id; its tokenizer knows '<|eot_id|>'.
+        mcfg = self.model.config
+        eot_id = mcfg.eot_token_id
+        if eot_id is None and "<|eot_id|>" in self.tokenizer.get_vocab():
+            eot_id = self.tokenizer.convert_tokens_to_ids("<|eot_id|>")
+        decode_kwargs.setdefault("eot_id", eot_id)
+        self.explicit_gen_length = "gen_length" in decode_kwargs
+        try:
+            self.decode_config = DecodeConfig.for_model(mcfg, **decode_kwargs)
+        except ValueError as err:
+            raise ValueError(f"bad decoding model_args: {err}") from None
+        # A response ends at the first EOS or EOT token: what follows is padding.
+        self.stop_ids = {i for i in (self.decode_config.eos_id, self.decode_config.eot_id) if i is not None}
+        self.pad_id = mcfg.pad_token_id if mcfg.pad_token_id is not None else mcfg.eos_token_id
+        self._ignored_warned = False
+
+    # -- What lm-eval's evaluator needs for data parallelism -----------------------------------
+
+    @property
+    def device(self):
+        return self._device
+
+    def all_gather(self, tensor):
+        return tensor if self.accelerator is None else self.accelerator.gather(tensor)
+
+    def gather_object(self, obj, dst=0):
+        if self.accelerator is None:
+            return [obj]
+        result = [None] * self.world_size if self.rank == dst else None
+        torch.distributed.gather_object(obj, result, dst=dst)
+        return result
+
+    def barrier(self):
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+
+    def get_model_info(self) -> dict:
+        """Recorded in lm-eval's results['config'], so a score says how it was decoded."""
+        return {"pretrained": self.config.pretrained, "dtype": str(self.model.dtype),
+                "decode_config": dataclasses.asdict(self.decode_config),
+                "gen_length_from": "model_args" if self.explicit_gen_length else
+                "the task's max_gen_toks, rounded up to whole blocks (steps per block kept)",
+                "mc_num": self.config.mc_num, "seed": self.config.seed}
+
+    # -- Chat template --------------------------------------------------------------------------
+
+    @property
+    def tokenizer_name(self) -> str:
+        return os.path.abspath(self.config.pretrained).replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return self.tokenizer.chat_template if chat_template else None
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The chat as one prompt string, with the checkpoint's own template (lm-eval calls this
+        under --apply_chat_template). A checkpoint without one (the toy ones) is an error rather
+        than a silent pass-through, so a score never mixes up the two prompt formats."""
+        if not self.tokenizer.chat_template:
+            raise ValueError(f"--apply_chat_template: the tokenizer in {self.config.pretrained} has no chat "
+                             "template; run without --apply_chat_template")
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt,
+                                                  continue_final_message=not add_generation_prompt)
+
+    # -- Tokenization ---------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`. The tokenizer's special tokens (LLaDA's BOS) are added unless the
+        text already starts with BOS, as a chat-templated prompt does."""
+        bos = self.tokenizer.bos_token
+        return self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos))).input_ids
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """(context ids, continuation ids) that together are the tokens of context + continuation.
+
+        When the context's own tokens are a prefix of the whole text's, the split is there (always
+        so for the character tokenizer). Otherwise a merge crosses the boundary, and the context's
+        trailing whitespace moves to the continuation, as lm-eval's models do. Only then: a
+        trained model never has its prompt masked, so scoring a prompt's final newline as part of
+        the continuation costs the toy model ~17 nats on a right answer.
+        """
+        whole, ctx = self.encode(context + continuation), self.encode(context)
+        if whole[:len(ctx)] != ctx:
+            spaces = len(context) - len(context.rstrip())
+            if spaces:
+                context, continuation = context[:-spaces], context[-spaces:] + continuation
+            ctx = self.encode(context)
+        return ctx, whole[len(ctx):]
+
+    def response_text(self, ids: list[int]) -> str:
+        """Generated ids -> text: up to the first EOS/EOT, special tokens (masks) dropped."""
+        end = next((i for i, t in enumerate(ids) if t in self.stop_ids), len(ids))
+        return self.tokenizer.decode(ids[:end], skip_special_tokens=True)
+
+    # -- generate_until -------------------------------------------------------------------------
+
+    def config_for(self, gen_kwargs: dict) -> DecodeConfig:
+        """The decoding settings of one request: the model_args', with gen_length set by the
+        task's max_gen_toks (rounded up to whole blocks) unless gen_length was given."""
+        ignored = sorted(k for k in gen_kwargs if k not in ("until", "max_gen_toks", "do_sample", "temperature"))
+        sampled = gen_kwargs.get("do_sample") or (gen_kwargs.get("temperature") or 0) > 0
+        if (ignored or sampled) and not self._ignored_warned:
+            log.warning("dllm decodes with its model_args; the task's generation settings %s are not used",
+                        {k: gen_kwargs[k] for k in ignored + (["temperature"] if sampled else [])})
+            self._ignored_warned = True
+        max_gen_toks = gen_kwargs.get("max_gen_toks")
+        if max_gen_toks is None or self.explicit_gen_length:
+            return self.decode_config
+        return fit_to_max_gen_toks(self.decode_config, int(max_gen_toks))
+
+    def generate_until(self, requests) -> list[str]:
+        """Decode every request with decode.generate; cut each response at its first stop string.
+
+        Consecutive requests with the same settings are batched (left padding plus an attention
+        mask); a prompt longer than the model allows keeps its last tokens.
+        """
+        from tqdm import tqdm
+
+        prepared = []  # (prompt ids, stop strings, DecodeConfig) per request, in request order
+        for req in requests:
+            context, gen_kwargs = req.args
+            cfg = self.config_for(gen_kwargs)
+            ids = self.encode(context)
+            room = self.model.config.max_sequence_length - cfg.gen_length
+            if len(ids) > room:
+                log.warning("prompt of %d tokens cut to its last %d (max_sequence_length %d - gen_length %d)",
+                            len(ids), room, self.model.config.max_sequence_length, cfg.gen_length)
+                ids = ids[-room:]
+            until = gen_kwargs.get("until") or []
+            prepared.append((ids, [until] if isinstance(until, str) else list(until), cfg))
+
+        # Batches: runs of consecutive requests that share settings, at most batch_size long.
+        batches, start = [], 0
+        while start < len(prepared):
+            end = start + 1
+            while end < len(prepared) and end - start < self.config.batch_size and prepared[end][2] == prepared[start][2]:
+                end += 1
+            batches.append((start, end))
+            start = end
+
+        responses, nfe, seconds = [], 0, 0.0
+        for start, end in tqdm(batches, desc="dllm generate_until", disable=self.rank != 0):
+            prompts = [p[0] for p in prepared[start:end]]
+            cfg = prepared[start][2]
+            ids, mask = left_pad(prompts, self.pad_id)  # (B, P) each
+            # Rows of one length need no mask: the unmasked forward is then the same as bench.py's.
+            mask = None if all(len(p) == len(prompts[0]) for p in prompts) else mask.to(self.device)
+            generator = torch.Generator(device=self.device).manual_seed(request_seed(self.config.seed, prompts[0]))
+            t0 = time.perf_counter()
+            out = generate(self.model, ids.to(self.device), cfg, generator=generator, attention_mask=mask)
+            seconds += time.perf_counter() - t0
+            nfe += out.nfe * (end - start)
+            for row, (req, (_, until, _)) in zip(out.generated.tolist(), zip(requests[start:end], prepared[start:end])):
+                text = cut_at_stop(self.response_text(row), until)
+                responses.append(text)
+                self.cache_hook.add_partial("generate_until", req.args, text)
+        if requests:
+            log.info("rank %d: %d generations, %.1f NFE each, %.1f s", self.rank, len(requests), nfe / len(requests), seconds)
+        return responses
+
+    # -- loglikelihood ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def is_greedy(self, context: list[int], continuation: list[int]) -> bool:
+        """Would greedy decoding produce the continuation? LLaDA's check: mask all N positions,
+        commit the single most confident argmax per step; here that is decode.generate with one
+        block of N tokens, N steps, temperature 0."""
+        N = len(continuation)
+        # Fresh (vanilla) settings, whatever method the model_args select for generation.
+        cfg = DecodeConfig.for_model(self.model.config, gen_length=N, block_length=N, steps=N,
+                                     cfg_scale=self.decode_config.cfg_scale, eot_id=self.decode_config.eot_id)
+        out = generate(self.model, torch.tensor([context], device=self.device), cfg)
+        return out.generated[0].tolist() == continuation
+
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        from tqdm import tqdm
+
+        cfg, mcfg = self.config, self.model.config
+        results = []
+        for req in tqdm(requests, desc="dllm loglikelihood", disable=self.rank != 0):
+            context, continuation = self.encode_pair(*req.args)
+            if not continuation:
+                raise ValueError(f"empty continuation for context {req.args[0][-80:]!r}")
+            if len(context) + len(continuation) > mcfg.max_sequence_length:
+                context = context[len(context) + len(continuation) - mcfg.max_sequence_length:]
+            # Seeded by the request itself: the same request gets the same estimate on any rank.
+            generator = torch.Generator().manual_seed(request_seed(cfg.seed, context, continuation))
+            ll = mc_loglikelihood(self.model, context, continuation, self.decode_config.mask_id, cfg.mc_num,
+                                  cfg.batch_size, generator, self.decode_config.cfg_scale)
+            greedy = cfg.check_greedy and bool(context) and self.is_greedy(context, continuation)
+            results.append((ll, greedy))
+            self.cache_hook.add_partial("loglikelihood", req.args, (ll, greedy))
+        return results
+
+    def loglikelihood_rolling(self, requests):
+        raise NotImplementedError(
+            "dllm does not support loglikelihood_rolling (perplexity tasks such as wikitext): a masked-"
+            "diffusion model gives no left-to-right token probabilities, and LLaDA's evaluation has no "
+            "rolling estimate. Use generation or multiple-choice tasks.")
+
+
+# ---------------------------------------------------------------------------------------------
+# The toy tasks: task.py's held-out problems as lm-eval task files
+# ---------------------------------------------------------------------------------------------
+
+TOY_PROBLEMS = 200  # problems per family in the task files (task.HELD_OUT; --limit takes a prefix)
+
+GENERATE_YAML = """\
+# Written by `python eval_harness.py --write-toy-tasks` from {checkpoint}'s task spec: the first
+# held-out '{family}' problems of task.py, scored by task.py's own scorer for the family.
+task: toy_{family}
+tag: toy
+custom_dataset: !function utils.load_jsonl
+dataset_kwargs:
+  data_file: toy_{family}.jsonl
+output_type: generate_until
+test_split: test
+doc_to_text: !function utils.doc_to_text
+doc_to_target: answer
+process_results: !function utils.process_results
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+generation_kwargs:
+  until: []
+  max_gen_toks: {gen_length}
+metadata:
+  version: 1.0
+"""
+
+MC_YAML = """\
+# Written by `python eval_harness.py --write-toy-tasks` from {checkpoint}'s task spec: the
+# '{family}' problems as multiple choice, the worked answer against chains whose last result is
+# off by 1 or 2 (scored by log-likelihood).
+task: toy_{family}_mc
+tag: toy_mc
+custom_dataset: !function utils.load_jsonl
+dataset_kwargs:
+  data_file: toy_{family}_mc.jsonl
+output_type: multiple_choice
+test_split: test
+doc_to_text: !function utils.doc_to_text
+doc_to_choice: choices
+doc_to_target: gold
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+
+
+def distractors(family, problem, count: int = 3) -> list[str]:
+    """Wrong worked answers for a chain: the same lines with the last result (and the #### line)
+    off by 1 or 2, kept in [0, 99]. Every line but the last is right, so telling them apart takes
+    the last step's arithmetic."""
+    lines = problem.answer.split("\n")  # steps ..., '#### v'
+    wrong = [v for v in (problem.value + 1, problem.value - 1, problem.value + 2, problem.value - 2) if 0 <= v <= 99]
+    out = []
+    for v in wrong[:count]:
+        last = lines[-2][:lines[-2].rindex("=") + 1] + family.num(v)
+        out.append("\n".join(lines[:-2] + [last, f"#### {family.num(v)}"]))
+    return out
+
+
+def write_toy_tasks(out_dir: str = TASK_DIR, checkpoint: str = DEFAULT_CHECKPOINT, n: int = TOY_PROBLEMS) -> list[str]:
+    """Write the toy task files for every family of the checkpoint's task spec; returns their paths.
+
+    Per family: toy_<family>.yaml/.jsonl (generation, the family's own window as max_gen_toks);
+    for chain families also toy_<family>_mc.yaml/.jsonl (multiple choice). toy_spec.json keeps
+    the spec, so eval_tasks/utils.py scores with the same families.
+    """
+    spec = task.load_task(checkpoint)
+    name = os.path.relpath(checkpoint, HERE) if os.path.abspath(checkpoint).startswith(HERE) else checkpoint
+    written = []
+
+    def write(file, text):
+        with open(os.path.join(out_dir, file), "w") as f:
+            f.write(text)
+        written.append(os.path.join(out_dir, file))
+
+    def jsonl(rows):
+        return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+
+    write("toy_spec.json", json.dumps(spec, indent=2, sort_keys=True) + "\n")
+    for family, fam in task.families_for(spec).items():
+        problems = fam.test_set(n)  # pair has only 13 distinct problems
+        write(f"toy_{family}.jsonl", jsonl(dataclasses.asdict(p) for p in problems))
+        write(f"toy_{family}.yaml", GENERATE_YAML.format(family=family, checkpoint=name, gen_length=fam.gen_length))
+        if not isinstance(fam, task.Chain):
+            continue  # pair has several right answers: no single multiple-choice key
+        rows = []
+        for i, p in enumerate(problems):
+            choices = [p.answer] + distractors(fam, p)
+            random.Random(i).shuffle(choices)  # the right answer's position varies, reproducibly
+            rows.append(dict(dataclasses.asdict(p), choices=choices, gold=choices.index(p.answer)))
+        write(f"toy_{family}_mc.jsonl", jsonl(rows))
+        write(f"toy_{family}_mc.yaml", MC_YAML.format(family=family, checkpoint=name))
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# main: lm-eval's own command line, with dllm registered
+# ---------------------------------------------------------------------------------------------
+
+
+def with_defaults(argv: list[str]) -> list[str]:
+    """lm-eval's arguments, plus `--model dllm` and `--include_path eval_tasks` when not given."""
+    argv = list(argv)
+    subcommands = ("run", "ls", "validate")
+    if argv and argv[0] in subcommands[1:] or any(a in ("-h", "--help") for a in argv[:1]):
+        return argv
+    flags = {a.split("=", 1)[0] for a in argv}
+    if "--model" not in flags and "-M" not in flags:
+        argv += ["--model", "dllm"]
+    if "--include_path" not in flags:
+        argv += ["--include_path", TASK_DIR]
+    return argv
+
+
+def close_process_group() -> None:
+    """Leave the launcher's process group cleanly (torch warns at exit otherwise)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # no rank leaves while another still gathers
+        torch.distributed.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--write-toy-tasks":
+        import argparse
+
+        ap = argparse.ArgumentParser(prog="eval_harness.py --write-toy-tasks",
+                                     description="Write the toy lm-eval task files from task.py's held-out problems.")
+        ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint whose task.json fixes the task")
+        ap.add_argument("--problems", type=int, default=TOY_PROBLEMS, help="problems per family")
+        ap.add_argument("--out", default=TASK_DIR, help="where the task files go")
+        args = ap.parse_args(argv[1:])
+        for path in write_toy_tasks(args.out, args.checkpoint, args.problems):
+            print(path)
+        return
+
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv = [sys.argv[0]] + with_defaults(argv)
+    try:
+        cli_evaluate()
+    except (ValueError, NotImplementedError) as err:
+        sys.exit(f"eval_harness.py: error: {err}")
+    finally:
+        close_process_group()
+
+
+if __name__ == "__main__":
+    main()

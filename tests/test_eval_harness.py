@@ -1,0 +1,229 @@
+"""eval_harness.py: the lm-eval adapter gives bench.py's scores, alone or data-parallel, offline.
+
+The equivalences: lm-eval + dllm on a toy task == decode.generate + task.py's scorer on the same
+problems (bench.py's own decoding loop), per response; two torchrun CPU processes == one process;
+the Monte-Carlo log-likelihood picks the right worked answer and tightens with more samples.
+Everything runs on the CPU from local files (the Hub is switched off).
+"""
+
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("lm_eval", reason="lm-eval is not installed: pip install -r requirements-eval.txt")
+pytest.importorskip("accelerate", reason="accelerate is not installed: pip install -r requirements-eval.txt")
+
+import torch  # noqa: E402
+from conftest import ROOT, SHIPPED  # noqa: E402
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import bench  # noqa: E402
+import eval_harness as eh  # noqa: E402
+import task  # noqa: E402
+from decode import DecodeConfig, generate  # noqa: E402
+from model import load_model  # noqa: E402
+
+os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")  # everything must come from disk
+
+LIMIT = 24
+# A lossy setting (4 tokens committed per step, DualCache): it gets some problems wrong, so
+# agreeing with bench.py on every response is a real check, not 100% == 100%.
+DECODE = dict(gen_length=32, block_length=32, steps=8, cache="dual")
+MODEL_ARGS = dict(pretrained=SHIPPED, **DECODE)
+
+
+def evaluate(tasks, limit, **model_args):
+    """lm-eval's simple_evaluate with dllm, indexing only our task files (fast)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    return simple_evaluate(model="dllm", model_args=model_args, tasks=tasks, limit=limit, log_samples=True,
+                           task_manager=TaskManager(include_path=eh.TASK_DIR, include_defaults=False))
+
+
+def bench_responses(problems, batch_size):
+    """bench.py's decoding loop on the problems: response texts cut at EOS, as bench scores them."""
+    model = load_model(SHIPPED, device="cpu")
+    cfg = DecodeConfig.for_model(model.config, **DECODE)
+    outputs, *_ = bench.decode_all(model, problems, cfg, batch_size)
+    return [task.decode(o) for o in outputs]
+
+
+def short_family():
+    return task.families_for(task.load_task(SHIPPED))["short"]
+
+
+@pytest.fixture(scope="module")
+def single_run():
+    return evaluate(["toy_short"], LIMIT, **MODEL_ARGS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation: the harness's score is bench.py's
+# ---------------------------------------------------------------------------------------------
+
+
+def test_toy_task_score_equals_bench(single_run):
+    fam = short_family()
+    problems = fam.test_set(LIMIT)
+    expected = bench_responses(problems, batch_size=1)
+    samples = sorted(single_run["samples"]["toy_short"], key=lambda s: s["doc_id"])
+    # The same problems, in order, and the same response text for every one of them.
+    assert [s["doc"]["prompt"] for s in samples] == [p.prompt for p in problems]
+    assert [s["resps"][0][0] for s in samples] == expected
+    bench_score = sum(fam.score(p, r) for p, r in zip(problems, expected)) / LIMIT
+    assert 0 < bench_score < 1, "the setting should get some problems wrong, or the check is weak"
+    assert single_run["results"]["toy_short"]["exact_match,none"] == pytest.approx(bench_score)
+
+
+def test_batched_generation_equals_bench_batches():
+    """batch_size 4: left padding with an attention mask, the same batches bench.py forms."""
+    from lm_eval.api.instance import Instance
+
+    problems = short_family().test_set(8)
+    assert len({len(p.prompt) for p in problems[:4]}) > 1, "the first batch should need padding"
+    lm = eh.DiffusionLM(**MODEL_ARGS, batch_size=4)
+    requests = [Instance("generate_until", {}, (p.prompt, {"until": [], "max_gen_toks": 32}), i)
+                for i, p in enumerate(problems)]
+    assert lm.generate_until(requests) == bench_responses(problems, batch_size=4)
+
+
+# Run under torchrun: what `python eval_harness.py --tasks toy_short ...` runs, minus the CLI's
+# index of lm-eval's ~200 built-in task folders (30+ s per process on a busy 2-core machine).
+DRIVER = """
+import json, os, sys
+sys.path[:0] = [os.getcwd(), os.path.join(os.getcwd(), "tests")]
+import eval_harness, test_eval_harness as t
+res = t.evaluate(["toy_short"], int(sys.argv[1]), **t.MODEL_ARGS)
+if res is not None:  # rank 0 alone gets the gathered results
+    json.dump({"score": res["results"]["toy_short"]["exact_match,none"],
+               "docs": sorted(s["doc_id"] for s in res["samples"]["toy_short"])}, open(sys.argv[2], "w"))
+eval_harness.close_process_group()
+"""
+
+
+def test_two_processes_score_as_one(single_run, tmp_path):
+    """torchrun, 2 CPU processes (gloo): each takes half of the documents, lm-eval gathers them."""
+    n, out, driver = 12, tmp_path / "rank0.json", tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(driver), str(n), str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "destroy_process_group" not in proc.stderr  # torch warns when a group is left open
+    result = json.loads(out.read_text())
+    assert result["docs"] == list(range(n))  # both ranks' halves, gathered on rank 0
+    one = [s["exact_match"] for s in single_run["samples"]["toy_short"] if s["doc_id"] < n]
+    assert result["score"] == pytest.approx(sum(one) / n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-likelihood: LLaDA's Monte-Carlo estimate
+# ---------------------------------------------------------------------------------------------
+
+
+def test_multiple_choice_ranks_the_right_answer_first():
+    res = evaluate(["toy_short_mc"], 16, pretrained=SHIPPED, mc_num=16, batch_size=16, check_greedy=False)
+    assert res["results"]["toy_short_mc"]["acc,none"] >= 0.75
+
+
+def test_estimate_tightens_with_more_samples():
+    model = load_model(SHIPPED, device="cpu")
+    p = short_family().test_set(2)[1]
+    context, continuation = task.encode(p.prompt), task.encode(p.answer)
+
+    def spread(mc_num):
+        estimates = [eh.mc_loglikelihood(model, context, continuation, model.config.mask_token_id, mc_num, 64,
+                                         torch.Generator().manual_seed(seed)) for seed in range(8)]
+        return statistics.pstdev(estimates), estimates
+
+    small, large = spread(2), spread(64)
+    assert large[0] < 0.5 * small[0]  # 32x the samples: ~1/5.7 of the spread in expectation
+    assert all(e <= 0 for e in large[1])  # a bound on a log-probability
+    # Seeded: the same generator seed gives the same estimate.
+    again = eh.mc_loglikelihood(model, context, continuation, model.config.mask_token_id, 64, 64,
+                                torch.Generator().manual_seed(0))
+    assert again == large[1][0]
+
+
+def test_greedy_check_and_rolling_error():
+    """is_greedy is LLaDA's check: mask the N continuation tokens and unmask one argmax per step."""
+    from lm_eval.api.instance import Instance
+
+    lm = eh.DiffusionLM(pretrained=SHIPPED, mc_num=4, batch_size=4)
+    p = short_family().test_set(1)[0]
+    N = len(task.encode(p.answer))
+    cfg = DecodeConfig.for_model(lm.model.config, gen_length=N, block_length=N, steps=N)
+    greedy_text = task.decode(generate(lm.model, torch.tensor([task.encode(p.prompt)]), cfg).generated[0].tolist())
+    wrong = greedy_text[:-1] + ("1" if greedy_text[-1] != "1" else "2")
+    results = lm.loglikelihood([Instance("loglikelihood", {}, (p.prompt, c), i) for i, c in enumerate((greedy_text, wrong))])
+    assert [greedy for _, greedy in results] == [True, False]
+    assert all(ll < 0 for ll, _ in results)
+    with pytest.raises(NotImplementedError, match="loglikelihood_rolling"):
+        lm.loglikelihood_rolling([])
+
+
+# ---------------------------------------------------------------------------------------------
+# model_args, max_gen_toks, stop strings, chat template, task files
+# ---------------------------------------------------------------------------------------------
+
+
+def test_every_decode_config_field_is_a_model_arg():
+    """Read from the dataclass: a field added to DecodeConfig later needs no change here."""
+    defaults = DecodeConfig()
+    for f in dataclasses.fields(DecodeConfig):
+        value = getattr(defaults, f.name)
+        if value is None:
+            continue
+        _, kwargs = eh.parse_model_args({f.name: str(value)})  # as typed on the command line
+        assert kwargs[f.name] == value and type(kwargs[f.name]) is type(value), f.name
+    harness, kwargs = eh.parse_model_args({"threshold": "0.9", "cache": "dual", "gen_length": 256, "mc_num": "8",
+                                           "factor": "None", "check_greedy": "false"})
+    assert kwargs == dict(threshold=0.9, cache="dual", gen_length=256, block_length=256, steps=256, factor=None)
+    assert harness.mc_num == 8 and harness.check_greedy is False
+
+
+def test_bad_model_args_are_clear_errors():
+    with pytest.raises(ValueError, match=r"unknown model_args \['thresh'\].*threshold"):
+        eh.parse_model_args({"thresh": 0.9})
+    with pytest.raises(ValueError, match="threshold='high': expected float"):
+        eh.parse_model_args({"threshold": "high"})
+    with pytest.raises(ValueError, match="steps=2.5: expected int"):
+        eh.parse_model_args({"steps": 2.5})
+    with pytest.raises(ValueError, match="not divisible"):
+        eh.DiffusionLM(pretrained=SHIPPED, gen_length=48, block_length=32)
+
+
+@given(st.sampled_from([8, 16, 32, 64]), st.integers(1, 8), st.integers(1, 4), st.integers(1, 600))
+def test_max_gen_toks_rounds_up_to_whole_blocks(block, blocks, steps_per_block, max_gen_toks):
+    base = DecodeConfig(gen_length=block * blocks, block_length=block, steps=steps_per_block * blocks)
+    cfg = eh.fit_to_max_gen_toks(base, max_gen_toks)
+    assert cfg.block_length == block and cfg.gen_length % block == 0
+    assert max_gen_toks <= cfg.gen_length < max_gen_toks + block
+    assert cfg.steps * base.gen_length == base.steps * cfg.gen_length  # steps per token kept
+
+
+def test_stop_strings_cut_at_the_first_one():
+    assert eh.cut_at_stop("12\n\nQuestion: 3", ["Question:", "\n\n"]) == "12"
+    assert eh.cut_at_stop("a</s>b", []) == "a</s>b"
+
+
+def test_chat_template_missing_is_an_error():
+    lm = eh.DiffusionLM(pretrained=SHIPPED)
+    with pytest.raises(ValueError, match="no chat template"):
+        lm.apply_chat_template([{"role": "user", "content": "Q: 1+1=?"}])
+
+
+def test_toy_task_files_are_up_to_date(tmp_path):
+    """The committed task files are what --write-toy-tasks writes from task.py today."""
+    for path in eh.write_toy_tasks(str(tmp_path)):
+        name = os.path.basename(path)
+        with open(path) as new, open(os.path.join(eh.TASK_DIR, name)) as old:
+            assert new.read() == old.read(), f"eval_tasks/{name} is stale: run python eval_harness.py --write-toy-tasks"
