@@ -36,6 +36,7 @@ import os
 import resource
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -479,8 +480,8 @@ class KindRow:
     logits: int  # tokens the LM head runs over
     flops: float  # mean FLOPs per forward (exact mean over the request's forwards)
     bytes: float  # mean bytes read per forward
-    bound_s: float | None  # roofline bound of the mean forward, seconds
-    bound_by: str | None  # 'compute' or 'memory'
+    bound_s: float | None  # mean roofline bound of this kind's forwards, seconds
+    bound_by: str | None  # 'compute', 'memory', or 'mixed (n memory)' when it differs between forwards
     timed_q: int  # query tokens of the forward actually timed (the mean Q when Q varies)
     seconds: float | None = None  # mean measured seconds per forward (eager)
     timed_calls: int = 0  # how many calls the mean is over
@@ -505,9 +506,17 @@ def plan(cfg: ModelConfig, settings: ScaleSettings, G: int, hw: Hardware | None,
         for f in forwards:
             by_kind.setdefault(f.kind, []).append(f)
         for kind, fs in by_kind.items():
-            flops = sum(forward_flops(cfg, f, L, B) for f in fs) / len(fs)
-            nbytes = sum(forward_bytes(cfg, f, L, elem, B) for f in fs) / len(fs)
-            bound, by = roofline(hw, flops, nbytes) if hw else (None, None)
+            flops = [forward_flops(cfg, f, L, B) for f in fs]
+            nbytes = [forward_bytes(cfg, f, L, elem, B) for f in fs]
+            bound, by = None, None
+            if hw:
+                # The bound is a max, not affine in Q: average the bounds of the real forwards
+                # (a prefix step can be memory-bound early in a request and compute-bound late).
+                bounds = [roofline(hw, fl, nb) for fl, nb in zip(flops, nbytes)]
+                bound = sum(b for b, _ in bounds) / len(bounds)
+                limits = Counter(limit for _, limit in bounds)
+                by = next(iter(limits)) if len(limits) == 1 else f"mixed ({limits['memory']} memory)"
+            flops, nbytes = sum(flops) / len(fs), sum(nbytes) / len(fs)
             rep = representative(fs)
             row = KindRow(G, name, kind, len(fs), sum(f.q for f in fs) / len(fs), min(f.q for f in fs),
                           max(f.q for f in fs), rep.keys(L), rep.logits, flops, nbytes, bound, by, rep.q)
@@ -723,11 +732,15 @@ def run(settings: ScaleSettings, shape: dict | None = None) -> dict:
                          "timed forwards of each kind; nothing ran a whole request.")
         if settings.dry_run:
             notes.append("Dry run: nothing was timed; the speedups are ratios of the roofline bounds.")
-        if varying:
+        if varying and not settings.dry_run:
             notes.append("Kinds whose Q varies over the request are timed at their mean Q (cost is affine in Q); "
-                         "their FLOPs and bytes are exact means over the request.")
+                         "their FLOPs, bytes and bounds are exact means over the request's forwards.")
         if not settings.dry_run and device.type != "cuda":
             notes.append("Peak memory on CPU is an estimate (weights + KV cache + largest activation set), not measured.")
+        for r in rows:
+            if r.compiled_seconds is not None:
+                notes.append(f"torch.compile ({r.policy} / {r.kind}): {_num(r.compile_seconds)} s to compile, "
+                             f"largest |compiled - eager| logit {r.compile_max_diff:.2g}.")
         errors = {r.compile_error for r in rows if r.compile_error}
         notes += [f"torch.compile failed: {e}" for e in errors]
         if notes:
@@ -742,9 +755,11 @@ def run(settings: ScaleSettings, shape: dict | None = None) -> dict:
     return result
 
 
-def main(argv=None):
+def main(argv=None, prog: str = "bench_scale.py"):
+    """Parse flags, run, print. `prog` is the command echoed above the tables (bench.py's
+    `--scale` mode passes its own name)."""
     defaults = ScaleSettings()
-    ap = argparse.ArgumentParser(description="Per-forward cost of each cache policy at model scale, "
+    ap = argparse.ArgumentParser(prog=f"python {prog}", description="Per-forward cost of each cache policy at model scale, "
                                              "against the roofline bound.")
     ap.add_argument("--preset", default=defaults.preset, choices=sorted(PRESETS), help="model shape")
     ap.add_argument("--d-model", type=int, help="override the preset's model width C")
@@ -785,7 +800,7 @@ def main(argv=None):
         compile=args.compile, compile_mode=args.compile_mode, dry_run=args.dry_run, hardware=args.hardware,
         peak_tflops=args.peak_tflops, peak_gbs=args.peak_gbs, seed=args.seed)
     shape = {SHAPE_FLAGS[k]: getattr(args, k) for k in SHAPE_FLAGS}
-    print(f"`python bench_scale.py {' '.join(sys.argv[1:] if argv is None else argv)}`".replace(" `", "`") + "\n")
+    print(f"`python {prog} {' '.join(sys.argv[1:] if argv is None else argv)}`".replace(" `", "`") + "\n")
     result = run(settings, shape)
     if args.json:
         with open(args.json, "w") as f:

@@ -225,6 +225,12 @@ def test_runs_end_to_end_on_a_tiny_preset(tmp_path, capsys):
     assert json.loads(out.read_text())["params"] == param_count(preset_config("tiny"))
 
 
+def test_bench_py_scale_mode_echoes_its_own_command(capsys):
+    """bench.py --scale hands its other flags to bench_scale.main with its own name."""
+    bench_scale.main(QUICK + ["--lengths", "8", "--policies", "dual"], prog="bench.py --scale")
+    assert capsys.readouterr().out.startswith("`python bench.py --scale --preset tiny")
+
+
 def test_shape_flags_override_the_preset(capsys):
     result = bench_scale.main(QUICK + ["--d-model", "32", "--layers", "1", "--heads", "2", "--mlp", "40",
                                        "--vocab", "100", "--lengths", "8", "--policies", "dual"])
