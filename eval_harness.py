@@ -6,10 +6,11 @@ lm-evaluation-harness (EleutherAI, `lm-eval`) owns the benchmarks: it builds the
 This file is the model side only. It registers the project's LLaDA-compatible model with lm-eval
 as `dllm`, decodes with `decode.generate` (so every DecodeConfig setting, Fast-dLLM's caches and
 commit rules included, is a `--model_args` key), and estimates log-likelihoods the way LLaDA's
-own evaluation does (Nie et al., "Large Language Diffusion Models", arXiv 2502.09992, Eq. 6):
-a Monte-Carlo estimate of the masked-diffusion bound. Run as a script it *is* the `lm_eval`
-command, so every lm-eval flag works; under `accelerate launch` or `torchrun` each process takes
-its share of the documents and lm-eval gathers the scores, as LLaDA's evaluation does.
+own evaluation does (Nie et al., "Large Language Diffusion Models", arXiv 2502.09992): a
+Monte-Carlo estimate of the masked-diffusion lower bound on log p(continuation | context). Run
+as a script it *is* the `lm_eval` command, so every lm-eval flag works; under `accelerate
+launch` or `torchrun` each process takes its share of the documents and lm-eval gathers the
+scores, as LLaDA's evaluation does.
 
 Differences from LLaDA's and Fast-dLLM's `eval_llada.py`: prompts are left-padded *with* an
 attention mask; a task's `max_gen_toks` sets the generation length unless `gen_length` is given;
@@ -21,8 +22,8 @@ The toy tasks (eval_tasks/) are this project's held-out problems (task.py) as lm
 `python eval_harness.py --write-toy-tasks` rebuilds them.
 
 Usage:
-    python eval_harness.py --tasks toy_arith --limit 50 \\
-        --model_args pretrained=checkpoints/arith,gen_length=32,cache=dual,threshold=0.9
+    python eval_harness.py --tasks toy_short --limit 50 \\
+        --model_args pretrained=checkpoints/arith,block_length=32,cache=dual,threshold=0.9
     accelerate launch eval_harness.py --tasks gsm8k --num_fewshot 5 --model_args pretrained=DIR,...
 
 Shape legend: B batch (requests, or Monte-Carlo samples of one request), P prompt (context),
@@ -98,7 +99,8 @@ def _coerce(name: str, value, hint):
     """`value` (a string, or what lm-eval already parsed it into) as the field's type."""
     args = typing.get_args(hint)
     optional = type(None) in args
-    base = next((a for a in args if a is not type(None)), hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
+    is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    base = next(a for a in args if a is not type(None)) if is_union else hint  # 'int | None' -> int
     if value is None or (optional and isinstance(value, str) and value.strip().lower() == "none"):
         if optional:
             return None
@@ -271,7 +273,7 @@ class DiffusionLM(LM):
             self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
             device = accelerator.device  # one device per process
             if cfg.device not in (None, "cpu", str(device)):
-                log.warning("device=%s ignored: under a launcher each process uses %s", cfg.device, device)
+                log.info("device=%s ignored: under a launcher each process uses %s", cfg.device, device)
         else:
             device = cfg.device
         # 2) The model and its tokenizer.
@@ -296,6 +298,19 @@ class DiffusionLM(LM):
         self.stop_ids = {i for i in (self.decode_config.eos_id, self.decode_config.eot_id) if i is not None}
         self.pad_id = mcfg.pad_token_id if mcfg.pad_token_id is not None else mcfg.eos_token_id
         self._ignored_warned = False
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "DiffusionLM":
+        """lm-eval passes its own --batch_size, --max_batch_size and --device (with defaults) next to
+        model_args; a key given in model_args wins instead of colliding with them."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        return cls(**arg_dict, **extra)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "DiffusionLM":
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     # -- What lm-eval's evaluator needs for data parallelism -----------------------------------
 
@@ -357,10 +372,10 @@ class DiffusionLM(LM):
         """(context ids, continuation ids) that together are the tokens of context + continuation.
 
         When the context's own tokens are a prefix of the whole text's, the split is there (always
-        so for the character tokenizer). Otherwise a merge crosses the boundary, and the context's
-        trailing whitespace moves to the continuation, as lm-eval's models do. Only then: a
-        trained model never has its prompt masked, so scoring a prompt's final newline as part of
-        the continuation costs the toy model ~17 nats on a right answer.
+        so for the character tokenizer). Otherwise a token merges across the boundary (BPE's
+        " 42"), and the context's trailing whitespace moves to the continuation, lm-eval's
+        convention. Not always: a model is never trained with its prompt masked, and scoring the
+        toy prompt's final newline as part of the continuation cost a right answer ~17 nats.
         """
         whole, ctx = self.encode(context + continuation), self.encode(context)
         if whole[:len(ctx)] != ctx:
@@ -416,7 +431,8 @@ class DiffusionLM(LM):
         batches, start = [], 0
         while start < len(prepared):
             end = start + 1
-            while end < len(prepared) and end - start < self.config.batch_size and prepared[end][2] == prepared[start][2]:
+            while (end < len(prepared) and end - start < self.config.batch_size
+                   and prepared[end][2] == prepared[start][2]):
                 end += 1
             batches.append((start, end))
             start = end
@@ -433,12 +449,13 @@ class DiffusionLM(LM):
             out = generate(self.model, ids.to(self.device), cfg, generator=generator, attention_mask=mask)
             seconds += time.perf_counter() - t0
             nfe += out.nfe * (end - start)
-            for row, (req, (_, until, _)) in zip(out.generated.tolist(), zip(requests[start:end], prepared[start:end])):
+            for row, req, (_, until, _) in zip(out.generated.tolist(), requests[start:end], prepared[start:end]):
                 text = cut_at_stop(self.response_text(row), until)
                 responses.append(text)
                 self.cache_hook.add_partial("generate_until", req.args, text)
         if requests:
-            log.info("rank %d: %d generations, %.1f NFE each, %.1f s", self.rank, len(requests), nfe / len(requests), seconds)
+            log.info("rank %d: %d generations, %.1f NFE each, %.1f s decoding", self.rank, len(requests),
+                     nfe / len(requests), seconds)
         return responses
 
     # -- loglikelihood ----------------------------------------------------------------------------
@@ -466,8 +483,10 @@ class DiffusionLM(LM):
                 raise ValueError(f"empty continuation for context {req.args[0][-80:]!r}")
             if len(context) + len(continuation) > mcfg.max_sequence_length:
                 context = context[len(context) + len(continuation) - mcfg.max_sequence_length:]
-            # Seeded by the request itself: the same request gets the same estimate on any rank.
-            generator = torch.Generator().manual_seed(request_seed(cfg.seed, context, continuation))
+            # Seeded by the request, so it gets the same estimate on any rank. By the context and the
+            # continuation's length only: the choices of one question that are equally long share
+            # their random masks (common random numbers), so comparing them is less noisy.
+            generator = torch.Generator().manual_seed(request_seed(cfg.seed, context, len(continuation)))
             ll = mc_loglikelihood(self.model, context, continuation, self.decode_config.mask_id, cfg.mc_num,
                                   cfg.batch_size, generator, self.decode_config.cfg_scale)
             greedy = cfg.check_greedy and bool(context) and self.is_greedy(context, continuation)
@@ -486,7 +505,7 @@ class DiffusionLM(LM):
 # The toy tasks: task.py's held-out problems as lm-eval task files
 # ---------------------------------------------------------------------------------------------
 
-TOY_PROBLEMS = 200  # problems per family in the task files (task.HELD_OUT; --limit takes a prefix)
+TOY_PROBLEMS = task.HELD_OUT  # problems per family in the task files (--limit takes a prefix)
 
 GENERATE_YAML = """\
 # Written by `python eval_harness.py --write-toy-tasks` from {checkpoint}'s task spec: the first

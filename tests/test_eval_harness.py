@@ -163,7 +163,8 @@ def test_greedy_check_and_rolling_error():
     cfg = DecodeConfig.for_model(lm.model.config, gen_length=N, block_length=N, steps=N)
     greedy_text = task.decode(generate(lm.model, torch.tensor([task.encode(p.prompt)]), cfg).generated[0].tolist())
     wrong = greedy_text[:-1] + ("1" if greedy_text[-1] != "1" else "2")
-    results = lm.loglikelihood([Instance("loglikelihood", {}, (p.prompt, c), i) for i, c in enumerate((greedy_text, wrong))])
+    requests = [Instance("loglikelihood", {}, (p.prompt, c), i) for i, c in enumerate((greedy_text, wrong))]
+    results = lm.loglikelihood(requests)
     assert [greedy for _, greedy in results] == [True, False]
     assert all(ll < 0 for ll, _ in results)
     with pytest.raises(NotImplementedError, match="loglikelihood_rolling"):
@@ -188,6 +189,14 @@ def test_every_decode_config_field_is_a_model_arg():
                                            "factor": "None", "check_greedy": "false"})
     assert kwargs == dict(threshold=0.9, cache="dual", gen_length=256, block_length=256, steps=256, factor=None)
     assert harness.mc_num == 8 and harness.check_greedy is False
+
+
+def test_model_args_win_over_lm_eval_flags():
+    """lm-eval always passes --batch_size (default 1) beside model_args: batch_size=4 must not collide."""
+    lm = eh.DiffusionLM.create_from_arg_obj(dict(pretrained=SHIPPED, batch_size=4), {"batch_size": 1, "device": None})
+    assert lm.config.batch_size == 4
+    lm = eh.DiffusionLM.create_from_arg_string(f"pretrained={SHIPPED},threshold=0.9", {"batch_size": "2"})
+    assert lm.config.batch_size == 2 and lm.decode_config.threshold == 0.9
 
 
 def test_bad_model_args_are_clear_errors():
