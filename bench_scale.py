@@ -691,6 +691,20 @@ def summary_table(summary: list[dict], with_compile: bool) -> str:
     return "\n".join(lines)
 
 
+def check_fits(cfg: ModelConfig, elem: int, device: torch.device) -> None:
+    """A clear error, before allocating, when the weights alone exceed the device's memory."""
+    need = param_count(cfg) * elem
+    if device.type == "cuda":
+        have = torch.cuda.mem_get_info(device)[0]
+    elif device.type == "cpu" and hasattr(os, "sysconf"):
+        have = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    else:
+        return
+    if need > have:
+        raise ValueError(f"the weights need {need / 1e9:.1f} GB but {device} has {have / 1e9:.1f} GB free; "
+                         f"use a smaller preset or dtype, or --dry-run for the counts and bounds alone")
+
+
 def run(settings: ScaleSettings, shape: dict | None = None) -> dict:
     """Build the model, plan, time and print every table; returns the rows (also for --json)."""
     cfg = preset_config(settings.preset, **(shape or {}))
@@ -699,6 +713,8 @@ def run(settings: ScaleSettings, shape: dict | None = None) -> dict:
     if device.type == "cpu":
         torch.set_num_threads(settings.threads)
     load_before = os.getloadavg()
+    if not settings.dry_run:
+        check_fits(cfg, elem, device)
     model = build_model(cfg, device="meta" if settings.dry_run else device, dtype=dtype, seed=settings.seed)
     n_params = sum(p.numel() for p in model.parameters())  # counted on the built module, meta or real
     hw = pick_hardware(settings, device, dtype)
@@ -795,15 +811,18 @@ def main(argv=None, prog: str = "bench_scale.py"):
     ap.add_argument("--seed", type=int, default=defaults.seed, help="seed of the random weights and prompt")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
-    settings = ScaleSettings(
-        preset=args.preset, prompt_length=args.prompt_length, gen_lengths=args.lengths,
-        block_length=args.block_length, policies=args.policies, batch=args.batch, device=args.device,
-        dtype=args.dtype, threads=args.threads, time_budget=args.time_budget, max_repeats=args.max_repeats,
-        compile=args.compile, compile_mode=args.compile_mode, dry_run=args.dry_run, hardware=args.hardware,
-        peak_tflops=args.peak_tflops, peak_gbs=args.peak_gbs, seed=args.seed)
-    shape = {SHAPE_FLAGS[k]: getattr(args, k) for k in SHAPE_FLAGS}
-    print(f"`python {prog} {' '.join(sys.argv[1:] if argv is None else argv)}`".replace(" `", "`") + "\n")
-    result = run(settings, shape)
+    try:  # a user's mistake is one line on the command line, not a traceback
+        settings = ScaleSettings(
+            preset=args.preset, prompt_length=args.prompt_length, gen_lengths=args.lengths,
+            block_length=args.block_length, policies=args.policies, batch=args.batch, device=args.device,
+            dtype=args.dtype, threads=args.threads, time_budget=args.time_budget, max_repeats=args.max_repeats,
+            compile=args.compile, compile_mode=args.compile_mode, dry_run=args.dry_run, hardware=args.hardware,
+            peak_tflops=args.peak_tflops, peak_gbs=args.peak_gbs, seed=args.seed)
+        shape = {SHAPE_FLAGS[k]: getattr(args, k) for k in SHAPE_FLAGS}
+        print(f"`python {prog} {' '.join(sys.argv[1:] if argv is None else argv)}`".replace(" `", "`") + "\n")
+        result = run(settings, shape)
+    except ValueError as err:
+        ap.error(str(err))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

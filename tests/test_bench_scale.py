@@ -274,6 +274,11 @@ def test_settings_errors(kwargs, message):
         ScaleSettings(**kwargs)
 
 
+def test_a_model_larger_than_memory_is_refused_before_allocating():
+    with pytest.raises(ValueError, match="use a smaller preset or dtype, or --dry-run"):
+        bench_scale.check_fits(preset_config("llada-8b", n_layers=4000), elem=4, device=torch.device("cpu"))
+
+
 def test_request_longer_than_the_model_is_refused():
     with pytest.raises(ValueError, match="exceeds max_sequence_length"):
         bench_scale.run(ScaleSettings(preset="tiny", prompt_length=4000, gen_lengths=[256], device="cpu",
