@@ -236,3 +236,36 @@ def test_toy_task_files_are_up_to_date(tmp_path):
         name = os.path.basename(path)
         with open(path) as new, open(os.path.join(eh.TASK_DIR, name)) as old:
             assert new.read() == old.read(), f"eval_tasks/{name} is stale: run python eval_harness.py --write-toy-tasks"
+
+
+def test_toy_tasks_cover_every_family(tmp_path):
+    """A checkpoint with several families (task.py's task.json format) gets a task per family,
+    scored by the family's own rule: for `pair` any valid pair is right."""
+    import importlib.util
+
+    ckpt, out = tmp_path / "ckpt", tmp_path / "tasks"
+    ckpt.mkdir(), out.mkdir()
+    (ckpt / "task.json").write_text(json.dumps({"families": ["short", "long", "pair"]}))
+    names = {os.path.basename(p) for p in eh.write_toy_tasks(str(out), str(ckpt))}
+    assert {"toy_short.yaml", "toy_long.yaml", "toy_pair.yaml", "toy_short_mc.yaml", "toy_long_mc.yaml"} <= names
+    assert "toy_pair_mc.yaml" not in names  # several right answers: no single multiple-choice key
+    # eval_tasks/utils.py, run against these files (it reads toy_spec.json beside itself).
+    (out / "utils.py").write_text(open(os.path.join(eh.TASK_DIR, "utils.py")).read())
+    spec = importlib.util.spec_from_file_location("toy_utils_under_test", out / "utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    doc = json.loads((out / "toy_pair.jsonl").read_text().splitlines()[0])
+    n = doc["value"]
+    a = max(1, n - 9)
+    assert utils.is_correct(doc, f"{a}+{n - a}") and utils.is_correct(doc, f"{n - a}+{a}")
+    assert not utils.is_correct(doc, f"{a}+{n - a + 1}")
+    long_doc = json.loads((out / "toy_long.jsonl").read_text().splitlines()[0])
+    assert utils.is_correct(long_doc, long_doc["answer"]) and not utils.is_correct(long_doc, "#### 100")
+    assert "max_gen_toks: 64" in (out / "toy_long.yaml").read_text()  # the family's own window
+
+
+def test_cli_defaults():
+    assert eh.with_defaults(["--tasks", "toy_short"]) == ["--tasks", "toy_short", "--model", "dllm",
+                                                         "--include_path", eh.TASK_DIR]
+    assert eh.with_defaults(["--model", "hf", "--include_path", "x"]) == ["--model", "hf", "--include_path", "x"]
+    assert eh.with_defaults(["ls", "tasks"]) == ["ls", "tasks"]
