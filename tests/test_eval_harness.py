@@ -19,7 +19,7 @@ pytest.importorskip("lm_eval", reason="lm-eval is not installed: pip install -r 
 pytest.importorskip("accelerate", reason="accelerate is not installed: pip install -r requirements-eval.txt")
 
 import torch  # noqa: E402
-from conftest import ROOT, SHIPPED  # noqa: E402
+from conftest import ROOT  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -31,6 +31,8 @@ from model import load_model  # noqa: E402
 
 os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")  # everything must come from disk
 
+# The checkpoint the toy task files were written from (test_toy_task_files_are_up_to_date).
+SHIPPED = eh.DEFAULT_CHECKPOINT
 LIMIT = 24
 # A lossy setting (4 tokens committed per step, DualCache): it gets some problems wrong, so
 # agreeing with bench.py on every response is a real check, not 100% == 100%.
