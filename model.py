@@ -30,8 +30,9 @@ LLaDA's `ff_out` is both the per-block MLP down projection and, at the top level
 Usage:
     model = load_model("path/to/LLaDA-8B-Instruct", device="cuda", dtype=torch.bfloat16)
     logits = model(input_ids)                    # (B, L, V), bidirectional
+    block.project / block.attend / block.mlp     # the block's pieces, for feature caching
 
-Shape legend: B batch, L sequence, K query tokens of a cached forward, S cache capacity,
+Shape legend: B batch, L sequence, Q query tokens of a forward, S positions attention reads,
 H/Hkv heads, D head dim, C model dim, M MLP hidden dim, V vocabulary, N layers.
 """
 
@@ -150,19 +151,19 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables for RoPE at explicit positions, in float32: (B, K) -> two (B, 1, K, D)."""
+    """cos/sin tables for RoPE at explicit positions, in float32: (B, Q) -> two (B, 1, Q, D)."""
     # inv_freq_j = theta^(-2j/D); LLaDA computes this and the angles in float32.
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float) / head_dim))
-    angles = positions.float()[..., None] * inv_freq  # (B, K, D/2)
-    angles = torch.cat((angles, angles), dim=-1)  # (B, K, D): "rotate-half" layout, not interleaved
-    return angles.cos()[:, None], angles.sin()[:, None]  # (B, 1, K, D) each
+    angles = positions.float()[..., None] * inv_freq  # (B, Q, D/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (B, Q, D): "rotate-half" layout, not interleaved
+    return angles.cos()[:, None], angles.sin()[:, None]  # (B, 1, Q, D) each
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, K, D) queries or keys; computed in float32 and cast back, as LLaDA does."""
+    """Rotate (B, H, Q, D) queries or keys; computed in float32 and cast back, as LLaDA does."""
     xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)  # two (B, H, K, D/2) halves
-    rotated = torch.cat((-x2, x1), dim=-1)  # (B, H, K, D)
+    x1, x2 = xf.chunk(2, dim=-1)  # two (B, H, Q, D/2) halves
+    rotated = torch.cat((-x2, x1), dim=-1)  # (B, H, Q, D)
     return (xf * cos + rotated * sin).to(x.dtype)
 
 
@@ -172,13 +173,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class LLaDABlock(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + SwiGLU(norm(x)). Attention is bidirectional."""
+    """Pre-norm block: x + attn(norm(x)), then x + SwiGLU(norm(x)). Attention is bidirectional.
+
+    The pieces are separate methods so that a feature-caching forward (decode.py's dLLM-Cache)
+    can run them one by one on chosen tokens: `project` (q/k/v with RoPE), `attend` (attention
+    core and output projection) and `mlp`. `forward` is the ordinary composition of the pieces.
+    """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.rope_theta = cfg.rope_theta
         qkv_bias = cfg.include_bias or cfg.include_qkv_bias
         C, D = cfg.d_model, cfg.head_dim
         self.attn_norm = RMSNorm(C, cfg.rms_norm_eps)
@@ -191,32 +196,41 @@ class LLaDABlock(nn.Module):
         self.up_proj = nn.Linear(C, cfg.mlp_hidden_size, bias=cfg.include_bias)  # linear branch
         self.ff_out = nn.Linear(cfg.mlp_hidden_size, C, bias=cfg.include_bias)  # down projection
 
-    def attention(self, x, cos, sin, positions, cache, key_mask):
-        """Self-attention of the K query tokens, over themselves or over the whole cache."""
-        B, K, _ = x.shape
-        q = self.q_proj(x).view(B, K, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, K, D)
-        k = self.k_proj(x).view(B, K, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, K, D)
-        v = self.v_proj(x).view(B, K, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, K, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            # Write the fresh keys/values at the query positions, then attend over everything the
-            # cache holds: positions not in this forward contribute their cached (stale) K/V.
-            k, v = cache.update(self.layer_idx, k, v, positions)  # (B, Hkv, S, D) each
+    def heads(self, t: torch.Tensor, n: int) -> torch.Tensor:
+        """Split the model dim into heads: (B, Q, n*D) -> (B, n, Q, D)."""
+        B, Q, _ = t.shape
+        return t.view(B, Q, n, self.head_dim).transpose(1, 2)
+
+    def project(self, h, cos, sin):
+        """Queries, keys and values of the normed hidden states h (B, Q, C), RoPE applied to q and k.
+        Returns q (B, H, Q, D), k and v (B, Hkv, Q, D)."""
+        q = apply_rope(self.heads(self.q_proj(h), self.n_heads), cos, sin)
+        k = apply_rope(self.heads(self.k_proj(h), self.n_kv_heads), cos, sin)
+        return q, k, self.heads(self.v_proj(h), self.n_kv_heads)
+
+    def attend(self, q, k, v, key_mask=None):
+        """Attention of queries q (B, H, Q, D) over keys/values (B, Hkv, S, D), then the output
+        projection: (B, Q, C), the attention sub-block's output before the residual add."""
+        B, _, Q, _ = q.shape
         # No causal mask: a diffusion LM attends in both directions. key_mask (B, 1, 1, S) hides
         # padding keys; None lets SDPA take its fastest unmasked path. With grouped-query attention
         # each key/value head serves n_heads / n_kv_heads query heads; enable_gqa does that inside
         # the kernel instead of copying the whole cache with repeat_interleave on every step.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, K, D)
-        y = y.transpose(1, 2).reshape(B, K, self.n_heads * self.head_dim)  # (B, K, C)
-        return self.attn_out(y)
+                                           enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, Q, D)
+        return self.attn_out(y.transpose(1, 2).reshape(B, Q, self.n_heads * self.head_dim))  # (B, Q, C)
 
-    def mlp(self, x):
-        """SwiGLU: down(silu(gate(x)) * up(x))."""
-        return self.ff_out(F.silu(self.ff_proj(x)) * self.up_proj(x))
+    def mlp(self, h):
+        """SwiGLU: down(silu(gate(h)) * up(h)), the MLP sub-block's output before the residual add."""
+        return self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h))
 
     def forward(self, x, cos, sin, positions, cache=None, key_mask=None):
-        x = x + self.attention(self.attn_norm(x), cos, sin, positions, cache, key_mask)
+        q, k, v = self.project(self.attn_norm(x), cos, sin)
+        if cache is not None:
+            # Write the fresh keys/values at the query positions, then attend over everything the
+            # cache holds: positions not in this forward contribute their cached (stale) K/V.
+            k, v = cache.update(self.layer_idx, k, v, positions)  # (B, Hkv, S, D) each
+        x = x + self.attend(q, k, v, key_mask)
         return x + self.mlp(self.ff_norm(x))
 
 
@@ -248,11 +262,35 @@ class LLaDAModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.model.transformer.wte.weight.dtype
 
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.transformer.blocks
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings, (B, Q) -> (B, Q, C). LLaDA does not scale them."""
+        return self.model.transformer.wte(input_ids)
+
     def lm_head(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm and vocabulary projection: (B, K, C) -> (B, K, V)."""
+        """Final norm and vocabulary projection: (B, Q, C) -> (B, Q, V)."""
         t = self.model.transformer
         h = t.ln_f(h)
         return F.linear(h, t.wte.weight) if self.config.weight_tying else t.ff_out(h)
+
+    def rope_and_mask(self, positions: torch.Tensor, attention_mask: torch.Tensor | None, B: int):
+        """RoPE tables for the query positions and the key-padding mask for attention.
+
+        positions (Q,) or (B, Q). A left-padded row's RoPE positions start at its first real
+        token, so it is computed as it would be alone. Returns cos, sin (B, 1, Q, D) and the key
+        mask (B, 1, 1, S) or None.
+        """
+        rope_positions = positions.expand(B, positions.shape[-1])  # (B, Q)
+        key_mask = None
+        if attention_mask is not None:
+            n_pad = attention_mask.int().argmax(dim=1, keepdim=True)  # (B, 1): index of the first real token
+            rope_positions = (rope_positions - n_pad).clamp(min=0)  # (B, Q)
+            key_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, S): over heads and queries
+        cos, sin = rope_cos_sin(rope_positions, self.config.head_dim, self.config.rope_theta)  # (B, 1, Q, D)
+        return cos, sin, key_mask
 
     def forward(
         self,
@@ -262,37 +300,31 @@ class LLaDAModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         logits_range: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """Logits for the query tokens `input_ids` (B, K).
+        """Logits for the query tokens `input_ids` (B, Q).
 
-        positions: (K,) indices of the query tokens in the full sequence (default 0..K-1). They
-            are the cache slots the queries' keys/values are written to, and their RoPE positions.
+        positions: (Q,), or (B, Q) when rows query different positions: the indices of the query
+            tokens in the full sequence (default 0..Q-1). They are the cache slots the queries'
+            keys/values are written to, and their RoPE positions.
         cache: a cache.KVCache. The queries' K/V are written at `positions`, and attention reads
             the cache's first `cache.length` positions. Without a cache the queries attend only to
             each other (the plain full-sequence forward).
-        attention_mask: (B, L) with 1 for real tokens and 0 for left padding, over the positions
-            attention reads (the cache's length, or K without a cache). Padding keys are hidden
-            and each row's RoPE positions start at its first real token, so a left-padded row is
-            computed as it would be alone. The original LLaDA takes no such mask: it attends to
-            padding and does not shift positions.
+        attention_mask: (B, S) with 1 for real tokens and 0 for left padding, over the positions
+            attention reads (the cache's length, or Q without a cache). Padding keys are hidden
+            and each row's RoPE positions start at its first real token. The original LLaDA takes
+            no such mask: it attends to padding and does not shift positions.
         logits_range: (start, end) of the query tokens that need logits; the LM head is skipped
             for the others (it is the largest matmul of LLaDA-8B, V = 126464).
         """
-        B, K = input_ids.shape
+        B, Q = input_ids.shape
         if positions is None:
-            positions = torch.arange(K, device=input_ids.device)
-        rope_positions = positions.expand(B, K)  # (B, K)
-        key_mask = None
-        if attention_mask is not None:
-            n_pad = (attention_mask == 0).sum(1, keepdim=True)  # (B, 1) left padding per row
-            rope_positions = (rope_positions - n_pad).clamp(min=0)  # (B, K)
-            key_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, L): over heads and queries
-        cos, sin = rope_cos_sin(rope_positions, self.config.head_dim, self.config.rope_theta)  # (B, 1, K, D)
-        x = self.model.transformer.wte(input_ids)  # (B, K, C); LLaDA does not scale embeddings
-        for block in self.model.transformer.blocks:
+            positions = torch.arange(Q, device=input_ids.device)
+        cos, sin, key_mask = self.rope_and_mask(positions, attention_mask, B)
+        x = self.embed(input_ids)  # (B, Q, C)
+        for block in self.blocks:
             x = block(x, cos, sin, positions, cache, key_mask)
         if logits_range is not None:
-            x = x[:, logits_range[0]:logits_range[1]]  # (B, K', C)
-        return self.lm_head(x)  # (B, K', V)
+            x = x[:, logits_range[0]:logits_range[1]]  # (B, Q', C)
+        return self.lm_head(x)  # (B, Q', V)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ def test_writes_touch_only_their_positions(data):
     v_new = torch.randn(2, 2, len(positions), 4)
     k_view, v_view = cache.update(layer, k_new, v_new, pos)
     assert torch.equal(k_view[:, :, pos], k_new) and torch.equal(v_view[:, :, pos], v_new)
-    untouched = torch.ones(S, dtype=torch.bool)
+    untouched = torch.ones(S + 1, dtype=torch.bool)  # every slot, the trash slot included
     untouched[pos] = False
     assert torch.equal(cache.k[layer][:, :, untouched], k_before[layer][:, :, untouched])
     assert torch.equal(cache.v[layer][:, :, untouched], v_before[layer][:, :, untouched])
@@ -58,20 +58,42 @@ def test_buffers_are_preallocated_and_reused(random_model):
     with torch.no_grad():
         random_model(ids, positions=torch.arange(16), cache=cache)
         random_model(ids[:, 4:8], positions=torch.arange(4, 8), cache=cache)
-    assert cache.k.data_ptr() == ptr and cache.k.shape == (2, 2, 2, 16, 8)
-    assert cache.get_seq_length() == 16
-    assert cache.nbytes() == 2 * 2 * 2 * 2 * 16 * 8 * 4
+    assert cache.k.data_ptr() == ptr and cache.k.shape == (2, 2, 2, 16 + 1, 8)  # + the trash slot
+    assert cache.length == 16 and cache.trash == 16
+    assert cache.nbytes() == 2 * 2 * 2 * 2 * 17 * 8 * 4
 
 
-def test_ranges_are_views_of_the_same_buffer():
-    cache = KVCache(n_layers=1, batch=1, n_kv_heads=1, head_dim=2, capacity=8)
-    k, _ = cache.prefix(0, 3)
-    k.fill_(1.0)
-    assert cache.k[0, 0, 0, :3].eq(1).all() and cache.k[0, 0, 0, 3:].eq(0).all()
-    k2, _ = cache.span(0, 2, 5)
-    assert k2.shape == (1, 1, 3, 2)
-    cache.reset()
-    assert cache.k.eq(0).all()
+def test_per_row_positions_write_each_row_and_hide_the_trash():
+    """(B, Q) positions write each row at its own positions; padding goes to the trash slot,
+    which the returned views (what attention reads) never include."""
+    cache = KVCache(n_layers=1, batch=2, n_kv_heads=1, head_dim=2, capacity=6)
+    k = torch.arange(1, 13, dtype=torch.float32).view(2, 1, 3, 2)  # (B, Hkv, Q, D)
+    positions = torch.tensor([[1, 2, 3], [4, cache.trash, cache.trash]])  # row 1 has one real query
+    k_view, v_view = cache.update(0, k, k.clone(), positions)
+    assert k_view.shape == (2, 1, 6, 2)
+    assert torch.equal(k_view[0, 0, 1:4], k[0, 0]) and k_view[0, 0, [0, 4, 5]].eq(0).all()
+    assert torch.equal(k_view[1, 0, 4], k[1, 0, 0]) and k_view[1, 0, :4].eq(0).all()
+
+
+@given(data=st.data())
+def test_per_row_cached_block_equals_full_forward(random_model, data):
+    """Rows querying different blocks in one forward ((B, Q) positions, trash-padded) get the
+    slices of the full forward, as with one shared block."""
+    L = data.draw(st.integers(6, 30), label="L")
+    starts = [data.draw(st.integers(0, L - 2), label="s0"), data.draw(st.integers(0, L - 2), label="s1")]
+    lengths = [data.draw(st.integers(1, L - s), label=f"n{i}") for i, s in enumerate(starts)]
+    ids = torch.randint(0, 47, (2, L), generator=torch.Generator().manual_seed(L))
+    Q = max(lengths)
+    with torch.no_grad():
+        full = random_model(ids)
+        cache = KVCache.for_model(random_model.config, batch=2, capacity=L)
+        random_model(ids, positions=torch.arange(L), cache=cache)
+        pos = torch.tensor([[s + i if i < n else cache.trash for i in range(Q)] for s, n in zip(starts, lengths)])
+        out = random_model(ids.gather(1, pos.clamp(max=L - 1)), positions=pos, cache=cache)
+    for r in range(2):
+        s, n = starts[r], lengths[r]
+        tol = 1e-5 * max(1.0, float(full.abs().max()))
+        assert torch.allclose(out[r, :n], full[r, s:s + n], atol=tol, rtol=1e-5)
 
 
 def test_cache_errors(random_model):

@@ -8,8 +8,8 @@ from conftest import golden_cases, needs_golden
 from hypothesis import given
 from hypothesis import strategies as st
 
-from decode import (DecodeConfig, generate, left_pad, num_transfer_tokens, propose, select_factor,
-                    select_threshold, select_topk)
+from decode import (DecodeConfig, Noise, draw_noise, generate, left_pad, num_transfer_tokens, propose,
+                    select_factor, select_threshold, select_topk)
 
 # Which original function maps to which cache policy.
 CACHE_OF = {"generate": "none", "generate_with_prefix_cache": "prefix", "generate_with_dual_cache": "dual"}
@@ -93,13 +93,14 @@ def test_refresh_every_step_equals_no_cache(random_model, s):
     assert torch.equal(out.ids, ref.ids) and out.nfe == ref.nfe
 
 
-@given(s=settings_strategy)
-def test_threshold_above_one_is_one_token_per_step(random_model, s):
-    s = dict(s, rule="topk")
-    topk_cfg, prompt = build(random_model, s)
-    thr_cfg, _ = build(random_model, s, threshold=1.5)
-    a, b = generate(random_model, prompt, topk_cfg), generate(random_model, prompt, thr_cfg)
-    assert torch.equal(a.ids, b.ids) and a.nfe == b.nfe == s["block_length"] * s["num_blocks"]
+@given(conf=st.lists(st.lists(st.one_of(st.floats(0.0, 0.999999), st.just(-float("inf"))), min_size=1, max_size=9),
+                    min_size=1, max_size=4).filter(lambda rows: len({len(r) for r in rows}) == 1))
+def test_unreached_threshold_is_one_token_per_step(conf):
+    """A threshold no confidence reaches commits exactly the top-1 of each row: LLaDA's one token
+    per step. (Confidences are probabilities, so the threshold 1.0 is unreached below certainty.)"""
+    conf = torch.tensor(conf, dtype=torch.float64)
+    one = torch.ones(conf.shape[0], dtype=torch.long)
+    assert torch.equal(select_threshold(conf, 1.0), select_topk(conf, one))
 
 
 @given(s=settings_strategy)
@@ -109,7 +110,7 @@ def test_loop_invariants(random_model, s):
     cfg, prompt = build(random_model, s)
     mask_id, P = cfg.mask_id, prompt.shape[1]
     history = []
-    out = generate(random_model, prompt, cfg, on_step=lambda x, nfe: history.append(x.clone()))
+    out = generate(random_model, prompt, cfg, on_step=lambda state: history.append(state.x.clone()))
     assert out.nfe == len(history)
     prev = torch.cat([prompt, torch.full((prompt.shape[0], cfg.gen_length), mask_id)], dim=1)
     for x in history:
@@ -203,7 +204,8 @@ def test_eos_eot_confidence_flag_aliasing():
     for temperature, eos_suppressed in ((0.0, True), (0.5, False)):
         cfg = DecodeConfig(gen_length=2, block_length=2, steps=2, mask_id=mask_id, eos_id=eos, eot_id=eot,
                            confidence_eos_eot_inf=True, temperature=temperature)
-        x0, conf = propose(logits.clone(), mask, cfg, torch.Generator().manual_seed(0), (1, 2, 4), 0)
+        noise = draw_noise(cfg, torch.Generator().manual_seed(0), (1, 2, 4), (0, 2), extra_draw=False, device="cpu")
+        x0, conf = propose(logits.clone(), mask, cfg, noise)
         assert x0.tolist() == [[eos, eot]]  # the proposals themselves are unchanged
         assert conf[0, 1] == 0  # EOT: suppressed in both cases
         assert (conf[0, 0] == 0) == eos_suppressed
@@ -212,7 +214,7 @@ def test_eos_eot_confidence_flag_aliasing():
 def test_mask_token_is_never_proposed():
     logits = torch.tensor([[[0.0, 1.0, 0.0, 9.0]]])  # the mask token (3) has the top logit
     cfg = DecodeConfig(gen_length=1, block_length=1, steps=1, mask_id=3, eos_id=0)
-    x0, _ = propose(logits, torch.ones(1, 1, dtype=torch.bool), cfg, None, (1, 1, 4), 0)
+    x0, _ = propose(logits, torch.ones(1, 1, dtype=torch.bool), cfg, Noise())
     assert x0.item() == 1
 
 
@@ -224,12 +226,21 @@ def test_mask_token_is_never_proposed():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(gen_length=30, block_length=8, steps=30), "not divisible by block_length"),
     (dict(gen_length=32, block_length=8, steps=30), "not divisible by the number of blocks"),
-    (dict(gen_length=0, block_length=8, steps=8), "gen_length must be positive"),
-    (dict(gen_length=8, block_length=8, steps=-8), "steps must be positive"),
+    (dict(gen_length=0, block_length=8, steps=8), "gen_length must be a positive integer"),
+    (dict(gen_length=8, block_length=8, steps=-8), "steps must be a positive integer"),
     (dict(gen_length=8, block_length=8, steps=8, remasking="top"), "unknown remasking"),
     (dict(gen_length=8, block_length=8, steps=8, cache="ring"), "unknown cache"),
     (dict(gen_length=8, block_length=8, steps=8, threshold=0.9, factor=1.0), "not both"),
     (dict(gen_length=8, block_length=8, steps=8, temperature=-1.0), "temperature"),
+    (dict(gen_length=8, block_length=8, steps=8, temperature=float("nan")), "temperature"),
+    (dict(gen_length=8, block_length=8, steps=8, cfg_scale=float("inf")), "cfg_scale"),
+    (dict(gen_length=8, block_length=8, steps=8, threshold=1.5), r"threshold must be a finite number > 0 and <= 1"),
+    (dict(gen_length=8, block_length=8, steps=8, threshold=0.0), "threshold"),
+    (dict(gen_length=8, block_length=8, steps=8, threshold=float("nan")), "threshold"),
+    (dict(gen_length=8, block_length=8, steps=8, factor=float("inf")), "factor"),
+    (dict(gen_length=8.0, block_length=8, steps=8), "gen_length must be a positive integer"),
+    (dict(gen_length=8, block_length=True, steps=8), "block_length must be a positive integer"),
+    (dict(gen_length=8, block_length=8, steps=8, refresh_interval=1.5), "refresh_interval"),
 ])
 def test_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -246,7 +257,7 @@ def test_generate_errors(random_model):
         generate(random_model, torch.tensor([[1, 49]]), cfg)
     with pytest.raises(ValueError, match="exceeds the model's max_sequence_length"):
         generate(random_model, torch.tensor([[1] * 250]), cfg)
-    with pytest.raises(ValueError, match=r"must be \(B, P\)"):
+    with pytest.raises(ValueError, match=r"must be a \(B, P\) tensor"):
         generate(random_model, torch.tensor([1, 2]), cfg)
     with pytest.raises(ValueError, match="left padding"):
         generate(random_model, torch.tensor([[1, 2, 3]]), cfg, attention_mask=torch.tensor([[1, 0, 1]]))

@@ -12,6 +12,15 @@ from cache import KVCache
 from model import LLaDAModel, ModelConfig, apply_rope, load_model, rope_cos_sin, save_model
 
 
+def logit_tol(ref: torch.Tensor) -> float:
+    """How far two correct float32 forwards of the same model may differ: a few hundred float32
+    ulps of the largest logit. Kernels differ between CPUs and GPUs in summation order; an fp32
+    forward differs from an fp64 one of the same model by about 7e-6 of the largest logit here,
+    so 2e-5 of it holds on any machine while a wrong computation (a missing norm, a wrong RoPE
+    position, stale keys) is off by orders of magnitude more."""
+    return 2e-5 * max(1.0, float(ref.abs().max()))
+
+
 def golden_forward():
     from safetensors.torch import load_file
 
@@ -29,10 +38,10 @@ def test_full_forward_matches_reference(tiny_model):
     with torch.no_grad():
         logits = tiny_model(g["input_ids"])
     assert logits.shape == g["logits_full"].shape
-    assert (logits - g["logits_full"]).abs().max() <= 1e-5
+    assert (logits - g["logits_full"]).abs().max() <= logit_tol(g["logits_full"])
     with torch.no_grad():
         logits_step = tiny_model(g["input_ids_step"])
-    assert (logits_step - g["logits_full_step"]).abs().max() <= 1e-5
+    assert (logits_step - g["logits_full_step"]).abs().max() <= logit_tol(g["logits_full_step"])
 
 
 @needs_golden
@@ -46,18 +55,19 @@ def test_cached_forwards_match_reference(tiny_model):
         cache = KVCache.for_model(tiny_model.config, batch=1, capacity=L)
         tiny_model(g["input_ids"], positions=torch.arange(L), cache=cache)
         prefix = tiny_model(g["input_ids_step"][:, s:], positions=torch.arange(s, L), cache=cache)
-        assert (prefix - g["logits_prefix_step"]).abs().max() <= 1e-5
+        assert (prefix - g["logits_prefix_step"]).abs().max() <= logit_tol(g["logits_prefix_step"])
         # DualCache: the same refresh, then only the block re-run against everything cached.
         cache = KVCache.for_model(tiny_model.config, batch=1, capacity=L)
         tiny_model(g["input_ids"], positions=torch.arange(L), cache=cache)
         dual = tiny_model(g["input_ids_step"][:, s:e], positions=torch.arange(s, e), cache=cache)
-        assert (dual - g["logits_dual_step"]).abs().max() <= 1e-5
+        assert (dual - g["logits_dual_step"]).abs().max() <= logit_tol(g["logits_dual_step"])
     # The cache keeps post-RoPE keys; rotating the reference's pre-RoPE keys gives the same.
     cos, sin = rope_cos_sin(torch.arange(L)[None], tiny_model.config.head_dim, tiny_model.config.rope_theta)
-    assert torch.allclose(cache.k[0], apply_rope(g["dual_k_layer0_after_replace"], cos, sin), atol=1e-5)
+    ref_k = apply_rope(g["dual_k_layer0_after_replace"], cos, sin)
+    assert torch.allclose(cache.k[0, :, :, :L], ref_k, atol=logit_tol(ref_k), rtol=0)
     # The approximation is real: the cached logits are not the exact ones.
     exact_block = g["logits_full_step"][:, s:e]
-    assert (dual - exact_block).abs().max() > 1e-4
+    assert (dual - exact_block).abs().max() > 10 * logit_tol(exact_block)
 
 
 @needs_golden
@@ -224,6 +234,6 @@ def test_padding_mask_matches_unpadded_row(random_model):
         alone = random_model(short)
         batched = random_model(padded, attention_mask=mask)
         unmasked = random_model(padded)
-    assert torch.allclose(batched[:, 3:], alone, atol=1e-5)
+    assert torch.allclose(batched[:, 3:], alone, atol=logit_tol(alone), rtol=0)
     # Without the mask (the original's behaviour) the padding changes the result.
-    assert not torch.allclose(unmasked[:, 3:], alone, atol=1e-3)
+    assert not torch.allclose(unmasked[:, 3:], alone, atol=100 * logit_tol(alone), rtol=0)
