@@ -42,6 +42,7 @@ from typing import Callable
 
 import torch
 
+import decode
 from cache import KVCache
 from model import LLaDAModel, ModelConfig
 
@@ -137,10 +138,21 @@ class Forward:
     c0: int  # the block [c0, e): the only positions that get logits (decode's logits_range)
     e: int
     cached: bool  # against the KV cache (attention reads all L cached positions) or alone
+    # Feature-caching forwards (dLLM-Cache) take the whole canvas but recompute few tokens per
+    # layer; the first layer always recomputes everything. Ordinary forwards leave these alone.
+    recompute: int | None = None  # tokens each later layer recomputes (q/k/v, attention, MLP); None = all Q
+    verify: int = 0  # tokens each later layer only projects to values (dLLM-Cache's V-verify)
+    features: bool = False  # every layer reads each position's cached attention and MLP outputs
+    t: int = 0  # forwards before this one in the request (dLLM-Cache's refresh schedule counts them)
 
     @property
     def q(self) -> int:
         return self.q1 - self.q0
+
+    @property
+    def rows(self) -> int:
+        """Token-layer rows of one layer after the first: what this forward really recomputes."""
+        return self.q if self.recompute is None else self.recompute
 
     @property
     def logits(self) -> int:
@@ -176,13 +188,93 @@ def fast_dllm_schedule(cache: str) -> Callable[[int, int, int], list[Forward]]:
     return schedule
 
 
+def dllm_schedule(P: int, G: int, K: int) -> list[Forward]:
+    """dLLM-Cache's forwards at one token per step, with decode.py's default intervals.
+
+    Every forward takes the whole canvas; forward t (from 0) refreshes the prompt's features when
+    t % K_p == 0 and the response's when t % K_r == 0. Otherwise each layer after the first
+    projects every response token to values (V-verify) and recomputes the int(rho * G) whose
+    values moved most. The first layer always recomputes everything.
+    """
+    from decode import DecodeConfig
+
+    defaults = DecodeConfig.__dataclass_fields__
+    K_p, K_r = defaults["prompt_interval_steps"].default, defaults["gen_interval_steps"].default
+    n = int(defaults["transfer_ratio"].default * G)
+    L, out = P + G, []
+    for t in range(G):
+        s = P + (t // K) * K
+        prompt, response = t % K_p == 0, t % K_r == 0
+        if prompt and response:
+            kind, rows, verify = "full refresh", None, 0
+        elif prompt:
+            kind, rows, verify = "prompt refresh", P + n, G if n else 0
+        elif response:
+            kind, rows, verify = "response refresh", G, 0
+        else:
+            kind, rows, verify = "V-verify step", n, G if n else 0
+        out.append(Forward(kind, 0, L, s, s + K, cached=True, recompute=rows, verify=verify, features=True, t=t))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a forward of each kind
+# ---------------------------------------------------------------------------------------------
+
+
+def run_forward(model, x: torch.Tensor, fwd: Forward, cache: KVCache | None) -> torch.Tensor:
+    """The model call exactly as decode.py makes it for this window and block."""
+    positions = torch.arange(fwd.q0, fwd.q1, device=x.device)  # (Q,)
+    return model(x[:, fwd.q0:fwd.q1], positions=positions, cache=cache if fwd.cached else None,
+                 logits_range=(fwd.c0 - fwd.q0, fwd.e - fwd.q0))  # (B, K, V)
+
+
+def kv_runner(model, x: torch.Tensor, fwd: Forward, P: int, K: int, state: dict):
+    """A plain model call. Cached kinds share one KVCache per request shape, filled by a
+    refresh as a block start would; `state` keeps it between kinds."""
+    cache = None
+    if fwd.cached:
+        if "kv" not in state:
+            L = x.shape[1]
+            state["kv"] = KVCache.for_model(model.config, batch=x.shape[0], capacity=L, device=x.device,
+                                            dtype=model.dtype)
+            with torch.no_grad():
+                run_forward(model, x, Forward("refresh", 0, L, P, P + K, True), state["kv"])
+        cache = state["kv"]
+    return lambda: run_forward(model, x, fwd, cache)
+
+
+def dllm_runner(model, x: torch.Tensor, fwd: Forward, P: int, K: int, state: dict):
+    """decode.py's own dLLM-Cache forward on a request state whose forward counter selects the
+    kind (its refresh schedule reads it); the features are filled by a first, full forward."""
+    import decode
+
+    L = x.shape[1]
+    positions = torch.arange(L, device=x.device)  # (L,) every forward takes the whole canvas
+    if "dllm" not in state:
+        cfg = decode.DecodeConfig.for_model(model.config, gen_length=L - P, block_length=K, steps=L - P,
+                                            cache="dllm")
+        request = decode.setup(model, x[:, :P], cfg)
+        with torch.no_grad():
+            decode.dllm_forward(model, request, cfg, positions, (P, P + K))  # t = 0 refreshes everything
+        state["dllm"] = (cfg, request)
+    cfg, request = state["dllm"]
+
+    def call():
+        request.nfe = fwd.t  # dllm_forward counts this forward as t + 1
+        return decode.dllm_forward(model, request, cfg, positions, (fwd.c0, fwd.e))
+
+    return call
+
+
 @dataclass(frozen=True)
 class Policy:
-    """A cache policy as the benchmark sees it: the forwards one request makes."""
+    """A cache policy as the benchmark sees it: the forwards one request makes, and how to run one."""
 
     name: str
     schedule: Callable[[int, int, int], list[Forward]]  # (P, G, K) -> the request's forwards, in order
     block_length: int | None = None  # its own block length (None = --block-length)
+    runner: Callable = kv_runner  # (model, x, forward, P, K, state) -> a call that runs that forward
 
 
 # One entry per decoding method; a new kind of forward is a new Forward.kind in its schedule.
@@ -191,6 +283,8 @@ POLICIES = {
     "prefix": Policy("prefix", fast_dllm_schedule("prefix")),
     "dual": Policy("dual", fast_dllm_schedule("dual")),
 }
+if hasattr(decode, "dllm_forward"):  # dLLM-Cache runs 8-token blocks, as its paper does
+    POLICIES["dllm"] = Policy("dllm", dllm_schedule, block_length=8, runner=dllm_runner)
 
 
 def representative(forwards: list[Forward]) -> Forward:
@@ -216,39 +310,64 @@ def representative(forwards: list[Forward]) -> Forward:
 # ---------------------------------------------------------------------------------------------
 
 
-def forward_flops(cfg: ModelConfig, fwd: Forward, L: int, batch: int = 1) -> int:
-    """Matrix-multiply FLOPs of one forward (a multiply-add counts 2)."""
-    C, M, D = cfg.d_model, cfg.mlp_hidden_size, cfg.head_dim
-    Q, S, kv = fwd.q, fwd.keys(L), cfg.n_kv_heads * D
+def layer_flops(cfg: ModelConfig, Q: int, S: int, verify: int = 0) -> int:
+    """Matrix-multiply FLOPs of one layer for Q query tokens over S keys (a multiply-add counts 2),
+    plus `verify` tokens projected to values only."""
+    C, M, kv = cfg.d_model, cfg.mlp_hidden_size, cfg.n_kv_heads * cfg.head_dim
     proj = 2 * Q * C * (C + 2 * kv + C)  # q, k, v and output projections
-    attn = 2 * 2 * Q * S * cfg.n_heads * D  # scores q·k and the weighted sum of values, every head
+    attn = 2 * 2 * Q * S * cfg.n_heads * cfg.head_dim  # scores q·k and the weighted sum of values, every head
     mlp = 3 * 2 * Q * C * M  # SwiGLU: gate, up, down
-    head = 2 * fwd.logits * C * cfg.embedding_size  # LM head over the block only (logits_range)
-    return batch * (cfg.n_layers * (proj + attn + mlp) + head)
+    return proj + attn + mlp + 2 * verify * C * kv
+
+
+def forward_flops(cfg: ModelConfig, fwd: Forward, L: int, batch: int = 1) -> int:
+    """Matrix-multiply FLOPs of one forward: its layers, then the LM head over the block only
+    (decode's logits_range). A feature-caching forward's first layer recomputes all Q tokens."""
+    S = fwd.keys(L)
+    layers = layer_flops(cfg, fwd.q, S) + (cfg.n_layers - 1) * layer_flops(cfg, fwd.rows, S, fwd.verify)
+    head = 2 * fwd.logits * cfg.d_model * cfg.embedding_size
+    return batch * (layers + head)
 
 
 def weight_bytes_read(cfg: ModelConfig, fwd: Forward, elem: int, batch: int = 1) -> int:
     """Bytes of weights one forward reads: every matrix once, the embedding only for the Q rows."""
     C = cfg.d_model
     gathered = min(batch * fwd.q, cfg.embedding_size) * C  # rows of the embedding lookup
+    # V-verify runs v_proj over the response, then again inside the chosen tokens' q/k/v.
+    again = (cfg.n_layers - 1) * C * cfg.n_kv_heads * cfg.head_dim if fwd.verify else 0
     if cfg.weight_tying:  # the tied LM head reads the whole table anyway
-        return param_count(cfg) * elem
-    return (param_count(cfg) - cfg.embedding_size * C + gathered) * elem
+        return (param_count(cfg) + again) * elem
+    return (param_count(cfg) - cfg.embedding_size * C + gathered + again) * elem
 
 
 def kv_bytes_read(cfg: ModelConfig, fwd: Forward, L: int, elem: int, batch: int = 1) -> int:
-    """Bytes of keys and values the attention reads, all layers: cached or just computed."""
-    return 2 * cfg.n_layers * batch * cfg.n_kv_heads * cfg.head_dim * fwd.keys(L) * elem
+    """Bytes of keys and values the attention reads, all layers: cached or just computed. A
+    feature-caching layer that recomputes no token runs no attention; V-verify also reads the
+    cached values of the tokens it checks."""
+    kv = cfg.n_kv_heads * cfg.head_dim
+    attending = 1 + (cfg.n_layers - 1 if fwd.rows > 0 else 0)  # layers with queries to attend
+    verify = (cfg.n_layers - 1) * fwd.verify * kv
+    return batch * (2 * attending * kv * fwd.keys(L) + verify) * elem
+
+
+def feature_bytes_read(cfg: ModelConfig, fwd: Forward, L: int, elem: int, batch: int = 1) -> int:
+    """Bytes of cached attention and MLP outputs a feature-caching forward reads: every layer
+    adds both to the residual stream of all L positions."""
+    return 2 * cfg.n_layers * batch * L * cfg.d_model * elem if fwd.features else 0
 
 
 def forward_bytes(cfg: ModelConfig, fwd: Forward, L: int, elem: int, batch: int = 1) -> int:
-    """Weights + keys/values read by one forward (reads only; activations not counted)."""
-    return weight_bytes_read(cfg, fwd, elem, batch) + kv_bytes_read(cfg, fwd, L, elem, batch)
+    """Weights + keys/values (+ cached features) read by one forward (reads only; activations
+    not counted)."""
+    return (weight_bytes_read(cfg, fwd, elem, batch) + kv_bytes_read(cfg, fwd, L, elem, batch)
+            + feature_bytes_read(cfg, fwd, L, elem, batch))
 
 
-def cache_bytes(cfg: ModelConfig, L: int, elem: int, batch: int = 1) -> int:
-    """Size of a KVCache of capacity L: keys and values, (N, B, Hkv, L, D) each."""
-    return 2 * cfg.n_layers * batch * cfg.n_kv_heads * L * cfg.head_dim * elem
+def cache_bytes(cfg: ModelConfig, L: int, elem: int, batch: int = 1, features: bool = False) -> int:
+    """Size of a KVCache of capacity L: keys and values, (N, B, Hkv, L, D) each; a FeatureCache
+    adds attention and MLP outputs, (N, B, L, C) each."""
+    kv = 2 * cfg.n_layers * batch * cfg.n_kv_heads * L * cfg.head_dim * elem
+    return kv + (2 * cfg.n_layers * batch * L * cfg.d_model * elem if features else 0)
 
 
 def estimate_peak_bytes(cfg: ModelConfig, fwd: Forward, L: int, elem: int, batch: int, with_cache: bool) -> int:
@@ -261,7 +380,8 @@ def estimate_peak_bytes(cfg: ModelConfig, fwd: Forward, L: int, elem: int, batch
     mlp = batch * fwd.q * (2 * C + 3 * M)
     head = batch * (fwd.q * C + fwd.logits * V)
     weights = param_count(cfg) * elem
-    return weights + (cache_bytes(cfg, L, elem, batch) if with_cache else 0) + max(mlp, head) * elem
+    cache = cache_bytes(cfg, L, elem, batch, fwd.features) if with_cache else 0
+    return weights + cache + max(mlp, head) * elem
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,13 +467,6 @@ def roofline(hw: Hardware, flops: int, nbytes: int) -> tuple[float, str]:
 # ---------------------------------------------------------------------------------------------
 # Timing forwards
 # ---------------------------------------------------------------------------------------------
-
-
-def run_forward(model, x: torch.Tensor, fwd: Forward, cache: KVCache | None) -> torch.Tensor:
-    """The model call exactly as decode.py makes it for this window and block."""
-    positions = torch.arange(fwd.q0, fwd.q1, device=x.device)  # (Q,)
-    return model(x[:, fwd.q0:fwd.q1], positions=positions, cache=cache if fwd.cached else None,
-                 logits_range=(fwd.c0 - fwd.q0, fwd.e - fwd.q0))  # (B, K, V)
 
 
 def _sync(device: torch.device) -> None:
@@ -480,6 +593,8 @@ class KindRow:
     q_max: int
     keys: int  # key positions each query attends over
     logits: int  # tokens the LM head runs over
+    rows: float  # mean tokens each layer after the first recomputes (= Q but for feature-caching forwards)
+    layers: int  # N, to turn rows into tokens computed per layer
     flops: float  # mean FLOPs per forward (exact mean over the request's forwards)
     bytes: float  # mean bytes read per forward
     bound_s: float | None  # mean roofline bound of this kind's forwards, seconds
@@ -521,7 +636,9 @@ def plan(cfg: ModelConfig, settings: ScaleSettings, G: int, hw: Hardware | None,
             flops, nbytes = sum(flops) / len(fs), sum(nbytes) / len(fs)
             rep = representative(fs)
             row = KindRow(G, name, kind, len(fs), sum(f.q for f in fs) / len(fs), min(f.q for f in fs),
-                          max(f.q for f in fs), rep.keys(L), rep.logits, flops, nbytes, bound, by, rep.q)
+                          max(f.q for f in fs), rep.keys(L), rep.logits, sum(f.rows for f in fs) / len(fs), cfg.n_layers,
+                          flops, nbytes,
+                          bound, by, rep.q)
             out.append((row, rep))
     return out
 
@@ -536,29 +653,35 @@ def measure(model, cfg: ModelConfig, settings: ScaleSettings, G: int, rows: list
     x = torch.full((B, L), cfg.mask_token_id, dtype=torch.long)  # (B, L): prompt, then G masks
     x[:, :P] = torch.randint(0, cfg.mask_token_id, (B, P), generator=g)  # any ids below the mask id
     x = x.to(device)
-    # Forwards without a cache first, so their peak memory holds no cache; then one cache for
-    # every cached kind, filled by a refresh as a block start would.
-    rows = sorted(rows, key=lambda r: r[1].cached)
-    cache, done = None, {}
+    # Forwards without a cache first, so their peak memory holds no cache; then each runner's
+    # cached kinds, one runner at a time (its cache is freed before the next one's is made).
+    order = {runner: i for i, runner in enumerate(dict.fromkeys(POLICIES[r.policy].runner for r, _ in rows))}
+    rows = sorted(rows, key=lambda r: (r[1].cached, order[POLICIES[r[0].policy].runner]))
+    state, current, done = {}, None, {}
     for row, fwd in rows:
-        shape = (fwd.q, fwd.c0 - fwd.q0, fwd.logits, fwd.cached)  # everything the cost depends on
-        if fwd.cached and cache is None:
-            cache = KVCache.for_model(cfg, batch=B, capacity=L, device=device, dtype=dtype)
-            with torch.no_grad():
-                run_forward(model, x, Forward("refresh", 0, L, P, P + 1, True), cache)
-        if shape not in done:
-            print(f"  [G={G}] timing {row.policy} / {row.kind} (Q={fwd.q}) ...", file=sys.stderr, flush=True)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            times = time_forward(lambda: run_forward(model, x, fwd, cache), device, settings.time_budget,
-                                 settings.max_repeats)
-            if device.type == "cuda":
-                peak, measured = torch.cuda.max_memory_allocated(device), True
-            else:
-                peak, measured = estimate_peak_bytes(cfg, fwd, L, elem, B, cache is not None), False
-            compiled = compile_step(model, x, fwd, cache, settings, device) if settings.compile and _is_step(fwd, L) else {}
-            done[shape] = dict(seconds=sum(times) / len(times), timed_calls=len(times), peak_bytes=peak,
-                               peak_measured=measured, **compiled)
+        policy = POLICIES[row.policy]
+        # Everything the cost depends on: the same shape under the same runner is timed once.
+        shape = (policy.runner, fwd.q, fwd.c0 - fwd.q0, fwd.logits, fwd.cached, fwd.rows, fwd.verify)
+        if shape in done:
+            for key, value in done[shape].items():
+                setattr(row, key, value)
+            continue
+        if policy.runner is not current:
+            state, current = {}, policy.runner  # drop the previous runner's cache
+        print(f"  [G={G}] timing {row.policy} / {row.kind} (Q={fwd.q}) ...", file=sys.stderr, flush=True)
+        call = policy.runner(model, x, fwd, P, policy.block_length or settings.block_length, state)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times = time_forward(call, device, settings.time_budget, settings.max_repeats)
+        if device.type == "cuda":
+            peak, measured = torch.cuda.max_memory_allocated(device), True
+        else:
+            peak, measured = estimate_peak_bytes(cfg, fwd, L, elem, B, fwd.cached), False
+        compiled = {}
+        if settings.compile and _is_step(fwd, L) and policy.runner is kv_runner:
+            compiled = compile_step(model, x, fwd, state.get("kv"), settings, device)
+        done[shape] = dict(seconds=sum(times) / len(times), timed_calls=len(times), peak_bytes=peak,
+                           peak_measured=measured, **compiled)
         for key, value in done[shape].items():
             setattr(row, key, value)
 
@@ -617,13 +740,18 @@ def request_summary(rows: list[KindRow], settings: ScaleSettings) -> list[dict]:
         rs = [r for r in rows if r.policy == policy]
         K = POLICIES[policy].block_length or settings.block_length
         blocks = rs[0].gen_length // K
-        per_block = " + ".join(f"{r.count // blocks if r.count % blocks == 0 else r.count / blocks:g} {r.kind}"
-                               for r in rs)
+        if all(r.count % blocks == 0 for r in rs):  # the same forwards in every block
+            composition = " + ".join(f"{r.count // blocks} {r.kind}" for r in rs) + f" (×{blocks} blocks)"
+        else:  # a schedule of its own (dLLM-Cache counts forwards across blocks)
+            composition = " + ".join(f"{r.count} {r.kind}" for r in rs) + f" ({blocks} blocks)"
+        n_layers = rs[0].layers
         timed = all(r.seconds is not None for r in rs)
         bounded = all(r.bound_s is not None for r in rs)
         out.append(dict(
-            gen_length=rs[0].gen_length, policy=policy, block_length=K, composition=f"{per_block} (×{blocks} blocks)",
+            gen_length=rs[0].gen_length, policy=policy, block_length=K, composition=composition,
             forwards=sum(r.count for r in rs), query_tokens=round(sum(r.count * r.q_mean for r in rs)) * settings.batch,
+            computed_tokens=round(sum(r.count * (r.q_mean + (n_layers - 1) * r.rows) / n_layers for r in rs))
+            * settings.batch,
             flops=sum(r.count * r.flops for r in rs), bytes=sum(r.count * r.bytes for r in rs),
             seconds=sum(r.count * r.seconds for r in rs) if timed else None,
             compiled_seconds=(sum(r.count * (r.compiled_seconds or r.seconds) for r in rs)
@@ -661,6 +789,8 @@ def kinds_table(rows: list[KindRow], with_compile: bool) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         q = f"{r.q_mean:.0f}" if r.q_min == r.q_max else f"{r.q_mean:.0f} ({r.q_min}–{r.q_max})"
+        if r.rows != r.q_mean:
+            q += f" ({r.rows:.0f} recomputed)"
         ratio = r.seconds / r.bound_s if r.seconds is not None and r.bound_s else None
         peak = "–" if r.peak_bytes is None else _num(r.peak_bytes, 1e9) + ("" if r.peak_measured else " est.")
         cells = [r.policy, r.kind, str(r.count), q, str(r.keys), _num(r.flops, 1e9), _num(r.bytes, 1e9),
@@ -676,14 +806,14 @@ def kinds_table(rows: list[KindRow], with_compile: bool) -> str:
 
 
 def summary_table(summary: list[dict], with_compile: bool) -> str:
-    head = ["policy", "block", "forwards per request", "NFE", "query tokens", "TFLOP", "GB read",
-            "bound s", "request s (extrapolated)", "speedup"]
+    head = ["policy", "block", "forwards per request", "NFE", "query tokens", "tokens computed", "TFLOP",
+            "GB read", "bound s", "request s (extrapolated)", "speedup"]
     if with_compile:
         head.insert(-1, "compiled s")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summary:
         cells = [s["policy"], str(s["block_length"]), s["composition"], str(s["forwards"]), f"{s['query_tokens']:,}",
-                 _num(s["flops"], 1e12), _num(s["bytes"], 1e9), _num(s["bound_s"]), _num(s["seconds"]),
+                 f"{s['computed_tokens']:,}", _num(s["flops"], 1e12), _num(s["bytes"], 1e9), _num(s["bound_s"]), _num(s["seconds"]),
                  "–" if s["speedup"] is None else f"{s['speedup']:.1f}×"]
         if with_compile:
             cells.insert(-1, _num(s["compiled_seconds"]))

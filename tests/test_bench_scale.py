@@ -86,6 +86,20 @@ def test_bytes_by_hand():
     assert forward_bytes(HAND, fwd, L=10, elem=2) == 1200 * 2 + 160 * 2
 
 
+def test_feature_caching_forward_by_hand():
+    """A dLLM-Cache V-verify forward over a canvas of 10: layer 0 recomputes all 10 tokens, layer 1
+    recomputes 2 and projects 6 response tokens to values; the LM head covers a block of 3."""
+    fwd = Forward("V-verify step", 0, 10, 4, 7, cached=True, recompute=2, verify=6, features=True)
+    # Layer 0 (10 tokens over 10 keys): projections 2·10·8·(8+4+4+8) = 3840, attention
+    # 4·10·10·8 = 3200, SwiGLU 6·10·8·12 = 5760 -> 12800. Layer 1 (2 tokens): 768 + 640 + 1152,
+    # plus values of 6 tokens 2·6·8·4 = 384 -> 2944. LM head: 960.
+    assert forward_flops(HAND, fwd, L=10) == 12800 + 2944 + 960
+    # Bytes at 1 byte each: weights 1320 - 160 + 10 embedding rows of 8, and layer 1's v_proj (8·4)
+    # once more; K/V of 10 positions in both layers (2·2·4·10) and 6 cached values (6·4); cached
+    # attention and MLP outputs of all 10 positions in both layers (2·2·10·8).
+    assert forward_bytes(HAND, fwd, L=10, elem=1) == (1240 + 32) + (160 + 24) + 320
+
+
 def test_weight_tied_head_reads_the_whole_table():
     cfg = ModelConfig(**{**HAND.__dict__, "weight_tying": True})
     fwd = Forward("full", 0, 5, 0, 5, cached=False)
@@ -101,16 +115,16 @@ def test_flops_match_torch_counter(policy):
     P, G, K = 12, 16, 8
     L = P + G
     x = torch.randint(0, cfg.mask_token_id, (1, L))
-    cache = KVCache.for_model(cfg, batch=1, capacity=L)
-    seen = set()
+    state, seen = {}, set()
     for fwd in POLICIES[policy].schedule(P, G, K):
-        if (fwd.kind, fwd.q, fwd.c0 - fwd.q0) in seen:
+        if fwd.kind in seen:
             continue
-        seen.add((fwd.kind, fwd.q, fwd.c0 - fwd.q0))
+        seen.add(fwd.kind)
+        call = POLICIES[policy].runner(model, x, fwd, P, K, state)  # the call the benchmark times
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            run_forward(model, x, fwd, cache)
-        attention = cfg.n_layers * 4 * fwd.q * fwd.keys(L) * cfg.n_heads * cfg.head_dim
-        assert counter.get_total_flops() == forward_flops(cfg, fwd, L) - attention
+            call()
+        attention = 4 * (fwd.q + (cfg.n_layers - 1) * fwd.rows) * fwd.keys(L) * cfg.n_heads * cfg.head_dim
+        assert counter.get_total_flops() == forward_flops(cfg, fwd, L) - attention, fwd.kind
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,6 +153,21 @@ def test_schedule_is_what_generate_calls(random_model, policy, P, G, K):
     assert calls == [(f.q0, f.q1, (f.c0 - f.q0, f.e - f.q0), f.cached) for f in forwards]
     assert out.nfe == len(forwards) == G
     assert out.query_tokens == sum(f.q for f in forwards)
+
+
+@pytest.mark.skipif("dllm" not in POLICIES, reason="decode.py has no dLLM-Cache")
+def test_dllm_schedule_is_what_generate_recomputes(random_model):
+    """dLLM-Cache's forwards: one per step, and per layer the very rows decode.py recomputes
+    (it counts them), across a prompt refresh (t = 50), response refreshes and V-verify steps."""
+    P, G, K = 5, 64, 8
+    cfg = DecodeConfig.for_model(random_model.config, gen_length=G, block_length=K, steps=G, cache="dllm")
+    out = generate(random_model, torch.randint(0, 40, (1, P), generator=torch.Generator().manual_seed(0)), cfg)
+    forwards = POLICIES["dllm"].schedule(P, G, K)
+    assert out.nfe == len(forwards) == G
+    assert {f.kind for f in forwards} == {"full refresh", "prompt refresh", "response refresh", "V-verify step"}
+    rows = out.extras["recomputed_rows"]
+    N = random_model.config.n_layers
+    assert rows["prompt"] + rows["response"] == sum(f.q + (N - 1) * f.rows for f in forwards)
 
 
 def test_representative_has_the_mean_cost():
@@ -215,8 +244,11 @@ def test_runs_end_to_end_on_a_tiny_preset(tmp_path, capsys):
     result = bench_scale.main(QUICK + ["--json", str(out)])
     text = capsys.readouterr().out
     assert "### G = 16" in text and "### G = 32" in text and "extrapolated" in text
-    # 5 kinds per G (none: full; prefix: refresh + step; dual: refresh + step), 3 policies per G.
-    assert len(result["kinds"]) == 10 and len(result["requests"]) == 6
+    # Per G: one row per kind of each policy (none: full; prefix and dual: refresh + step; ...).
+    kinds = {G: {(p, f.kind) for p, pol in POLICIES.items()
+                 for f in pol.schedule(16, G, pol.block_length or 8)} for G in (16, 32)}
+    assert len(result["kinds"]) == sum(len(k) for k in kinds.values())
+    assert len(result["requests"]) == 2 * len(POLICIES)
     assert all(k["seconds"] > 0 and k["bound_s"] > 0 for k in result["kinds"])
     for req in result["requests"]:
         assert req["forwards"] == req["gen_length"]  # one token per step
@@ -256,9 +288,9 @@ def test_compile_failure_is_reported_cleanly(monkeypatch, capsys):
     monkeypatch.setattr(torch, "compile", broken)
     monkeypatch.setattr(bench_scale, "_COMPILED", {})
     result = bench_scale.main(QUICK + ["--lengths", "8", "--compile"])
-    steps = [k for k in result["kinds"] if k["kind"].endswith("step")]
-    assert steps and all(k["compile_error"] == "RuntimeError: no C++ compiler found" for k in steps)
-    assert all(k["compile_error"] is None for k in result["kinds"] if not k["kind"].endswith("step"))
+    steps = [k for k in result["kinds"] if k["kind"] in ("prefix step", "dual step")]
+    assert len(steps) == 2 and all(k["compile_error"] == "RuntimeError: no C++ compiler found" for k in steps)
+    assert all(k["compile_error"] is None for k in result["kinds"] if k not in steps)
     assert "torch.compile failed" in capsys.readouterr().out
 
 
