@@ -32,6 +32,7 @@ N continuation, L = P + N, V vocabulary.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import logging
@@ -50,6 +51,13 @@ import torch.nn.functional as F
 
 import task
 from decode import DecodeConfig, generate, left_pad
+
+try:
+    import lm_eval.models  # noqa: F401  (registers lm-eval's own models lazily, so --model hf still works)
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+except ImportError as err:  # the optional install is missing: say how to get it
+    raise ImportError("eval_harness.py needs lm-eval and accelerate: pip install -r requirements-eval.txt") from err
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CHECKPOINT = os.path.join(HERE, "checkpoints", "arith")
@@ -127,9 +135,21 @@ def _coerce(name: str, value, hint):
             pass
     elif base is str:
         return text
+    elif typing.get_origin(base) in (tuple, list):  # e.g. delimiter_ids=[21,74] ('tuple[int, ...]')
+        items = value
+        if isinstance(value, str):
+            try:
+                items = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                pass
+        items = [items] if isinstance(items, (int, float)) and not isinstance(items, bool) else items
+        if isinstance(items, (list, tuple)):
+            element = typing.get_args(base)[0]
+            parsed = [_coerce(f"{name}[{i}]", v, element) for i, v in enumerate(items)]
+            return tuple(parsed) if typing.get_origin(base) is tuple else parsed
     else:
         return value
-    raise ValueError(f"model_args {name}={value!r}: expected {base.__name__}")
+    raise ValueError(f"model_args {name}={value!r}: expected {getattr(base, '__name__', base)}")
 
 
 def parse_model_args(model_args: dict) -> tuple[HarnessConfig, dict]:
@@ -236,14 +256,6 @@ def mc_loglikelihood(model, context: list[int], continuation: list[int], mask_id
 # ---------------------------------------------------------------------------------------------
 # The lm-eval model
 # ---------------------------------------------------------------------------------------------
-
-try:
-    import lm_eval.models  # noqa: F401  (registers lm-eval's own models lazily, so --model hf still works)
-    from lm_eval.api.model import LM
-    from lm_eval.api.registry import register_model
-except ImportError as err:  # the optional install is missing: say how to get it
-    raise ImportError("eval_harness.py needs lm-eval and accelerate: pip install -r requirements-eval.txt") from err
-
 
 @register_model("dllm")
 class DiffusionLM(LM):

@@ -187,6 +187,11 @@ def test_every_decode_config_field_is_a_model_arg():
             continue
         _, kwargs = eh.parse_model_args({f.name: str(value)})  # as typed on the command line
         assert kwargs[f.name] == value and type(kwargs[f.name]) is type(value), f.name
+    # Sequence-valued fields (AdaBlock's delimiter_ids) from lm-eval's parsed list or from a string.
+    for name, (_, hint) in eh._settings().items():
+        if "tuple[int" in str(hint):
+            assert eh.parse_model_args({name: "[21, 74]"})[1][name] == (21, 74)
+            assert eh.parse_model_args({name: [21]})[1][name] == (21,)
     harness, kwargs = eh.parse_model_args({"threshold": "0.9", "cache": "dual", "gen_length": 256, "mc_num": "8",
                                            "factor": "None", "check_greedy": "false"})
     assert kwargs == dict(threshold=0.9, cache="dual", gen_length=256, block_length=256, steps=256, factor=None)
