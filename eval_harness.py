@@ -585,7 +585,8 @@ def write_toy_tasks(out_dir: str = TASK_DIR, checkpoint: str = DEFAULT_CHECKPOIN
 
     Per family: toy_<family>.yaml/.jsonl (generation, the family's own window as max_gen_toks);
     for chain families also toy_<family>_mc.yaml/.jsonl (multiple choice). toy_spec.json keeps
-    the spec, so eval_tasks/utils.py scores with the same families.
+    the spec, so eval_tasks/utils.py scores with the same families. Other toy_* task files in
+    out_dir (families of a previous checkpoint) are removed.
     """
     spec = task.load_task(checkpoint)
     name = os.path.relpath(checkpoint, HERE) if os.path.abspath(checkpoint).startswith(HERE) else checkpoint
@@ -613,6 +614,11 @@ def write_toy_tasks(out_dir: str = TASK_DIR, checkpoint: str = DEFAULT_CHECKPOIN
             rows.append(dict(dataclasses.asdict(p), choices=choices, gold=choices.index(p.answer)))
         write(f"toy_{family}_mc.jsonl", jsonl(rows))
         write(f"toy_{family}_mc.yaml", MC_YAML.format(family=family, checkpoint=name))
+    # Families the spec no longer has (another checkpoint's) leave no stale task behind.
+    for file in os.listdir(out_dir):
+        path = os.path.join(out_dir, file)
+        if file.startswith("toy_") and file.endswith((".yaml", ".jsonl")) and path not in written:
+            os.remove(path)
     return written
 
 
