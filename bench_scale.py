@@ -439,23 +439,35 @@ def measure_cpu(dtype: torch.dtype, n: int = 1536, copy_mib: int = 256, repeats:
     closest to what the hardware can do. The copy's bandwidth counts what it reads and what it
     writes, as STREAM's copy does.
     """
+    clock = timing_clock(torch.device("cpu"))
     a = torch.randn(n, n).to(dtype)
     a @ a  # warm-up (thread pool, packing buffers)
-    best = min(_timed(lambda: a @ a) for _ in range(repeats))
+    best = min(_timed(lambda: a @ a, clock) for _ in range(repeats))
     flops = 2 * n ** 3 / best
     src = torch.ones(copy_mib * 2 ** 20 // 4)  # float32
     dst = torch.empty_like(src)
     dst.copy_(src)  # warm-up: touch every page
-    best = min(_timed(lambda: dst.copy_(src)) for _ in range(repeats))
+    best = min(_timed(lambda: dst.copy_(src), clock) for _ in range(repeats))
     bandwidth = 2 * src.numel() * 4 / best
     name = f"CPU, {torch.get_num_threads()} thread(s)"
-    return Hardware(name, flops, bandwidth, f"measured: {n}x{n} {_dtype_name(dtype)} matmul, {copy_mib} MiB copy")
+    what = "CPU time" if clock is time.process_time else "wall time"
+    return Hardware(name, flops, bandwidth,
+                    f"measured ({what}): {n}x{n} {_dtype_name(dtype)} matmul, {copy_mib} MiB copy")
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
+def timing_clock(device: torch.device):
+    """The clock forwards are timed with. On a CPU running torch on one thread: this process's
+    CPU time, which leaves out the time other jobs held the core (this machine may be shared).
+    Elsewhere (CUDA, or several threads whose CPU times would add up): wall time."""
+    if device.type == "cpu" and torch.get_num_threads() == 1:
+        return time.process_time
+    return time.perf_counter
+
+
+def _timed(fn, clock=time.perf_counter) -> float:
+    start = clock()
     fn()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def roofline(hw: Hardware, flops: int, nbytes: int) -> tuple[float, str]:
@@ -475,21 +487,31 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def time_forward(call, device: torch.device, budget_s: float, max_repeats: int) -> list[float]:
-    """Seconds of several calls of `call`, after one warm-up call.
+def time_forward(call, device: torch.device, budget_s: float, max_repeats: int) -> tuple[list[float], list[float]]:
+    """Seconds of several calls of `call` after one warm-up call: by timing_clock, and by the wall.
 
-    Timing stops once `budget_s` seconds are spent (at least one call is timed). A call whose
-    warm-up alone took longer than the budget is timed once more only if it is under 4 budgets;
-    beyond that the warm-up itself is the measurement (first-call overhead is negligible there).
+    Timing stops once `budget_s` wall seconds are spent (at least one call is timed). A call
+    whose warm-up took more than 4 budgets is not run again: the warm-up is the measurement
+    (first-call overhead is negligible there).
     """
-    _sync(device)
-    first = _timed(lambda: (call(), _sync(device)))
-    if first > 4 * budget_s:
-        return [first]
-    times: list[float] = []
-    while len(times) < max_repeats and (not times or sum(times) < budget_s):
-        times.append(_timed(lambda: (call(), _sync(device))))
-    return times
+    clock = timing_clock(device)
+
+    def timed_call():
+        _sync(device)
+        wall, cpu = time.perf_counter(), clock()
+        call()
+        _sync(device)
+        return clock() - cpu, time.perf_counter() - wall
+
+    first = timed_call()
+    if first[1] > 4 * budget_s:
+        return [first[0]], [first[1]]
+    times, walls = [], []
+    while len(times) < max_repeats and (not walls or sum(walls) < budget_s):
+        t, w = timed_call()
+        times.append(t)
+        walls.append(w)
+    return times, walls
 
 
 # ---------------------------------------------------------------------------------------------
@@ -600,7 +622,8 @@ class KindRow:
     bound_s: float | None  # mean roofline bound of this kind's forwards, seconds
     bound_by: str | None  # 'compute', 'memory', or 'mixed (n memory)' when it differs between forwards
     timed_q: int  # query tokens of the forward actually timed (the mean Q when Q varies)
-    seconds: float | None = None  # mean measured seconds per forward (eager)
+    seconds: float | None = None  # mean measured seconds per forward, eager (timing_clock: CPU time on 1 CPU thread)
+    wall_seconds: float | None = None  # the same by the wall clock
     timed_calls: int = 0  # how many calls the mean is over
     peak_bytes: float | None = None  # peak memory while timing (CUDA: measured; CPU: estimate)
     peak_measured: bool = False  # whether peak_bytes was measured
@@ -672,7 +695,7 @@ def measure(model, cfg: ModelConfig, settings: ScaleSettings, G: int, rows: list
         call = policy.runner(model, x, fwd, P, policy.block_length or settings.block_length, state)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        times = time_forward(call, device, settings.time_budget, settings.max_repeats)
+        times, walls = time_forward(call, device, settings.time_budget, settings.max_repeats)
         if device.type == "cuda":
             peak, measured = torch.cuda.max_memory_allocated(device), True
         else:
@@ -680,8 +703,8 @@ def measure(model, cfg: ModelConfig, settings: ScaleSettings, G: int, rows: list
         compiled = {}
         if settings.compile and _is_step(fwd, L) and policy.runner is kv_runner:
             compiled = compile_step(model, x, fwd, state.get("kv"), settings, device)
-        done[shape] = dict(seconds=sum(times) / len(times), timed_calls=len(times), peak_bytes=peak,
-                           peak_measured=measured, **compiled)
+        done[shape] = dict(seconds=sum(times) / len(times), wall_seconds=sum(walls) / len(walls),
+                           timed_calls=len(times), peak_bytes=peak, peak_measured=measured, **compiled)
         for key, value in done[shape].items():
             setattr(row, key, value)
 
@@ -719,8 +742,8 @@ def compile_step(model, x, fwd: Forward, cache: KVCache, settings: ScaleSettings
             _sync(device)
             compile_s = time.perf_counter() - start
             diff = float((out - eager).abs().max())
-        times = time_forward(lambda: run_forward(compiled, x, fwd, cache), device, settings.time_budget,
-                             settings.max_repeats)
+        times, _ = time_forward(lambda: run_forward(compiled, x, fwd, cache), device, settings.time_budget,
+                                settings.max_repeats)
         return dict(compiled_seconds=sum(times) / len(times), compile_seconds=compile_s, compile_max_diff=diff)
     except Exception as err:  # report and go on with the eager figures
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
@@ -754,6 +777,7 @@ def request_summary(rows: list[KindRow], settings: ScaleSettings) -> list[dict]:
             * settings.batch,
             flops=sum(r.count * r.flops for r in rs), bytes=sum(r.count * r.bytes for r in rs),
             seconds=sum(r.count * r.seconds for r in rs) if timed else None,
+            wall_seconds=sum(r.count * r.wall_seconds for r in rs) if timed else None,
             compiled_seconds=(sum(r.count * (r.compiled_seconds or r.seconds) for r in rs)
                               if timed and any(r.compiled_seconds for r in rs) else None),
             bound_s=sum(r.count * r.bound_s for r in rs) if bounded else None))
@@ -781,9 +805,11 @@ def _ms(seconds) -> str:
     return _num(seconds, 1e-3)
 
 
-def kinds_table(rows: list[KindRow], with_compile: bool) -> str:
+def kinds_table(rows: list[KindRow], with_compile: bool, cpu_clock: bool = False) -> str:
     head = ["policy", "forward", "per request", "Q tokens", "keys", "GFLOP", "GB read", "FLOP/B", "bound by",
-            "bound ms", "measured ms", "× bound", "calls", "peak GB"]
+            "bound ms", "CPU ms" if cpu_clock else "measured ms", "× bound", "wall ms", "calls", "peak GB"]
+    if not cpu_clock:
+        head.remove("wall ms")
     if with_compile:
         head += ["compiled ms", "compile s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -795,7 +821,7 @@ def kinds_table(rows: list[KindRow], with_compile: bool) -> str:
         peak = "–" if r.peak_bytes is None else _num(r.peak_bytes, 1e9) + ("" if r.peak_measured else " est.")
         cells = [r.policy, r.kind, str(r.count), q, str(r.keys), _num(r.flops, 1e9), _num(r.bytes, 1e9),
                  _num(r.flops / r.bytes), r.bound_by or "–", _ms(r.bound_s), _ms(r.seconds),
-                 _num(ratio), str(r.timed_calls or "–"), peak]
+                 _num(ratio)] + ([_ms(r.wall_seconds)] if cpu_clock else []) + [str(r.timed_calls or "–"), peak]
         if with_compile:
             if r.compile_error:
                 cells += ["failed", "–"]
@@ -805,9 +831,12 @@ def kinds_table(rows: list[KindRow], with_compile: bool) -> str:
     return "\n".join(lines)
 
 
-def summary_table(summary: list[dict], with_compile: bool) -> str:
+def summary_table(summary: list[dict], with_compile: bool, cpu_clock: bool = False) -> str:
     head = ["policy", "block", "forwards per request", "NFE", "query tokens", "tokens computed", "TFLOP",
-            "GB read", "bound s", "request s (extrapolated)", "speedup"]
+            "GB read", "bound s", "request CPU s (extrapolated)" if cpu_clock else "request s (extrapolated)",
+            "speedup"]
+    if cpu_clock:
+        head.insert(-1, "wall s")
     if with_compile:
         head.insert(-1, "compiled s")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -815,6 +844,8 @@ def summary_table(summary: list[dict], with_compile: bool) -> str:
         cells = [s["policy"], str(s["block_length"]), s["composition"], str(s["forwards"]), f"{s['query_tokens']:,}",
                  f"{s['computed_tokens']:,}", _num(s["flops"], 1e12), _num(s["bytes"], 1e9), _num(s["bound_s"]), _num(s["seconds"]),
                  "–" if s["speedup"] is None else f"{s['speedup']:.1f}×"]
+        if cpu_clock:
+            cells.insert(-1, _num(s["wall_seconds"]))
         if with_compile:
             cells.insert(-1, _num(s["compiled_seconds"]))
         lines.append("| " + " | ".join(cells) + " |")
@@ -848,6 +879,7 @@ def run(settings: ScaleSettings, shape: dict | None = None) -> dict:
     model = build_model(cfg, device="meta" if settings.dry_run else device, dtype=dtype, seed=settings.seed)
     n_params = sum(p.numel() for p in model.parameters())  # counted on the built module, meta or real
     hw = pick_hardware(settings, device, dtype)
+    cpu_clock = not settings.dry_run and timing_clock(device) is time.process_time
     if device.type == "cuda":
         device_name = torch.cuda.get_device_name(device)
     else:
@@ -871,8 +903,8 @@ def run(settings: ScaleSettings, shape: dict | None = None) -> dict:
         rows = [r for r, _ in planned]
         summary = request_summary(rows, settings)
         print(f"### G = {G} (L = P + G = {settings.prompt_length + G})\n")
-        print(kinds_table(rows, settings.compile) + "\n")
-        print(summary_table(summary, settings.compile) + "\n")
+        print(kinds_table(rows, settings.compile, cpu_clock) + "\n")
+        print(summary_table(summary, settings.compile, cpu_clock) + "\n")
         varying = [r for r in rows if r.q_min != r.q_max]
         notes = []
         if not settings.dry_run:
@@ -883,6 +915,10 @@ def run(settings: ScaleSettings, shape: dict | None = None) -> dict:
         if varying and not settings.dry_run:
             notes.append("Kinds whose Q varies over the request are timed at their mean Q (cost is affine in Q); "
                          "their FLOPs, bytes and bounds are exact means over the request's forwards.")
+        if cpu_clock:
+            notes.append("Times are this process's CPU time per forward (one torch thread), which leaves out the "
+                         "time other jobs held the core; 'wall ms' is the wall clock. The roofline peaks were "
+                         "measured the same way.")
         if not settings.dry_run and device.type != "cuda":
             notes.append("Peak memory on CPU is an estimate (weights + KV cache + largest activation set), not measured.")
         for r in rows:

@@ -249,7 +249,8 @@ def test_runs_end_to_end_on_a_tiny_preset(tmp_path, capsys):
                  for f in pol.schedule(16, G, pol.block_length or 8)} for G in (16, 32)}
     assert len(result["kinds"]) == sum(len(k) for k in kinds.values())
     assert len(result["requests"]) == 2 * len(POLICIES)
-    assert all(k["seconds"] > 0 and k["bound_s"] > 0 for k in result["kinds"])
+    assert all(k["seconds"] > 0 and k["wall_seconds"] > 0 and k["bound_s"] > 0 for k in result["kinds"])
+    assert "CPU ms" in text and "wall ms" in text  # one CPU thread: timed by this process's CPU time
     for req in result["requests"]:
         assert req["forwards"] == req["gen_length"]  # one token per step
         kinds = [k for k in result["kinds"] if k["policy"] == req["policy"] and k["gen_length"] == req["gen_length"]]
