@@ -350,7 +350,7 @@ class DiffusionLM(LM):
                 "decode_config": dataclasses.asdict(self.decode_config),
                 "gen_length_from": "model_args" if self.explicit_gen_length else
                 "the task's max_gen_toks, rounded up to whole blocks (steps per block kept)",
-                "mc_num": self.config.mc_num, "seed": self.config.seed}
+                "dllm_batch_size": self.config.batch_size, "mc_num": self.config.mc_num, "seed": self.config.seed}
 
     # -- Chat template --------------------------------------------------------------------------
 
