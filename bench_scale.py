@@ -4,9 +4,11 @@ What each decoding method's forwards cost at real model scale, next to the hardw
 A diffusion LM's cache policy decides which tokens each forward pushes through the model: vanilla
 LLaDA runs the whole canvas (prompt + G) at every step; Fast-dLLM's prefix cache (arXiv
 2505.22618) runs the current block and the masked suffix against a cached prefix; DualCache runs
-the block alone against a cache of everything else. At real scale a forward's cost follows two
-numbers: the FLOPs of the tokens it computes, and the bytes it must read (every weight once, plus
-the cached keys/values). This file computes both from the shapes, times a few forwards of each
+the block alone against a cache of everything else; dLLM-Cache (arXiv 2506.06295) feeds the whole
+canvas but recomputes few tokens per layer and reuses cached attention and MLP outputs for the
+rest. At real scale a forward's cost follows two numbers: the FLOPs of the tokens it computes, and
+the bytes it must read (every weight once, plus the cached keys/values and features). This file
+computes both from the shapes, times a few forwards of each
 kind on a randomly initialised model of a named shape (LLaDA-8B, or smaller presets of the same
 architecture), and prints each time next to the roofline bound max(FLOPs / peak FLOP/s,
 bytes / bandwidth). A whole request (one token per step, G forwards) is extrapolated from the
@@ -16,7 +18,10 @@ Simplifications: FLOPs count matrix multiplies only (projections, attention scor
 MLP, LM head; norms, RoPE and softmax are a few percent at these sizes). Bytes count reads only:
 every weight matrix once (the embedding only for the rows gathered), and the keys/values each
 attention reads; activations are assumed to stay in cache or be fused. On CPU, peak memory is an
-estimate (weights + KV cache + the largest activation set); on CUDA it is measured.
+estimate (weights + KV cache + the largest activation set); on CUDA it is measured. On one CPU
+thread, forwards are timed by the process's CPU time, so that other jobs on a shared machine do
+not inflate them (the wall time is printed alongside). Each policy is one entry of POLICIES: a
+schedule of Forward records (the request's forwards) and a runner that makes one such call.
 
 Usage:
     python bench_scale.py                                   # llada-100m on CPU, a few minutes
