@@ -9,6 +9,7 @@ offline from any working directory.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -47,8 +48,8 @@ def families() -> dict:
 
 def is_correct(doc: dict, response: str) -> bool:
     """task.py's scorer for the problem's family, as bench.py applies it to a response cut at EOS."""
-    fields = {k: doc[k] for k in ("family", "prompt", "answer", "value")}
-    return task.score(task.Problem(**fields), response, families())
+    problem = task.Problem(**{f.name: doc[f.name] for f in dataclasses.fields(task.Problem)})
+    return task.score(problem, response, families())
 
 
 def process_results(doc: dict, results: list[str]) -> dict:
