@@ -74,15 +74,42 @@ class ModelConfig:
     include_qkv_bias: bool = False  # biases on q/k/v only
     weight_tying: bool = False  # LM head shares the embedding matrix
 
+    # Field kinds, for the type checks below: a config.json written by hand or by another tool can
+    # hold "4096" or 4096.0 where an int belongs, and Python would carry that deep into torch.
+    _INTS = ("d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_hidden_size", "vocab_size", "embedding_size",
+             "max_sequence_length", "mask_token_id", "eos_token_id", "pad_token_id", "eot_token_id")
+    _FLOATS = ("rope_theta", "rms_norm_eps")
+    _BOOLS = ("include_bias", "include_qkv_bias", "weight_tying")
+
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.embedding_size is None:
             self.embedding_size = self.vocab_size
+        # 1) Types: ints are ints (bool is an int in Python, and refused), floats are finite numbers.
+        for name in self._INTS:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"config: {name} must be an integer, got {value!r} ({type(value).__name__})")
+        for name in self._FLOATS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"config: {name} must be a finite number, got {value!r} ({type(value).__name__})")
+        for name in self._BOOLS:
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"config: {name} must be true or false, got {value!r} ({type(value).__name__})")
+        # 2) Ranges: positive sizes, a positive RoPE base (theta <= 0 gives NaN angles), an epsilon
+        #    that cannot make RMSNorm divide by a negative or zero mean square.
         for name in ("d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_hidden_size",
                      "vocab_size", "max_sequence_length"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"config: {name} must be positive, got {getattr(self, name)}")
+        if self.rope_theta <= 0:
+            raise ValueError(f"config: rope_theta must be > 0, got {self.rope_theta}")
+        if self.rms_norm_eps < 0:
+            raise ValueError(f"config: rms_norm_eps must be >= 0, got {self.rms_norm_eps}")
+        # 3) Shapes that must fit together.
         if self.d_model % self.n_heads != 0:
             raise ValueError(f"config: d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads != 0:
@@ -112,6 +139,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, raw: dict) -> "ModelConfig":
         """Build from a LLaDA `config.json` dict, refusing options this model does not implement."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"config: expected a JSON object of settings, got a {type(raw).__name__}")
         for key, allowed in cls._REQUIRED.items():
             if key in raw and raw[key] not in allowed:
                 raise ValueError(f"config: {key}={raw[key]!r} is not supported (LLaDA uses {allowed[0]!r})")
@@ -331,37 +360,78 @@ class LLaDAModel(nn.Module):
 # Loading a checkpoint directory (config.json + safetensors, sharded or not)
 # ---------------------------------------------------------------------------------------------
 
+# The dtypes a model may be loaded in: the ones LLaDA is run in, and float64 for reference runs.
+# float8 and friends are refused: they load, then fail at the first matmul on most devices.
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+# safetensors' header names for the same dtypes (the file headers are read before any tensor).
+_HEADER_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
 
 def _resolve_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
+    """A supported torch dtype from a dtype or its name; None stays None (the checkpoint's own)."""
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"unsupported dtype {dtype}; use one of {sorted(set(map(str, _DTYPES.values())))}")
         return dtype
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
     return _DTYPES[dtype]
 
 
-def _safetensors_files(path: str) -> list[str]:
-    """The weight files of a checkpoint directory: the index's shards, or the single file."""
+def _resolve_device(device) -> torch.device:
+    """The device to load on, checked here so a typo or a missing GPU is one clear error, not an
+    AssertionError from deep inside torch at the first copy."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"unknown device {device!r} (use cpu, cuda or cuda:N): {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} asked for, but this torch build sees no CUDA device "
+                         f"(torch {torch.__version__}); use --device cpu or install a CUDA build of torch")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {str(device)!r} does not exist: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def _shard_path(path: str, name, index: str) -> str:
+    """The file a shard name of the index stands for, refusing names that leave the checkpoint
+    directory. The check is on the name as written (absolute, or with a '..' part), not on the
+    resolved path: a Hugging Face cache directory holds symlinks into a blob store beside it."""
+    if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
+        raise ValueError(f"{index} names the shard {name!r}, which is not a file name inside {path}; refusing it")
+    return os.path.join(path, name)
+
+
+def _safetensors_files(path: str) -> tuple[list[str], dict | None]:
+    """The weight files of a checkpoint directory (the index's shards, or the single file), and
+    the index's tensor -> file map when there is an index."""
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map")
+        try:
+            with open(index) as f:
+                raw = json.load(f)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{index} is not readable JSON: {err}") from None
+        weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index} has no 'weight_map'")
-        files = [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
+        weight_map = {tensor: _shard_path(path, name, index) for tensor, name in weight_map.items()}
+        files = sorted(set(weight_map.values()))
         missing = [f for f in files if not os.path.isfile(f)]
         if missing:
             raise ValueError(f"shards listed in {index} are missing: {missing}")
-        return files
+        return files, weight_map
     if os.path.isfile(single):
-        return [single]
+        return [single], None
     found = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if found:
-        return [os.path.join(path, f) for f in found]
+        return [os.path.join(path, f) for f in found], None
     raise ValueError(f"no model.safetensors, model.safetensors.index.json or *.safetensors in {path}")
 
 
@@ -372,32 +442,89 @@ def load_config(path: str) -> ModelConfig:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise ValueError(f"{path} has no config.json")
-    with open(cfg_path) as f:
-        return ModelConfig.from_dict(json.load(f))
+    try:
+        with open(cfg_path) as f:
+            raw = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{cfg_path} is not valid JSON: {err}") from None
+    try:
+        return ModelConfig.from_dict(raw)
+    except ValueError as err:
+        raise ValueError(f"{cfg_path}: {err}") from None
+    except TypeError as err:  # a key the dataclass does not take in the form given, e.g. a list
+        raise ValueError(f"{cfg_path}: {err}") from None
+
+
+def _read_headers(files: list[str], weight_map: dict | None, path: str) -> dict:
+    """name -> (file, shape, header dtype) for every tensor, from the file headers alone.
+
+    A tensor in two files is refused (which one should win?), as is a tensor the index places
+    in one shard but found in another. A file safetensors cannot parse is named.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    found = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    if name in found:
+                        raise ValueError(f"checkpoint {path}: tensor {name} is in two files, "
+                                         f"{found[name][0]} and {file}; keep it in one")
+                    found[name] = (file, tuple(sl.get_shape()), sl.get_dtype())
+        except SafetensorError as err:
+            raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt?): {err}") from None
+    if weight_map is not None:
+        misplaced = sorted(n for n, (file, _, _) in found.items() if n in weight_map and weight_map[n] != file)
+        if misplaced:
+            raise ValueError(f"checkpoint {path}: the index places {misplaced[:3]} in other shards than the ones "
+                             f"that hold them")
+    return found
+
+
+def _checkpoint_dtype(found: dict, path: str) -> torch.dtype:
+    """The one floating dtype the checkpoint's tensors share; used when no dtype is asked for.
+
+    Integer tensors are refused (a weight is never an integer; a quantized checkpoint needs its
+    own loader), and so are dtypes the model does not run in (float8, ...) unless a dtype to
+    convert to is given. A checkpoint mixing float dtypes is refused too: silently taking the
+    first tensor's would be an accident of file order; pass dtype= to say which one to use.
+    """
+    kinds = {}
+    for name, (_, _, header_dtype) in sorted(found.items()):
+        kinds.setdefault(header_dtype, name)
+    if len(kinds) > 1:
+        examples = ", ".join(f"{d} ({n})" for d, n in sorted(kinds.items()))
+        raise ValueError(f"checkpoint {path} mixes tensor dtypes: {examples}; pass dtype= (--dtype) to choose one")
+    (header_dtype, example), = kinds.items()
+    if header_dtype not in _HEADER_DTYPES:
+        raise ValueError(f"checkpoint {path} stores {example} as {header_dtype}, which this model does not run in; "
+                         f"pass dtype= (--dtype) one of {sorted(_DTYPES)} to convert")
+    return _HEADER_DTYPES[header_dtype]
 
 
 def load_model(path: str, device=None, dtype=None) -> LLaDAModel:
     """Load a LLaDA checkpoint directory into an `LLaDAModel` in eval mode.
 
     device: where the weights go (default: CUDA when available, else CPU).
-    dtype: torch dtype or name ('bfloat16', 'float32', ...); default: the checkpoint's own dtype.
-    Only safetensors are read; nothing is unpickled.
+    dtype: torch dtype or name ('bfloat16', 'float32', ...); default: the checkpoint's own dtype,
+        which must then be one float dtype for every tensor (see _checkpoint_dtype).
+    Only safetensors are read; nothing is unpickled. Every mistake in the directory (config,
+    index, shards, names, shapes, dtypes) is a ValueError naming the file or tensor.
     """
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     dtype = _resolve_dtype(dtype)
+    device = _resolve_device(device)
     cfg = load_config(path)
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     # Build on the meta device (no memory, no random init), then fill from the files.
     with torch.device("meta"):
         model = LLaDAModel(cfg)
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
-    files = _safetensors_files(path)
-    # 1) Check names and shapes from the file headers alone, before reading any weights.
-    found = {}
-    for file in files:
-        with safe_open(file, framework="pt", device="cpu") as f:
-            found.update({name: (file, tuple(f.get_slice(name).get_shape())) for name in f.keys()})
+    files, weight_map = _safetensors_files(path)
+    # 1) Check names, shapes and dtypes from the file headers alone, before reading any weights.
+    found = _read_headers(files, weight_map, path)
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     if missing or unexpected:
@@ -405,15 +532,21 @@ def load_model(path: str, device=None, dtype=None) -> LLaDAModel:
     for name, shape in expected.items():
         if found[name][1] != shape:
             raise ValueError(f"checkpoint {path}: {name} has shape {found[name][1]}, expected {shape}")
+    integer = sorted(n for n, (_, _, d) in found.items() if d == "BOOL" or d[0] in "IU")  # I8..I64, U8..U64
+    if integer:
+        raise ValueError(f"checkpoint {path}: {integer[:3]} hold integer or bool values ({found[integer[0]][2]}); "
+                         f"weights must be floating point (a quantized checkpoint needs its own loader)")
+    dtype = dtype or _checkpoint_dtype(found, path)
     # 2) Read tensor by tensor, converting and moving each one at once, so host memory holds
     #    one tensor at a time rather than the whole checkpoint (16 GB for LLaDA-8B in bf16).
     state = {}
     for file in files:
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for name in f.keys():
-                tensor = f.get_tensor(name)
-                dtype = dtype or tensor.dtype  # default: the checkpoint's own dtype
-                state[name] = tensor.to(device=device, dtype=dtype)
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    state[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+        except SafetensorError as err:
+            raise ValueError(f"{file} could not be read (truncated or corrupt?): {err}") from None
     model.load_state_dict(state, assign=True)
     return model.eval()
 
