@@ -6,17 +6,26 @@ train.py on the arithmetic task in task.py), asks it a held-out problem, and dec
 fastest setting that keeps accuracy (DualCache + threshold 0.9, see the README's benchmark).
 Point --model at a real LLaDA-8B directory to use the same code on the real model.
 
+Every method of decode.py is a flag: the cache policy (--cache none/prefix/dual/dllm), the commit
+rule (--threshold, --factor, or LLaDA's top-k schedule), the block rule (--adablock) and
+--stop-at-eos. --cache-map draws, under the canvas, which positions each forward recomputed and
+which it read from the cache. A user's mistake (a bad flag, a broken checkpoint, a model whose
+logits overflow) ends the run with one line on stderr and a non-zero exit; Ctrl-C exits with 130.
+
 Usage:
     python run.py                                   # the shipped checkpoint, a sample problem
-    python run.py --prompt "8-3+7"                  # the arithmetic checkpoint takes an expression
+    python run.py --prompt "8-3+7" --cache-map      # watch DualCache: '#' recomputed, '.' cached
+    python run.py --cache dllm --no-live            # dLLM-Cache, result and figures only
     python run.py --model ~/LLaDA-8B-Instruct --prompt "What is 2+2?" --gen-length 128 \
-                  --block-length 32 --steps 128 --cache none      # vanilla LLaDA sampling
+                  --block-length 32 --steps 128 --cache none --threshold none   # vanilla LLaDA
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import fields
@@ -32,6 +41,24 @@ DEFAULT_MODEL = os.path.join(HERE, "checkpoints", "arith")
 # fastest setting that keeps the shipped checkpoint's accuracy at this window (README, Benchmark).
 RUN_DEFAULTS = dict(gen_length=32, block_length=32, steps=32, cache="dual", threshold=0.9)
 
+# ---------------------------------------------------------------------------------------------
+# Helpers: flags, the prompt, the delimiter, drawing the canvas and the cache map
+# ---------------------------------------------------------------------------------------------
+
+
+def threshold_arg(text: str) -> float | None:
+    """--threshold: a number in (0, 1]; 'none' (or any negative number) turns the rule off.
+    NaN is refused: it would compare false with every confidence and so silently mean 'off'."""
+    if text.strip().lower() in ("none", "off"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1] or 'none', got {text!r}") from None
+    if math.isnan(value):
+        raise argparse.ArgumentTypeError("nan is not a threshold; give a number in (0, 1], or 'none' to turn it off")
+    return None if value < 0 else value
+
 
 def build_prompt(tokenizer, text: str, model_dir: str) -> str:
     """The prompt string: our task's format for the arithmetic checkpoint, the chat template for
@@ -46,18 +73,139 @@ def build_prompt(tokenizer, text: str, model_dir: str) -> str:
     return text
 
 
-def show(tokenizer, ids, mask_id, eos_id) -> str:
-    """The generated canvas as one line: masks as '_', newlines as '⏎', EOS padding dropped."""
-    pieces = []
+def newline_id(tokenizer) -> int:
+    """The tokenizer's id of a newline, AdaBlock's delimiter. A byte-level BPE (LLaDA) encodes
+    '\\n' as one token spelled 'Ċ'; SentencePiece vocabularies spell it '<0x0A>'."""
+    try:
+        ids = tokenizer("\n", add_special_tokens=False).input_ids
+    except Exception:  # a character tokenizer without a newline refuses the text
+        ids = []
+    if len(ids) == 1 and ids[0] is not None and ids[0] != tokenizer.unk_token_id:
+        return int(ids[0])
+    vocab = tokenizer.get_vocab()
+    for token in ("\n", "Ċ", "<0x0A>"):
+        if token in vocab:
+            return int(vocab[token])
+    raise ValueError("--adablock ends blocks on newlines, but this tokenizer has no newline token")
+
+
+def cells(tokenizer, ids, mask_id, eos_id, keep_eos: bool) -> list[str]:
+    """One printable cell per canvas position: masks '_', newlines '⏎', EOS '␄' when kept (the
+    cache map needs a cell for every position), else dropped as padding."""
+    out = []
     for t in ids:
         if t == mask_id:
-            pieces.append("_")
-        elif t != eos_id:
-            pieces.append(tokenizer.decode([t]))
-    return "".join(pieces).replace("\n", "⏎")
+            out.append("_")
+        elif t == eos_id:
+            out.append("␄" if keep_eos else "")
+        else:
+            out.append(tokenizer.decode([t]).replace("\n", "⏎") or "?")
+    return out
 
 
-def main(argv=None):
+def cache_map(state, config, n_layers: int, seen: dict) -> list[str]:
+    """One character per generated position: what the step's forward did with it.
+
+    '#' the forward recomputed it (its tokens were queries: fresh keys/values written to the
+    cache); '.' the forward read it from the cache (stale keys/values, not recomputed).
+    dLLM-Cache feeds every position through the model but each layer reuses cached attention
+    and MLP features for most of them: a step that refreshed the whole response in every layer
+    is '#', any other step 'd' (layer 0 and V-verify's picks are recomputed, the rest reused).
+    """
+    P, L = state.P, state.L
+    if config.cache == "dllm":
+        rows = state.extras.get("recomputed_rows", {}).get("response", 0)
+        fresh = rows - seen.get("response", 0) == n_layers * (L - P)  # every layer, every response token
+        seen["response"] = rows
+        return ["#" if fresh else "d"] * (L - P)
+    window = state.window if state.window.dim() == 1 else state.window[0]  # row 0's positions
+    computed = torch.zeros(L + 1, dtype=torch.bool)  # one spare slot: the cache's trash index L
+    computed[window.cpu()] = True
+    return ["#" if c else "." for c in computed[P:L].tolist()]
+
+
+class Display:
+    """The live view: the canvas (and the cache map) redrawn in place after every step; or, with
+    --no-live and --cache-map, every step's lines printed one after another."""
+
+    def __init__(self, tokenizer, config, n_layers: int, live: bool, show_map: bool):
+        self.tokenizer, self.config, self.n_layers = tokenizer, config, n_layers
+        self.live, self.show_map = live, show_map
+        self.width = max(20, shutil.get_terminal_size((160, 24)).columns - 12)  # keep lines from wrapping
+        self.drawn = False  # whether a frame is on screen (to redraw over it, or end its line)
+        self.seconds = 0.0  # time spent drawing, excluded from the figures
+        self.seen = {}  # dLLM-Cache's counters at the previous step
+
+    def frame(self, label: str, gen_ids: list[int], marks: list[str] | None) -> list[str]:
+        """The canvas line and, under it, the map line with each mark under its token's cell."""
+        cs = cells(self.tokenizer, gen_ids, self.config.mask_id, self.config.eos_id, keep_eos=self.show_map)
+        canvas, below, used = [], [], 0
+        for i, c in enumerate(cs):
+            if used + len(c) > self.width:
+                break
+            canvas.append(c)
+            if marks is not None:
+                below.append(marks[i] * len(c))  # one mark under every character of the cell
+            used += len(c)
+        lines = [f"[{label}] {''.join(canvas)}"]
+        if marks is not None:
+            lines.append(f"[cache   ] {''.join(below)}")
+        return lines
+
+    def draw(self, lines: list[str], pause: float) -> None:
+        if not self.live:
+            print("\n".join(lines))
+            return
+        if self.drawn:  # back to the first line of the previous frame
+            sys.stdout.write("\r" + "\033[1A" * (len(lines) - 1))
+        sys.stdout.write("\n".join("\r\033[K" + line for line in lines))
+        sys.stdout.flush()
+        self.drawn = True
+        time.sleep(pause)  # slow enough to watch
+
+    def start(self, G: int) -> None:
+        """The canvas before the first step: all masks."""
+        if self.live:
+            marks = ["." for _ in range(G)] if self.show_map else None
+            self.draw(self.frame("step   0", [self.config.mask_id] * G, marks), 0.3)
+
+    def on_step(self, state) -> None:
+        """decode.generate's callback, after every step: state.x is the canvas, state.window the
+        positions the step's forward computed."""
+        t = time.perf_counter()
+        marks = cache_map(state, self.config, self.n_layers, self.seen) if self.show_map else None
+        self.draw(self.frame(f"step {state.nfe:3d}", state.x[0, state.P:].tolist(), marks), 0.05)
+        self.seconds += time.perf_counter() - t
+
+    def clear(self) -> None:
+        """Erase the frame, so the answer prints where the canvas was."""
+        if self.live and self.drawn:
+            n = 1 + self.show_map
+            sys.stdout.write("\r\033[K" + "\033[1A\r\033[K" * (n - 1))
+            sys.stdout.flush()
+            self.drawn = False
+
+    def end_line(self) -> None:
+        """Before an error message: end the half-drawn line so the message starts on its own."""
+        if self.live and self.drawn:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            self.drawn = False
+
+
+def fail(message, display: Display | None = None):
+    """A user's mistake: one line on stderr and exit status 1."""
+    if display is not None:
+        display.end_line()
+    sys.exit(" ".join(str(message).split("\n")))
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     d = DecodeConfig()
     default = {f.name: RUN_DEFAULTS.get(f.name, getattr(d, f.name)) for f in fields(DecodeConfig)}
     ap = argparse.ArgumentParser(description="Generate with a LLaDA-format checkpoint.")
@@ -65,24 +213,67 @@ def main(argv=None):
     ap.add_argument("--prompt", default=None, help="prompt text (for the arithmetic checkpoint: an expression like '8-3+7'); "
                                                      "default: a held-out problem")
     ap.add_argument("--gen-length", type=int, default=default["gen_length"], help="tokens to generate")
-    ap.add_argument("--block-length", type=int, default=default["block_length"], help="semi-autoregressive block length")
+    ap.add_argument("--block-length", type=int, default=default["block_length"],
+                    help="semi-autoregressive block length (with --adablock: the default length of a block)")
     ap.add_argument("--steps", type=int, default=default["steps"], help="total steps of the top-k schedule")
     ap.add_argument("--temperature", type=float, default=default["temperature"], help="0 = greedy; > 0 = Gumbel sampling")
     ap.add_argument("--remasking", choices=REMASKING, default=default["remasking"], help="confidence used to pick commits")
     ap.add_argument("--cfg-scale", type=float, default=default["cfg_scale"], help="classifier-free guidance scale (0 = off)")
-    ap.add_argument("--cache", choices=CACHES, default=default["cache"], help="KV cache: none, prefix or dual (Fast-dLLM)")
-    ap.add_argument("--threshold", type=float, default=default["threshold"],
-                    help="commit every proposal with confidence >= this (Fast-dLLM); a negative value turns it off")
+    ap.add_argument("--cache", choices=CACHES, default=default["cache"],
+                    help="cache policy: none, prefix or dual (Fast-dLLM's KV caches), dllm (dLLM-Cache's feature cache)")
+    ap.add_argument("--threshold", type=threshold_arg, default=default["threshold"],
+                    help="commit every proposal with confidence >= this, in (0, 1] (Fast-dLLM); "
+                         "'none' or a negative value turns it off (LLaDA's top-k schedule)")
     ap.add_argument("--factor", type=float, default=default["factor"], help="Fast-dLLM factor rule (replaces --threshold)")
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    ap.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: the checkpoint's)")
+    ap.add_argument("--prompt-interval-steps", type=int, default=default["prompt_interval_steps"],
+                    help="dLLM-Cache: recompute the prompt's features every this many steps (K_p)")
+    ap.add_argument("--gen-interval-steps", type=int, default=default["gen_interval_steps"],
+                    help="dLLM-Cache: recompute the whole response every this many steps (K_r)")
+    ap.add_argument("--transfer-ratio", type=float, default=default["transfer_ratio"],
+                    help="dLLM-Cache: between those, recompute this fraction of the response (rho, in [0, 1])")
+    ap.add_argument("--adablock", action="store_true",
+                    help="AdaBlock: end each block on a confidently predicted newline instead of every --block-length "
+                         "tokens (needs --threshold or --factor)")
+    ap.add_argument("--delimiter-threshold", type=float, default=default["delimiter_threshold"],
+                    help="AdaBlock: end the block on a newline predicted with at least this probability")
+    ap.add_argument("--window-fraction", type=float, default=default["window_fraction"],
+                    help="AdaBlock: look for the newline in the next this fraction of --gen-length")
+    ap.add_argument("--stop-at-eos", action="store_true", default=default["stop_at_eos"],
+                    help="end the answer once EOS is committed with nothing masked before it (saves forwards)")
+    ap.add_argument("--cache-map", action="store_true",
+                    help="draw a second line under the canvas: '#' = the step's forward recomputed that position, "
+                         "'.' = read from the cache (prefix/dual); with --cache dllm every position goes through "
+                         "the model and 'd' marks a step whose layers reused most features. With --no-live, "
+                         "every step's two lines are printed")
+    ap.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    ap.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
     ap.add_argument("--seed", type=int, default=0, help="random seed for temperature > 0 or random remasking")
     ap.add_argument("--no-live", action="store_true", help="don't show the denoising live")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
+
+def settings(args) -> dict:
+    """DecodeConfig's keyword arguments from the flags (the special ids come from the model)."""
+    return dict(gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
+                temperature=args.temperature, remasking=args.remasking, cfg_scale=args.cfg_scale, cache=args.cache,
+                threshold=args.threshold if args.factor is None else None, factor=args.factor,
+                prompt_interval_steps=args.prompt_interval_steps, gen_interval_steps=args.gen_interval_steps,
+                transfer_ratio=args.transfer_ratio, delimiter_threshold=args.delimiter_threshold,
+                window_fraction=args.window_fraction, stop_at_eos=args.stop_at_eos)
+
+
+def run(argv=None) -> None:
+    args = parse_args(argv)
+    # Check the settings before loading anything, so a bad value is refused at once. (AdaBlock's
+    # own checks wait for the tokenizer's delimiter, below.)
+    if not args.adablock:
+        try:
+            DecodeConfig(**settings(args))
+        except ValueError as err:
+            fail(f"bad settings: {err}")
     if not os.path.isdir(args.model):
-        sys.exit(f"no checkpoint at {args.model}: train one with `python train.py`, or pass --model DIR "
-                 f"(an HF-style LLaDA directory: config.json, *.safetensors, tokenizer files)")
+        fail(f"no checkpoint at {args.model}: train one with `python train.py`, or pass --model DIR "
+             f"(an HF-style LLaDA directory: config.json, *.safetensors, tokenizer files)")
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -91,65 +282,81 @@ def main(argv=None):
 
     hf_logging.set_verbosity_error()  # AutoTokenizer warns that it doesn't know model_type 'llada'
     if not any(os.path.isfile(os.path.join(args.model, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
-        sys.exit(f"{args.model} has no tokenizer files (tokenizer.json, tokenizer_config.json); "
-                 "run.py needs them to turn the prompt into ids")
+        fail(f"{args.model} has no tokenizer files (tokenizer.json, tokenizer_config.json); "
+             "run.py needs them to turn the prompt into ids")
+    # 1) The model and its tokenizer: load_model turns every problem with the directory, the
+    #    device or the dtype into a ValueError naming it.
     try:
         model = load_model(args.model, device=args.device, dtype=args.dtype)
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
     except (ValueError, OSError) as err:
-        sys.exit(f"could not load {args.model}: {err}")
-    threshold = args.threshold if args.threshold is not None and args.threshold >= 0 and args.factor is None else None
-    # LLaDA's config.json has no end-of-turn id; its tokenizer knows '<|eot_id|>'.
+        fail(f"could not load {args.model}: {err}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    except Exception as err:  # transformers raises many kinds for a broken tokenizer file
+        fail(f"could not load the tokenizer of {args.model}: {type(err).__name__}: {err}")
+
+    # 2) The decoding settings. LLaDA's config.json has no end-of-turn id; its tokenizer knows '<|eot_id|>'.
     eot_id = model.config.eot_token_id
     if eot_id is None and "<|eot_id|>" in tokenizer.get_vocab():
         eot_id = tokenizer.convert_tokens_to_ids("<|eot_id|>")
     try:
-        cfg = DecodeConfig.for_model(model.config, eot_id=eot_id, gen_length=args.gen_length, block_length=args.block_length,
-                                     steps=args.steps, temperature=args.temperature, remasking=args.remasking,
-                                     cfg_scale=args.cfg_scale, cache=args.cache, threshold=threshold, factor=args.factor)
+        delimiter_ids = (newline_id(tokenizer),) if args.adablock else None
+        cfg = DecodeConfig.for_model(model.config, eot_id=eot_id, delimiter_ids=delimiter_ids, **settings(args))
     except ValueError as err:
-        sys.exit(f"bad settings: {err}")
+        fail(f"bad settings: {err}")
 
-    text = args.prompt if args.prompt is not None else task.test_set(1, **task.load_task(args.model))[0].prompt
+    # 3) The prompt: the user's, or the checkpoint task's first held-out problem.
+    try:
+        text = args.prompt if args.prompt is not None else task.test_set(1, **task.load_task(args.model))[0].prompt
+    except (ValueError, TypeError) as err:
+        fail(f"could not make a sample prompt from {args.model}/task.json ({err}); pass --prompt")
     prompt = build_prompt(tokenizer, text, args.model)
     try:
         prompt_ids = torch.tensor([tokenizer(prompt, add_special_tokens=False).input_ids])
     except Exception as err:  # the character tokenizer rejects characters it has no id for
-        sys.exit(f"could not tokenize the prompt {prompt!r}: {err}")
+        fail(f"could not tokenize the prompt {prompt!r}: {err}")
     print(prompt.rstrip("\n"))
 
+    # 4) Generate, drawing the canvas after every step.
     live = not args.no_live and sys.stdout.isatty()
-    shown = [0.0]  # seconds spent drawing, excluded from the figures
-
-    def on_step(x, nfe):
-        t = time.perf_counter()
-        line = show(tokenizer, x[0, prompt_ids.shape[1]:].tolist(), cfg.mask_id, cfg.eos_id)
-        sys.stdout.write(f"\r\033[K[step {nfe:3d}] {line[:150]}")
-        sys.stdout.flush()
-        time.sleep(0.05)  # slow enough to watch
-        shown[0] += time.perf_counter() - t
-
-    if live:  # the canvas before the first step: all masks
-        sys.stdout.write(f"[step   0] {'_' * min(cfg.gen_length, 150)}")
-        sys.stdout.flush()
-        time.sleep(0.3)
+    display = Display(tokenizer, cfg, model.config.n_layers, live, args.cache_map)
+    display.start(cfg.gen_length)
     generator = torch.Generator(device=model.device).manual_seed(args.seed)
     start = time.perf_counter()
     try:
-        out = generate(model, prompt_ids.to(model.device), cfg, generator=generator, on_step=on_step if live else None)
+        out = generate(model, prompt_ids.to(model.device), cfg, generator=generator,
+                       on_step=display.on_step if live or args.cache_map else None)
     except ValueError as err:
-        sys.exit(f"\nbad input: {err}")
+        fail(f"bad input: {err}", display)
+    except FloatingPointError as err:  # non-finite logits: decode.py names the step and likely causes
+        fail(f"decoding stopped: {err}", display)
     if model.device.type == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - start - shown[0]
-    if live:
-        sys.stdout.write("\r\033[K")
-    answer = tokenizer.decode(out.generated[0].tolist(), skip_special_tokens=True)
-    print(answer)
+    seconds = time.perf_counter() - start - display.seconds
+    display.clear()
+
+    # 5) The answer, what the method chose or measured, and one line of figures.
+    print(tokenizer.decode(out.generated[0].tolist(), skip_special_tokens=True))
+    if "block_lengths" in out.extras:
+        print(f"AdaBlock block lengths: {out.extras['block_lengths'][0]}")
+    if "recomputed_fraction" in out.extras:
+        print(f"dLLM-Cache recomputed {out.extras['recomputed_fraction']:.1%} of the token-layer rows "
+              f"full forwards would have")
     method = f"cache={cfg.cache}" + (f", threshold={cfg.threshold}" if cfg.threshold is not None else "") + \
-        (f", factor={cfg.factor}" if cfg.factor is not None else "")
+        (f", factor={cfg.factor}" if cfg.factor is not None else "") + (", adablock" if args.adablock else "") + \
+        (", stop-at-eos" if cfg.stop_at_eos else "")
     print(f"NFE {out.nfe} | {cfg.gen_length / seconds:.1f} tokens/s | {seconds:.2f} s | "
           f"{cfg.gen_length / out.nfe:.1f} tokens per forward | {method} | {model.device.type}")
+
+
+def main(argv=None):
+    """Run; Ctrl-C ends it with one line and exit status 130 (128 + SIGINT), not a traceback."""
+    try:
+        run(argv)
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        sys.stderr.write("\ninterrupted\n")
+        sys.exit(130)
 
 
 if __name__ == "__main__":

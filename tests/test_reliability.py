@@ -20,7 +20,7 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from decode import DecodeConfig, Noise, draw_noise, generate, propose
+from decode import DecodeConfig, draw_noise, generate, propose
 from model import LLaDAModel, ModelConfig, init_weights, load_model, save_model
 
 V = 40  # the stub's and the small model's vocabulary
