@@ -388,8 +388,8 @@ def _resolve_device(device) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ValueError(f"unknown device {device!r} (use cpu, cuda or cuda:N): {err}") from None
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} asked for, but this torch build sees no CUDA device "
                          f"(torch {torch.__version__}); use --device cpu or install a CUDA build of torch")

@@ -205,10 +205,17 @@ def fail(message, display: Display | None = None):
 # ---------------------------------------------------------------------------------------------
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (argparse prints the whole usage block first)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     d = DecodeConfig()
     default = {f.name: RUN_DEFAULTS.get(f.name, getattr(d, f.name)) for f in fields(DecodeConfig)}
-    ap = argparse.ArgumentParser(description="Generate with a LLaDA-format checkpoint.")
+    ap = Parser(description="Generate with a LLaDA-format checkpoint.")
     ap.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory (config.json, *.safetensors, tokenizer)")
     ap.add_argument("--prompt", default=None, help="prompt text (for the arithmetic checkpoint: an expression like '8-3+7'); "
                                                      "default: a held-out problem")

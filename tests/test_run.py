@@ -165,9 +165,15 @@ def test_ctrl_c(capsys, monkeypatch):
     one_line_error(capsys, ["--no-live"], "interrupted", code=130)
 
 
-def test_threshold_nan_is_refused(capsys):
-    code, _, err = main(["--threshold", "nan"], capsys)
-    assert code == 2 and "nan is not a threshold; give a number in (0, 1], or 'none' to turn it off" in err
+@pytest.mark.parametrize("argv, message", [
+    (["--threshold", "nan"], "nan is not a threshold; give a number in (0, 1], or 'none' to turn it off"),
+    (["--threshold", "high"], "expected a number in (0, 1] or 'none', got 'high'"),
+    (["--cache", "ring"], "invalid choice: 'ring'"),
+    (["--steps", "2.5"], "argument --steps: invalid int value: '2.5'"),
+])
+def test_bad_flags(capsys, argv, message):
+    """A flag argparse refuses: one line (not argparse's usage block) and exit status 2."""
+    one_line_error(capsys, argv, message, code=2)
 
 
 @pytest.mark.parametrize("value", ["none", "-1"])
