@@ -29,8 +29,9 @@ Usage:
     cfg = BlockBatchConfig.for_model(model.config, gen_length=256, generator_variant="bulk")
     out = generate(model, prompt_ids, cfg)   # out.ids (1, P + G), out.nfe, out.extras["winner_block_size"]
 
-Shape legend: N branches (batch rows), P prompt, G generation, L = P + G, Q query tokens of a
-forward, K top tokens kept per position, V vocabulary.
+Shape legend: N branches (rows of the cache), R rows of one forward (the branches taking part),
+P prompt, G generation, L = P + G, Q query tokens of a forward, K a block, J top tokens stored
+per position, V vocabulary.
 """
 
 from __future__ import annotations
@@ -143,8 +144,8 @@ class Branches:
     end: list[int]
     done: list[bool]  # no mask left
     decoded: list[int]  # tokens this branch committed (+ merged, rms; = leader's after a sync)
-    top_tok: torch.Tensor  # (N, L + 1, K) stored top tokens per position (slot L: trash)
-    top_p: torch.Tensor  # (N, L + 1, K) their probabilities, 0 where <= 0.1
+    top_tok: torch.Tensor  # (N, L + 1, J) stored top tokens per position (slot L: trash)
+    top_p: torch.Tensor  # (N, L + 1, J) their probabilities, 0 where <= 0.1
     commit_conf: torch.Tensor  # (N, L) the confidence each committed token had
     hit_eos: list[bool] = field(default_factory=list)  # a complete block held an EOS
     eos_prob: list[float] = field(default_factory=list)  # its probability (see the config flag)
@@ -189,12 +190,12 @@ def init_branches(model, prompt: torch.Tensor, config: BlockBatchConfig) -> Bran
     x = torch.full((N, L), config.mask_id, dtype=torch.long, device=device)  # (N, L)
     x[:, :P] = prompt.to(device)
     cache = KVCache.for_model(model.config, batch=N, capacity=L, device=device, dtype=model.dtype)
-    K = min(TOP_K, model.config.embedding_size)
+    J = min(TOP_K, model.config.embedding_size)
     return Branches(
         x=x, cache=cache, P=P, sizes=list(config.block_sizes),
         start=[P] * N, end=[P + b for b in config.block_sizes], done=[False] * N, decoded=[0] * N,
-        top_tok=torch.zeros((N, L + 1, K), dtype=torch.long, device=device),  # (N, L + 1, K)
-        top_p=torch.zeros((N, L + 1, K), dtype=torch.float32, device=device),  # (N, L + 1, K)
+        top_tok=torch.zeros((N, L + 1, J), dtype=torch.long, device=device),  # (N, L + 1, J)
+        top_p=torch.zeros((N, L + 1, J), dtype=torch.float32, device=device),  # (N, L + 1, J)
         commit_conf=torch.zeros((N, L), dtype=torch.float64, device=device),  # (N, L)
         hit_eos=[False] * N, eos_prob=[0.0] * N, advanced=[0] * N, needs_refresh=[False] * N)
 
@@ -283,7 +284,7 @@ def store_probs(bb: Branches, rows: list[int], logits: torch.Tensor, lpos: torch
     position keeps its tokens above 0.1 (float32 softmax, as the original's dicts). The merge
     reads them. lpos (R, Q) canvas positions of the logits, trash for padding."""
     probs = F.softmax(logits.float(), dim=-1)  # (R, Q, V)
-    p, tok = probs.topk(bb.top_tok.shape[-1], dim=-1)  # (R, Q, K) each
+    p, tok = probs.topk(bb.top_tok.shape[-1], dim=-1)  # (R, Q, J) each
     p = torch.where(p > PROB_FLOOR, p, torch.zeros_like(p))
     index = torch.tensor(rows, device=bb.x.device)[:, None].expand_as(lpos)  # (R, Q)
     bb.top_tok[index, lpos] = tok
@@ -457,10 +458,10 @@ def merge_into(bb: Branches, dst: int, srcs: list[int], config) -> int:
             region |= (pos >= bb.start[s]) & (pos < bb.end[s])
     else:
         region = (pos >= P) & (pos < min(L, max(bb.end[s] for s in srcs)))
-    src_tok = bb.x[srcs]  # (S, L)
+    src_tok = bb.x[srcs]  # (Ns, L)
     # dst's stored probability of each source's token: the matching top slot, or 0.
-    match = bb.top_tok[dst, :L][None] == src_tok[..., None]  # (S, L, K)
-    prob = (match * bb.top_p[dst, :L][None]).sum(-1)  # (S, L)
+    match = bb.top_tok[dst, :L][None] == src_tok[..., None]  # (Ns, L, J), Ns sources
+    prob = (match * bb.top_p[dst, :L][None]).sum(-1)  # (Ns, L)
     prob = torch.where(src_tok == mask_id, torch.zeros_like(prob), prob)
     best_p, best_s = prob.max(dim=0)  # (L,) each; the first source on ties
     best_tok = src_tok.gather(0, best_s[None]).squeeze(0)  # (L,)
@@ -580,7 +581,8 @@ def generate(model, prompt_ids: torch.Tensor, config: BlockBatchConfig, generato
 
     prompt_ids: (1, P). attention_mask: (1, P) or None; left padding is dropped (one row needs none).
     Returns a decode.DecodeResult: ids (1, P + G) of the returned branch, nfe = batched forwards,
-    query_tokens = tokens computed (padding included), extras: winner_block_size, merges,
+    query_tokens = tokens computed (padding included), extras: winner_block_size, exit ('eos' or
+    'natural'), merges,
     merged_tokens, syncs, refreshes, packed_query_tokens, branch_ids (N, L).
     """
     if config.mask_id is None or config.eos_id is None:
@@ -601,12 +603,12 @@ def generate(model, prompt_ids: torch.Tensor, config: BlockBatchConfig, generato
     counter = Counter()
     everyone = list(range(bb.N))
 
-    def result(winner: int) -> decode.DecodeResult:
+    def result(winner: int, exit: str) -> decode.DecodeResult:
         ids = bb.x[winner:winner + 1].clone()  # (1, L)
         if config.fill_after_eos:
             state = decode.DecodeState(x=ids, P=bb.P, start=None, end=None)
             decode.finish_at_eos(state, dcfg)
-        extras = dict(winner_block_size=bb.sizes[winner], **bb.counts, packed_query_tokens=counter.packed_tokens,
+        extras = dict(winner_block_size=bb.sizes[winner], exit=exit, **bb.counts, packed_query_tokens=counter.packed_tokens,
                       branch_ids=bb.x.clone())
         return decode.DecodeResult(ids=ids, nfe=counter.nfe, query_tokens=counter.query_tokens,
                                    masks_left=int((ids[:, bb.P:] == config.mask_id).sum()),
@@ -648,7 +650,7 @@ def generate(model, prompt_ids: torch.Tensor, config: BlockBatchConfig, generato
         # 3) EOS exit, advance, policy, (bulk) periodic refresh.
         winner = eos_ready(bb, config)
         if winner is not None:
-            return result(winner)
+            return result(winner, "eos")
         advance_all(bb, config)
         synced = merge_and_sync(bb, config)
         if bulk:
@@ -656,4 +658,4 @@ def generate(model, prompt_ids: torch.Tensor, config: BlockBatchConfig, generato
         else:
             force_block_step = synced > 0
     # Natural exit: every branch is complete.
-    return result(0 if config.smallest_wins_natural_exit else bb.leader())
+    return result(0 if config.smallest_wins_natural_exit else bb.leader(), "natural")

@@ -88,16 +88,26 @@ def test_single_branch_with_refresh_every_block_is_dualcache(random_model, promp
     out = generate(random_model, ids, cfg)
     ref = decode_generate(random_model, ids, DecodeConfig.for_model(
         random_model.config, gen_length=G, block_length=block, steps=G, threshold=threshold, cache="dual"))
-    decided = out.ids != cfg.mask_id
-    assert torch.equal(out.ids[decided], ref.ids[decided])
-    if out.masks_left == 0 and out.nfe == ref.nfe:  # no EOS exit, or one at the very end
-        assert torch.equal(out.ids, ref.ids)
-    if out.masks_left == 0 and not (out.generated == cfg.eos_id).any():
-        assert out.nfe == ref.nfe
+    if out.extras["exit"] == "natural":
+        assert torch.equal(out.ids, ref.ids) and out.nfe == ref.nfe
+    else:  # stopped at an EOS: what it decided is DualCache's, in no more forwards
+        decided = out.ids != cfg.mask_id
+        assert torch.equal(out.ids[decided], ref.ids[decided]) and out.nfe <= ref.nfe
+
+
+@needs_golden
+def test_single_branch_golden_case_is_dualcache(tiny_model):
+    """The golden single-branch case refreshed every block is DualCache + threshold 0.9, block 8."""
+    (case,) = [c.values[0] for c in PARITY if c.id == "bb_bulk_8_g32_rb8"]
+    cfg = DecodeConfig.for_model(tiny_model.config, gen_length=32, block_length=8, steps=32, threshold=0.9,
+                                 cache="dual", mask_id=case["mask_id"])
+    for run in case["runs"]:
+        out = decode_generate(tiny_model, torch.tensor(run["prompt"]), cfg)
+        assert out.ids.tolist() == run["output_ids"] and out.nfe == run["batched_forwards"]
 
 
 def traced(monkeypatch, name, check):
-    """Wrap blockbatch.<name> so that `check(args, before, after)` sees the branch canvases."""
+    """Wrap blockbatch.<name> so that `check(bb, args, canvases before, result)` runs after each call."""
     original = getattr(bbm, name)
 
     def wrapped(bb, *args):
