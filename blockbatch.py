@@ -36,7 +36,6 @@ per position, V vocabulary.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -368,7 +367,7 @@ def full_forward(model, bb: Branches, rows: list[int], config, dcfg, generator, 
     L, P = bb.L, bb.P
     positions = torch.arange(L, device=bb.x.device)  # (L,)
     if init:
-        one = sub_cache(bb, [0], copy_in=False) if bb.N > 1 else bb.cache
+        one = sub_cache(bb, [0], copy_in=False)  # the branch cache itself when N = 1
         logits = run_forward(model, bb.x[:1], one, positions, (P, L), dcfg, counter, real_tokens=L)  # (1, G, V)
         if one is not bb.cache:
             bb.cache.k.copy_(one.k.expand_as(bb.cache.k))  # the same K/V in every branch row
