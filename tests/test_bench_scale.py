@@ -12,10 +12,10 @@ from torch.utils.flop_counter import FlopCounterMode
 import bench_scale
 from bench_scale import (POLICIES, Forward, ScaleSettings, build_model, forward_bytes, forward_flops,
                          kv_bytes_read, param_count, preset_config, published_peak, representative, roofline,
-                         run_forward, weight_bytes_read)
-from cache import KVCache
+                         weight_bytes_read)
 from decode import DecodeConfig, generate
 from model import ModelConfig
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_cpu_thread():
