@@ -154,7 +154,7 @@ class DecodeConfig:
 
     @property
     def num_blocks(self) -> int:
-        return self.gen_length // self.block_length
+        return -(-self.gen_length // self.block_length)  # a ragged last block counts (AdaBlock's B0)
 
     @property
     def steps_per_block(self) -> int:
@@ -503,7 +503,7 @@ def query_window(state: DecodeState, config: DecodeConfig) -> tuple[torch.Tensor
     stop = torch.full_like(state.end, L) if config.cache == "prefix" else state.end  # (B,)
     if bool((state.start == state.start[0]).all() and (stop == stop[0]).all()):
         s, e = int(state.start[0]), int(stop[0])  # the common case: one window for the batch
-        return torch.arange(s, e, device=device), (0, int(state.end[0]) - s)
+        return torch.arange(s, e, device=device), (0, int(state.end.max()) - s)
     # Rows with blocks of their own: each row's window, padded to the longest with the trash slot.
     Q = int((stop - state.start).max())
     pos = state.start[:, None] + torch.arange(Q, device=device)  # (B, Q)
@@ -590,7 +590,8 @@ def decode_step(model, state: DecodeState, config: DecodeConfig, generator, sche
     x0, conf = propose(logits, eligible, config, noise)
     # 3) Choose which proposals to commit: a fixed count, a threshold or a factor bound. Past the
     #    end of the schedule (only the uncapped top-k rule gets there), one per step.
-    k = schedule[:, state.step] if state.step < schedule.shape[1] else torch.ones_like(schedule[:, 0])
+    k = None if schedule is None else \
+        schedule[:, state.step] if state.step < schedule.shape[1] else torch.ones_like(schedule[:, 0])
     commit = commit_rule(conf, config, k)  # (B, K)
     # 4) Commit: write the chosen proposals at their canvas positions; committed tokens are final.
     rows, cols = commit.nonzero(as_tuple=True)
@@ -618,8 +619,10 @@ def generate(model, prompt_ids: torch.Tensor, config: DecodeConfig, generator: t
     nfe_per_block = []
     # Blocks left to right; within a block, steps until it has no masks (or a cap is reached).
     while next_block(state, rule):
-        # The top-k schedule of this block: (B, steps_per_block) commits per step.
-        schedule = num_transfer_tokens(masked_in_block(state, config.mask_id), config.steps_per_block)
+        # The top-k schedule of this block: (B, steps_per_block) commits per step (LLaDA's rule only).
+        schedule = None
+        if config.threshold is None and config.factor is None:
+            schedule = num_transfer_tokens(masked_in_block(state, config.mask_id), config.steps_per_block)
         while not block_done(state, config):
             decode_step(model, state, config, generator, schedule, rule, forward)
             if on_step is not None:

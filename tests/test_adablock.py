@@ -28,3 +28,85 @@ def test_golden_parity(tiny_model, case):
         assert out.nfe == run["forward_calls"]
         assert out.extras["block_lengths"] == [run["block_lengths"]]
         assert out.nfe_per_block == run["nfe_per_block"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Properties (hypothesis draws the sizes and settings)
+# ---------------------------------------------------------------------------------------------
+
+ada_settings = st.fixed_dictionaries({
+    "prompt_len": st.integers(1, 6),
+    "block_length": st.sampled_from([2, 3, 4, 8]),
+    "gen_length": st.integers(4, 24),
+    "cache": st.sampled_from(["none", "prefix", "dual"]),
+    "threshold": st.floats(0.3, 0.99),
+    "delimiter_threshold": st.floats(0.0, 0.9),
+    "delimiters": st.sampled_from([(16,), (21,), (16, 21, 47), (20, 22)]),
+    "seed": st.integers(0, 1000),
+})
+
+
+def ada_config(model, s, **over):
+    kw = dict(gen_length=s["gen_length"], block_length=s["block_length"], steps=s["gen_length"], cache=s["cache"],
+              threshold=s["threshold"], delimiter_ids=s["delimiters"], delimiter_threshold=s["delimiter_threshold"])
+    kw.update(over)
+    return DecodeConfig.for_model(model.config, **kw)
+
+
+def prompts(s, n):
+    g = torch.Generator().manual_seed(s["seed"])
+    return [torch.randint(0, 47, (int(torch.randint(1, s["prompt_len"] + 1, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+@given(s=ada_settings)
+def test_infinite_delimiter_threshold_is_fixed_blocks(random_model, s):
+    """tau_D = inf never adapts: exactly Fast-dLLM with fixed blocks of B0 (same cache, same rule)."""
+    G = s["block_length"] * max(1, s["gen_length"] // s["block_length"])  # the fixed grid needs whole blocks
+    prompt = torch.tensor(prompts(s, 1))
+    ada = generate(random_model, prompt, ada_config(random_model, s, gen_length=G, steps=G, delimiter_threshold=float("inf")))
+    fixed = generate(random_model, prompt, ada_config(random_model, s, gen_length=G, steps=G, delimiter_ids=None))
+    assert torch.equal(ada.ids, fixed.ids) and ada.nfe == fixed.nfe and ada.nfe_per_block == fixed.nfe_per_block
+    assert ada.extras["block_lengths"] == [[s["block_length"]] * (G // s["block_length"])]
+
+
+@given(s=ada_settings)
+def test_every_block_ends_on_a_delimiter_or_has_the_default_length(random_model, s):
+    cfg = ada_config(random_model, s)
+    out = generate(random_model, torch.tensor(prompts(s, 1)), cfg)
+    generated, start = out.generated[0].tolist(), 0
+    lengths = out.extras["block_lengths"][0]
+    assert sum(lengths) == cfg.gen_length and out.masks_left == 0
+    for n in lengths:
+        default = min(cfg.block_length, cfg.gen_length - start)
+        assert n == default or generated[start + n - 1] in cfg.delimiter_ids
+        assert 1 <= n <= max(default, int(cfg.window_fraction * cfg.gen_length))
+        start += n
+
+
+@given(s=ada_settings)
+def test_rows_with_their_own_blocks_decode_as_alone(random_model, s):
+    """Left-padded rows choose different block lengths; in one batch each row still gets exactly
+    the tokens and block lengths it gets alone (per-row blocks, trash-padded windows)."""
+    cfg = ada_config(random_model, s)
+    rows = prompts(s, 3)
+    ids, mask = left_pad(rows, random_model.config.pad_token_id)
+    batched = generate(random_model, ids, cfg, attention_mask=mask)
+    for i, p in enumerate(rows):
+        alone = generate(random_model, torch.tensor([p]), cfg)
+        assert batched.generated[i].tolist() == alone.generated[0].tolist()
+        assert batched.extras["block_lengths"][i] == alone.extras["block_lengths"][0]
+
+
+def test_adablock_settings_errors():
+    base = dict(gen_length=32, block_length=8, steps=32, mask_id=1, threshold=0.9)
+    with pytest.raises(ValueError, match="delimiter_ids must be a non-empty list"):
+        DecodeConfig(delimiter_ids=[], **base)
+    with pytest.raises(ValueError, match="set threshold"):
+        DecodeConfig(delimiter_ids=[5], **dict(base, threshold=None))
+    with pytest.raises(ValueError, match="delimiter_threshold"):
+        DecodeConfig(delimiter_ids=[5], delimiter_threshold=float("nan"), **base)
+    with pytest.raises(ValueError, match="window_fraction"):
+        DecodeConfig(delimiter_ids=[5], window_fraction=0.0, **base)
+    # B0 need not divide gen_length: AdaBlock's blocks do not follow a grid.
+    assert DecodeConfig(delimiter_ids=[5], **dict(base, gen_length=30)).gen_length == 30

@@ -261,3 +261,94 @@ def test_generate_errors(random_model):
         generate(random_model, torch.tensor([1, 2]), cfg)
     with pytest.raises(ValueError, match="left padding"):
         generate(random_model, torch.tensor([[1, 2, 3]]), cfg, attention_mask=torch.tensor([[1, 0, 1]]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Stop at EOS, and rows with blocks of their own
+# ---------------------------------------------------------------------------------------------
+
+
+@given(s=settings_strategy)
+def test_stop_at_eos_keeps_the_answer_and_saves_forwards(random_model, s):
+    """With stop_at_eos a row ends once it has committed EOS with nothing masked before it: the
+    text up to that EOS is what the full run commits, the rest is EOS, and no forward is added."""
+    cfg, prompt = build(random_model, s)
+    eos = cfg.eos_id
+    full = generate(random_model, prompt, cfg)
+    stop = generate(random_model, prompt, build(random_model, s, stop_at_eos=True)[0])
+    assert stop.nfe <= full.nfe and stop.masks_left == 0
+    for a, b in zip(full.generated.tolist(), stop.generated.tolist()):
+        if eos in b:
+            cut = b.index(eos)
+            assert b[:cut + 1] == a[:cut + 1] and set(b[cut:]) == {eos}
+        else:
+            assert a == b
+
+
+def test_rows_with_blocks_of_their_own_decode_as_alone(random_model):
+    """The loop's pieces take any block rule: here each row has its own fixed block length, so
+    rows of one batch have different block bounds at every step, and each gets what it gets alone."""
+    from decode import FixedBlocks, block_done, decode_step, next_block, setup
+
+    class RowBlocks(FixedBlocks):  # block_length per row
+        def __init__(self, lengths):
+            self.lengths = torch.tensor(lengths)
+
+        def first_end(self, state):
+            return torch.minimum(state.start + self.lengths, torch.tensor(state.L))
+
+    def run(prompt, lengths, cache):
+        cfg = DecodeConfig.for_model(random_model.config, gen_length=12, block_length=12, steps=12, cache=cache,
+                                     threshold=0.7)
+        state, rule = setup(random_model, prompt, cfg), RowBlocks(lengths)
+        while next_block(state, rule):
+            while not block_done(state, cfg):
+                decode_step(random_model, state, cfg, None, None, rule)
+        return state.x
+
+    prompt = torch.randint(0, 47, (3, 4), generator=torch.Generator().manual_seed(0))
+    lengths = [2, 3, 5]
+    for cache in ("none", "prefix", "dual"):
+        batched = run(prompt, lengths, cache)
+        for i in range(3):
+            assert torch.equal(batched[i], run(prompt[i:i + 1], lengths[i:i + 1], cache)[0])
+
+
+class StubModel(torch.nn.Module):
+    """A model whose logits are whatever a test wants: it checks the loop, not the network."""
+
+    def __init__(self, config, logits_fn):
+        super().__init__()
+        self.config, self.logits_fn = config, logits_fn
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    @property
+    def device(self):
+        return self.anchor.device
+
+    @property
+    def dtype(self):
+        return self.anchor.dtype
+
+    def forward(self, input_ids, positions=None, cache=None, attention_mask=None, logits_range=None):
+        a, b = logits_range
+        return self.logits_fn(input_ids.shape[0], b - a, self.config.embedding_size)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_logits_raise_instead_of_hanging(random_model, bad):
+    model = StubModel(random_model.config, lambda B, K, V: torch.full((B, K, V), bad))
+    cfg = DecodeConfig.for_model(random_model.config, gen_length=8, block_length=8, steps=8, threshold=0.9)
+    with pytest.raises(FloatingPointError, match=r"non-finite logits at step 0 of the block starting at position 2"):
+        generate(model, torch.tensor([[1, 2]]), cfg)
+
+
+@given(s=settings_strategy, scale=st.sampled_from([0.0, 1.0, 1e3, 1e30]))
+def test_the_loop_always_terminates(random_model, s, scale):
+    """Whatever finite logits come back (all equal, huge, random), every block finishes: each step
+    commits at least one token per unfinished row, so an uncapped block needs at most K forwards."""
+    g = torch.Generator().manual_seed(s["seed"])
+    model = StubModel(random_model.config, lambda B, K, V: torch.randn(B, K, V, generator=g) * scale)
+    cfg, prompt = build(random_model, s)
+    out = generate(model, prompt, cfg)
+    assert out.masks_left == 0 and out.nfe <= cfg.gen_length

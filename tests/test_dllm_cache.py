@@ -63,3 +63,126 @@ def test_golden_parity_with_own_selections(tiny_model, case):
             assert recorded[first][1] < 1e-6, f"V-verify chose differently at a clear margin ({recorded[first][1]})"
     finally:
         decode.least_similar = real
+
+
+# ---------------------------------------------------------------------------------------------
+# Properties (hypothesis draws the sizes and settings)
+# ---------------------------------------------------------------------------------------------
+
+dllm_settings = st.fixed_dictionaries({
+    "prompt_len": st.integers(1, 6),
+    "block_length": st.sampled_from([2, 4, 8]),
+    "num_blocks": st.integers(1, 3),
+    "K_p": st.integers(1, 6),
+    "K_r": st.integers(1, 4),
+    "rho": st.sampled_from([0.0, 0.25, 0.5, 1.0]),
+    "rule": st.sampled_from(["topk", "threshold", "factor"]),
+    "value": st.floats(0.3, 0.99),
+    "seed": st.integers(0, 1000),
+})
+
+
+def dllm_config(model, s, **over):
+    G = s["block_length"] * s["num_blocks"]
+    kw = dict(gen_length=G, block_length=s["block_length"], steps=G, cache="dllm", prompt_interval_steps=s["K_p"],
+              gen_interval_steps=s["K_r"], transfer_ratio=s["rho"])
+    if s["rule"] == "threshold":
+        kw["threshold"] = s["value"]
+    elif s["rule"] == "factor":
+        kw["factor"] = s["value"] * 3
+    kw.update(over)
+    return DecodeConfig.for_model(model.config, **kw)
+
+
+def random_prompts(s, n):
+    g = torch.Generator().manual_seed(s["seed"])
+    return [torch.randint(0, 47, (int(torch.randint(1, s["prompt_len"] + 1, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+@given(s=dllm_settings)
+def test_refresh_every_step_equals_no_cache(random_model, s):
+    """K_p = K_r = 1 recomputes everything at every step: the no-cache sampler, token for token
+    (grouped-query attention included: the random model has 4 query heads over 2 K/V heads)."""
+    prompt = torch.tensor(random_prompts(s, 1))
+    cached = generate(random_model, prompt, dllm_config(random_model, s, prompt_interval_steps=1, gen_interval_steps=1))
+    plain = generate(random_model, prompt, dllm_config(random_model, s, cache="none"))
+    assert torch.equal(cached.ids, plain.ids) and cached.nfe == plain.nfe
+    assert cached.extras["recomputed_fraction"] == 1.0
+
+
+@given(s=dllm_settings)
+def test_recomputed_rows_follow_the_schedule(random_model, s):
+    """Per step and layer: layer 0 and refresh steps recompute their whole region; between
+    response refreshes V-verify recomputes int(rho * G) response rows (rho = 1: all of them)."""
+    cfg = dllm_config(random_model, s)
+    prompt = torch.tensor(random_prompts(s, 1))
+    out = generate(random_model, prompt, cfg)
+    P, G, N = prompt.shape[1], cfg.gen_length, random_model.config.n_layers
+    expect = {"prompt": 0, "response": 0}
+    for t in range(1, out.nfe + 1):
+        for layer in range(N):
+            refresh_p = (t - 1) % cfg.prompt_interval_steps == 0 or layer == 0
+            refresh_r = (t - 1) % cfg.gen_interval_steps == 0 or layer == 0
+            expect["prompt"] += P if refresh_p else 0
+            expect["response"] += G if refresh_r else int(cfg.transfer_ratio * G)
+    assert out.extras["recomputed_rows"] == expect
+    assert out.masks_left == 0 and not (out.ids == cfg.mask_id).any()  # composes with every commit rule
+
+
+@given(s=dllm_settings)
+def test_features_after_a_refresh_equal_a_fresh_computation(random_model, s):
+    """After the first forward (t = 1 refreshes everything) the cached K/V, attention and MLP
+    outputs of every layer equal the model's own pieces run on the same canvas."""
+    from decode import dllm_forward, setup
+
+    cfg = dllm_config(random_model, s)
+    prompt = torch.tensor(random_prompts(s, 2)[0:1])
+    with torch.no_grad():
+        state = setup(random_model, prompt, cfg)
+        L = state.L
+        dllm_forward(random_model, state, cfg, torch.arange(L), (0, L))
+        fc = state.cache
+        cos, sin, _ = random_model.rope_and_mask(torch.arange(L), None, 1)
+        x = random_model.embed(state.x)
+        for i, block in enumerate(random_model.blocks):
+            q, k, v = block.project(block.attn_norm(x), cos, sin)
+            a = block.attend(q, k, v)
+            m = block.mlp(block.ff_norm(x + a))
+            for cached, fresh in ((fc.k[i, :, :, :L], k), (fc.v[i, :, :, :L], v), (fc.attn[i], a), (fc.mlp[i], m)):
+                assert torch.allclose(cached, fresh, atol=2e-5 * max(1.0, float(fresh.abs().max())), rtol=0)
+            x = x + a + m
+
+
+@given(s=dllm_settings)
+def test_batch_equals_rows_alone(random_model, s):
+    """Left-padded rows in one batch get the tokens each gets alone (padding keys hidden, RoPE
+    shifted). V-verify is off here: its similarities tie at 1.0 within float rounding, and a batched
+    matmul may round differently from a single row's; the next test covers it at a fixed example."""
+    cfg = dllm_config(random_model, s, transfer_ratio=0.0)
+    rows = random_prompts(s, 3)
+    ids, mask = left_pad(rows, random_model.config.pad_token_id)
+    batched = generate(random_model, ids, cfg, attention_mask=mask)
+    for i, p in enumerate(rows):
+        alone = generate(random_model, torch.tensor([p]), cfg)
+        assert batched.generated[i].tolist() == alone.generated[0].tolist()
+
+
+def test_same_length_batch_with_v_verify_equals_rows_alone(random_model):
+    """With V-verify on, rows of equal length in one batch decode as they do alone."""
+    cfg = DecodeConfig.for_model(random_model.config, gen_length=16, block_length=4, steps=16, cache="dllm",
+                                 prompt_interval_steps=5, gen_interval_steps=3, transfer_ratio=0.25)
+    prompt = torch.randint(0, 47, (3, 5), generator=torch.Generator().manual_seed(1))
+    batched = generate(random_model, prompt, cfg)
+    for i in range(3):
+        assert batched.ids[i].tolist() == generate(random_model, prompt[i:i + 1], cfg).ids[0].tolist()
+
+
+def test_dllm_settings_errors():
+    base = dict(gen_length=8, block_length=8, steps=8, cache="dllm")
+    with pytest.raises(ValueError, match="prompt_interval_steps must be a positive integer"):
+        DecodeConfig(prompt_interval_steps=0, **base)
+    with pytest.raises(ValueError, match="gen_interval_steps"):
+        DecodeConfig(gen_interval_steps=2.5, **base)
+    with pytest.raises(ValueError, match="transfer_ratio"):
+        DecodeConfig(transfer_ratio=1.5, **base)
