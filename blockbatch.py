@@ -98,9 +98,9 @@ class BlockBatchConfig:
         if len(set(self.block_sizes)) != len(self.block_sizes):
             raise ValueError(f"block_sizes has duplicates (two identical branches): {list(self.block_sizes)}")
         self.block_sizes = tuple(sorted(self.block_sizes))  # the original sorts ascending
-        decode._finite("threshold", self.threshold, low=0, high=1, low_open=True)
-        decode._finite("temperature", self.temperature, low=0)
-        decode._finite("conf_threshold", self.conf_threshold, low=0, high=1)
+        decode.check_finite("threshold", self.threshold, low=0, high=1, low_open=True)
+        decode.check_finite("temperature", self.temperature, low=0)
+        decode.check_finite("conf_threshold", self.conf_threshold, low=0, high=1)
         if self.remasking not in decode.REMASKING:
             raise ValueError(f"unknown remasking {self.remasking!r}; use one of {decode.REMASKING}")
         positive_int("refresh_block_size", self.refresh_block_size)
@@ -588,7 +588,7 @@ def generate(model, prompt_ids: torch.Tensor, config: BlockBatchConfig, generato
         raise ValueError("config.mask_id / eos_id are not set; build the config with "
                          "BlockBatchConfig.for_model(model.config, ...)")
     dcfg = config.decode_config()
-    decode._check_inputs(model, prompt_ids, dcfg, attention_mask)
+    decode.check_inputs(model, prompt_ids, dcfg, attention_mask)
     if prompt_ids.shape[0] != 1:
         # Branches of different requests would need their own merges, syncs, refreshes and exits
         # in one batch: an EOS exit of one request must not end the others, a refresh of one

@@ -53,7 +53,7 @@ REMASKING = ("low_confidence", "random")
 CACHES = ("none", "prefix", "dual", "dllm")
 
 
-def _finite(name, value, low=None, high=None, low_open=False):
+def check_finite(name, value, low=None, high=None, low_open=False):
     """A ValueError naming the valid range unless `value` is a finite number inside it."""
     bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
     bad = bad or (low is not None and (value <= low if low_open else value < low)) or (high is not None and value > high)
@@ -120,19 +120,19 @@ class DecodeConfig:
             raise ValueError(f"unknown remasking {self.remasking!r}; use one of {REMASKING}")
         if self.cache not in CACHES:
             raise ValueError(f"unknown cache {self.cache!r}; use one of {CACHES}")
-        _finite("temperature", self.temperature, low=0)
-        _finite("cfg_scale", self.cfg_scale, low=0)
+        check_finite("temperature", self.temperature, low=0)
+        check_finite("cfg_scale", self.cfg_scale, low=0)
         if self.threshold is not None and self.factor is not None:
             raise ValueError("set threshold or factor, not both")
         if self.threshold is not None:
-            _finite("threshold", self.threshold, low=0, high=1, low_open=True)
+            check_finite("threshold", self.threshold, low=0, high=1, low_open=True)
         if self.factor is not None:
-            _finite("factor", self.factor, low=0, low_open=True)
+            check_finite("factor", self.factor, low=0, low_open=True)
         for name in ("prompt_interval_steps", "gen_interval_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        _finite("transfer_ratio", self.transfer_ratio, low=0, high=1)
+        check_finite("transfer_ratio", self.transfer_ratio, low=0, high=1)
         if isinstance(self.refresh_interval, bool) or not isinstance(self.refresh_interval, int) \
                 or self.refresh_interval < 0:
             raise ValueError(f"refresh_interval must be an integer >= 0, got {self.refresh_interval!r}")
@@ -145,7 +145,7 @@ class DecodeConfig:
         if isinstance(self.delimiter_threshold, bool) or not isinstance(self.delimiter_threshold, (int, float)) \
                 or math.isnan(self.delimiter_threshold) or self.delimiter_threshold < 0:
             raise ValueError(f"delimiter_threshold must be >= 0 (inf = never adapt), got {self.delimiter_threshold!r}")
-        _finite("window_fraction", self.window_fraction, low=0, high=1, low_open=True)
+        check_finite("window_fraction", self.window_fraction, low=0, high=1, low_open=True)
         if self.threshold is None and self.factor is None:
             raise ValueError("AdaBlock (delimiter_ids) decodes each block until it has no masks with the "
                              "threshold or factor rule: set threshold (0.9 in the paper) or factor")
@@ -158,7 +158,7 @@ class DecodeConfig:
 
     @property
     def steps_per_block(self) -> int:
-        return self.steps // self.num_blocks
+        return max(1, self.steps // self.num_blocks)  # >= 1 also where AdaBlock ignores steps
 
     @classmethod
     def for_model(cls, model_config, **kwargs) -> "DecodeConfig":
@@ -334,7 +334,7 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
-def _check_inputs(model, prompt_ids, config, attention_mask):
+def check_inputs(model, prompt_ids, config, attention_mask):
     """Clear errors for a user's mistakes, before any compute."""
     mcfg = model.config
     V = mcfg.embedding_size
@@ -582,16 +582,16 @@ def decode_step(model, state: DecodeState, config: DecodeConfig, generator, sche
     lpos = positions[..., head[0]:head[1]].expand(state.x.shape[0], -1)  # (B, K) canvas positions
     if state.step == 0:
         rule.adapt(state, logits, lpos)  # the block rule may now fix where the block ends
-    lo = torch.full_like(state.start, state.P) if config.cap_steps_per_block and is_full(positions) else state.start
+    full = is_full(positions)
+    lo = torch.full_like(state.start, state.P) if config.cap_steps_per_block and full else state.start
     in_block = (lpos >= lo[:, None]) & (lpos < state.end[:, None])  # (B, K); trash is never inside
     eligible = in_block & (state.x.gather(1, lpos.clamp(max=state.L - 1)) == config.mask_id)  # (B, K)
     noise = draw_noise(config, generator, (state.x.shape[0], positions.shape[-1], logits.shape[-1]), head,
-                       extra_draw=config.cache == "prefix" and not is_full(positions), device=logits.device)
+                       extra_draw=config.cache == "prefix" and not full, device=logits.device)
     x0, conf = propose(logits, eligible, config, noise)
     # 3) Choose which proposals to commit: a fixed count, a threshold or a factor bound. Past the
     #    end of the schedule (only the uncapped top-k rule gets there), one per step.
-    k = None if schedule is None else \
-        schedule[:, state.step] if state.step < schedule.shape[1] else torch.ones_like(schedule[:, 0])
+    k = schedule[:, state.step] if state.step < schedule.shape[1] else torch.ones_like(schedule[:, 0])
     commit = commit_rule(conf, config, k)  # (B, K)
     # 4) Commit: write the chosen proposals at their canvas positions; committed tokens are final.
     rows, cols = commit.nonzero(as_tuple=True)
@@ -611,7 +611,7 @@ def generate(model, prompt_ids: torch.Tensor, config: DecodeConfig, generator: t
     attention_mask: (B, P), 1 for real tokens, 0 for left padding (the original has no such mask).
     on_step: optional callback(state) after every step, e.g. to show the denoising live.
     """
-    _check_inputs(model, prompt_ids, config, attention_mask)
+    check_inputs(model, prompt_ids, config, attention_mask)
     state = setup(model, prompt_ids, config, attention_mask)
     forward = dllm_forward if config.cache == "dllm" else model_forward
     forward = measuring_drift(forward) if config.measure_drift else forward
@@ -619,10 +619,8 @@ def generate(model, prompt_ids: torch.Tensor, config: DecodeConfig, generator: t
     nfe_per_block = []
     # Blocks left to right; within a block, steps until it has no masks (or a cap is reached).
     while next_block(state, rule):
-        # The top-k schedule of this block: (B, steps_per_block) commits per step (LLaDA's rule only).
-        schedule = None
-        if config.threshold is None and config.factor is None:
-            schedule = num_transfer_tokens(masked_in_block(state, config.mask_id), config.steps_per_block)
+        # The top-k schedule of this block: (B, steps_per_block) commits per step (LLaDA's rule).
+        schedule = num_transfer_tokens(masked_in_block(state, config.mask_id), config.steps_per_block)
         while not block_done(state, config):
             decode_step(model, state, config, generator, schedule, rule, forward)
             if on_step is not None:

@@ -288,7 +288,7 @@ def test_stop_at_eos_keeps_the_answer_and_saves_forwards(random_model, s):
 def test_rows_with_blocks_of_their_own_decode_as_alone(random_model):
     """The loop's pieces take any block rule: here each row has its own fixed block length, so
     rows of one batch have different block bounds at every step, and each gets what it gets alone."""
-    from decode import FixedBlocks, block_done, decode_step, next_block, setup
+    from decode import FixedBlocks, block_done, decode_step, masked_in_block, next_block, setup
 
     class RowBlocks(FixedBlocks):  # block_length per row
         def __init__(self, lengths):
@@ -301,9 +301,10 @@ def test_rows_with_blocks_of_their_own_decode_as_alone(random_model):
         cfg = DecodeConfig.for_model(random_model.config, gen_length=12, block_length=12, steps=12, cache=cache,
                                      threshold=0.7)
         state, rule = setup(random_model, prompt, cfg), RowBlocks(lengths)
-        while next_block(state, rule):
+        while next_block(state, rule):  # generate's loop, with our own block rule
+            schedule = num_transfer_tokens(masked_in_block(state, cfg.mask_id), cfg.steps_per_block)
             while not block_done(state, cfg):
-                decode_step(random_model, state, cfg, None, None, rule)
+                decode_step(random_model, state, cfg, None, schedule, rule)
         return state.x
 
     prompt = torch.randint(0, 47, (3, 4), generator=torch.Generator().manual_seed(0))
