@@ -36,6 +36,7 @@ D head dim.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -149,6 +150,7 @@ class Forward:
     verify: int = 0  # tokens each later layer only projects to values (dLLM-Cache's V-verify)
     features: bool = False  # every layer reads each position's cached attention and MLP outputs
     t: int = 0  # forwards before this one in the request (dLLM-Cache's refresh schedule counts them)
+    branches: int = 1  # rows this forward runs for one request (BlockBatch: one per block size)
 
     @property
     def q(self) -> int:
@@ -222,6 +224,37 @@ def dllm_schedule(P: int, G: int, K: int) -> list[Forward]:
     return out
 
 
+def blockbatch_branches(G: int) -> tuple[int, ...]:
+    """BlockBatch's default block sizes that divide G: one branch each."""
+    from blockbatch import BlockBatchConfig
+
+    return tuple(b for b in BlockBatchConfig.__dataclass_fields__["block_sizes"].default if G % b == 0)
+
+
+def blockbatch_schedule(P: int, G: int, K: int) -> list[Forward]:
+    """BlockBatch's forwards under an assumed schedule: it has no fixed one (merges and syncs
+    depend on what the model commits), so take one token per step in every branch and no merge.
+
+    One full forward of the prompt's canvas starts it; then every step is one batched forward
+    of all branches, each feeding its current block padded to the longest block (blockbatch.py
+    pads with the cache's trash slot), with logits for the padded width; the bulk generator
+    refreshes every branch with a batched full forward (logits for all of G) each time the
+    branches have advanced refresh_block_size tokens.
+    """
+    from blockbatch import BlockBatchConfig
+
+    sizes = blockbatch_branches(G)
+    width, N = max(sizes), len(sizes)
+    every = BlockBatchConfig.__dataclass_fields__["refresh_block_size"].default
+    L, mid = P + G, P + G // 2
+    out = [Forward("init forward", 0, L, P, L, cached=True)]
+    for step in range(1, G + 1):
+        out.append(Forward("batched block step", mid, mid + width, mid, mid + width, cached=True, branches=N))
+        if step % every == 0 and step < G:
+            out.append(Forward("batched refresh", 0, L, P, L, cached=True, branches=N))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Running a forward of each kind
 # ---------------------------------------------------------------------------------------------
@@ -272,6 +305,29 @@ def dllm_runner(model, x: torch.Tensor, fwd: Forward, P: int, K: int, state: dic
     return call
 
 
+def blockbatch_runner(model, x: torch.Tensor, fwd: Forward, P: int, K: int, state: dict):
+    """BlockBatch's batched forward: one row per branch, each at its own block (a block of its
+    size near the middle of the answer), padded to the longest with the cache's trash slot, as
+    blockbatch.block_positions does; a refresh runs every branch's whole canvas."""
+    L, G = x.shape[1], x.shape[1] - P
+    sizes = blockbatch_branches(G)
+    if "bb" not in state:
+        cache = KVCache.for_model(model.config, batch=len(sizes), capacity=L, device=x.device, dtype=model.dtype)
+        with torch.no_grad():
+            model(x[:1].expand(len(sizes), L), positions=torch.arange(L, device=x.device), cache=cache,
+                  logits_range=(P, P + 1))  # fill every branch's cache row
+        state["bb"] = cache
+    cache, rows = state["bb"], x[:1].expand(fwd.branches, L)  # (N, L): the request's canvas per branch
+    if fwd.q == L:  # a full forward of every branch (or of one, at init)
+        return lambda: model(rows, positions=torch.arange(L, device=x.device),
+                             cache=cache if fwd.branches == len(sizes) else None, logits_range=(fwd.c0, fwd.e))
+    starts = torch.tensor([P + (G // 2) // b * b for b in sizes], device=x.device)  # (N,) block starts
+    pos = starts[:, None] + torch.arange(fwd.q, device=x.device)  # (N, Q)
+    pos = torch.where(pos < (starts + torch.tensor(sizes, device=x.device))[:, None], pos, cache.trash)  # (N, Q)
+    inp = rows.gather(1, pos.clamp(max=L - 1))  # (N, Q); trash slots read any token
+    return lambda: model(inp, positions=pos, cache=cache, logits_range=(0, fwd.q))
+
+
 @dataclass(frozen=True)
 class Policy:
     """A cache policy as the benchmark sees it: the forwards one request makes, and how to run one."""
@@ -280,6 +336,7 @@ class Policy:
     schedule: Callable[[int, int, int], list[Forward]]  # (P, G, K) -> the request's forwards, in order
     block_length: int | None = None  # its own block length (None = --block-length)
     runner: Callable = kv_runner  # (model, x, forward, P, K, state) -> a call that runs that forward
+    block_label: str | None = None  # what the table shows as its block when it has no single one
 
 
 # One entry per decoding method; a new kind of forward is a new Forward.kind in its schedule.
@@ -290,6 +347,9 @@ POLICIES = {
 }
 if hasattr(decode, "dllm_forward"):  # dLLM-Cache runs 8-token blocks, as its paper does
     POLICIES["dllm"] = Policy("dllm", dllm_schedule, block_length=8, runner=dllm_runner)
+if importlib.util.find_spec("blockbatch") is not None:  # its branches have their own block sizes
+    POLICIES["blockbatch"] = Policy("blockbatch", blockbatch_schedule, runner=blockbatch_runner,
+                                    block_label="4–128 (branches)")
 
 
 def representative(forwards: list[Forward]) -> Forward:
@@ -331,13 +391,13 @@ def forward_flops(cfg: ModelConfig, fwd: Forward, L: int, batch: int = 1) -> int
     S = fwd.keys(L)
     layers = layer_flops(cfg, fwd.q, S) + (cfg.n_layers - 1) * layer_flops(cfg, fwd.rows, S, fwd.verify)
     head = 2 * fwd.logits * cfg.d_model * cfg.embedding_size
-    return batch * (layers + head)
+    return batch * fwd.branches * (layers + head)
 
 
 def weight_bytes_read(cfg: ModelConfig, fwd: Forward, elem: int, batch: int = 1) -> int:
     """Bytes of weights one forward reads: every matrix once, the embedding only for the Q rows."""
     C = cfg.d_model
-    gathered = min(batch * fwd.q, cfg.embedding_size) * C  # rows of the embedding lookup
+    gathered = min(batch * fwd.branches * fwd.q, cfg.embedding_size) * C  # rows of the embedding lookup
     # V-verify runs v_proj over the response, then again inside the chosen tokens' q/k/v.
     again = (cfg.n_layers - 1) * C * cfg.n_kv_heads * cfg.head_dim if fwd.verify else 0
     if cfg.weight_tying:  # the tied LM head reads the whole table anyway
@@ -352,7 +412,7 @@ def kv_bytes_read(cfg: ModelConfig, fwd: Forward, L: int, elem: int, batch: int 
     kv = cfg.n_kv_heads * cfg.head_dim
     attending = 1 + (cfg.n_layers - 1 if fwd.rows > 0 else 0)  # layers with queries to attend
     verify = (cfg.n_layers - 1) * fwd.verify * kv
-    return batch * (2 * attending * kv * fwd.keys(L) + verify) * elem
+    return batch * fwd.branches * (2 * attending * kv * fwd.keys(L) + verify) * elem
 
 
 def feature_bytes_read(cfg: ModelConfig, fwd: Forward, L: int, elem: int, batch: int = 1) -> int:
@@ -382,6 +442,7 @@ def estimate_peak_bytes(cfg: ModelConfig, fwd: Forward, L: int, elem: int, batch
     gate after SiLU, up, their product) or the LM head's (residual and the (K, V) logits).
     """
     C, M, V = cfg.d_model, cfg.mlp_hidden_size, cfg.embedding_size
+    batch *= fwd.branches  # BlockBatch runs one row per branch
     mlp = batch * fwd.q * (2 * C + 3 * M)
     head = batch * (fwd.q * C + fwd.logits * V)
     weights = param_count(cfg) * elem
@@ -561,6 +622,8 @@ class ScaleSettings:
                 K = POLICIES[p].block_length or self.block_length
                 if G <= 0 or G % K != 0:
                     raise ValueError(f"gen_length {G} is not a positive multiple of {p}'s block length {K}")
+        if "blockbatch" in self.policies and self.batch != 1:
+            raise ValueError("BlockBatch decodes one request per call (its batch rows are its branches): use --batch 1")
         if self.hardware is not None and not any(label == self.hardware for _, _, label, *_ in GPU_PEAKS):
             raise ValueError(f"unknown hardware {self.hardware!r}; use one of {[g[2] for g in GPU_PEAKS]}")
 
@@ -622,6 +685,7 @@ class KindRow:
     logits: int  # tokens the LM head runs over
     rows: float  # mean tokens each layer after the first recomputes (= Q but for feature-caching forwards)
     layers: int  # N, to turn rows into tokens computed per layer
+    branches: int  # rows per request (BlockBatch: one per block size)
     flops: float  # mean FLOPs per forward (exact mean over the request's forwards)
     bytes: float  # mean bytes read per forward
     bound_s: float | None  # mean roofline bound of this kind's forwards, seconds
@@ -664,7 +728,7 @@ def plan(cfg: ModelConfig, settings: ScaleSettings, G: int, hw: Hardware | None,
             flops, nbytes = sum(flops) / len(fs), sum(nbytes) / len(fs)
             rep = representative(fs)
             row = KindRow(G, name, kind, len(fs), sum(f.q for f in fs) / len(fs), min(f.q for f in fs),
-                          max(f.q for f in fs), rep.keys(L), rep.logits, sum(f.rows for f in fs) / len(fs), cfg.n_layers,
+                          max(f.q for f in fs), rep.keys(L), rep.logits, sum(f.rows for f in fs) / len(fs), cfg.n_layers, rep.branches,
                           flops, nbytes,
                           bound, by, rep.q)
             out.append((row, rep))
@@ -689,7 +753,7 @@ def measure(model, cfg: ModelConfig, settings: ScaleSettings, G: int, rows: list
     for row, fwd in rows:
         policy = POLICIES[row.policy]
         # Everything the cost depends on: the same shape under the same runner is timed once.
-        shape = (policy.runner, fwd.q, fwd.c0 - fwd.q0, fwd.logits, fwd.cached, fwd.rows, fwd.verify)
+        shape = (policy.runner, fwd.q, fwd.c0 - fwd.q0, fwd.logits, fwd.cached, fwd.rows, fwd.verify, fwd.branches)
         if shape in done:
             for key, value in done[shape].items():
                 setattr(row, key, value)
@@ -768,7 +832,9 @@ def request_summary(rows: list[KindRow], settings: ScaleSettings) -> list[dict]:
         rs = [r for r in rows if r.policy == policy]
         K = POLICIES[policy].block_length or settings.block_length
         blocks = rs[0].gen_length // K
-        if all(r.count % blocks == 0 for r in rs):  # the same forwards in every block
+        if POLICIES[policy].block_label:  # blocks of its own (BlockBatch's branches)
+            K, composition = POLICIES[policy].block_label, " + ".join(f"{r.count} {r.kind}" for r in rs)
+        elif all(r.count % blocks == 0 for r in rs):  # the same forwards in every block
             composition = " + ".join(f"{r.count // blocks} {r.kind}" for r in rs) + f" (×{blocks} blocks)"
         else:  # a schedule of its own (dLLM-Cache counts forwards across blocks)
             composition = " + ".join(f"{r.count} {r.kind}" for r in rs) + f" ({blocks} blocks)"
@@ -777,9 +843,10 @@ def request_summary(rows: list[KindRow], settings: ScaleSettings) -> list[dict]:
         bounded = all(r.bound_s is not None for r in rs)
         out.append(dict(
             gen_length=rs[0].gen_length, policy=policy, block_length=K, composition=composition,
-            forwards=sum(r.count for r in rs), query_tokens=round(sum(r.count * r.q_mean for r in rs)) * settings.batch,
-            computed_tokens=round(sum(r.count * (r.q_mean + (n_layers - 1) * r.rows) / n_layers for r in rs))
-            * settings.batch,
+            forwards=sum(r.count for r in rs),
+            query_tokens=round(sum(r.count * r.branches * r.q_mean for r in rs)) * settings.batch,
+            computed_tokens=round(sum(r.count * r.branches * (r.q_mean + (n_layers - 1) * r.rows) / n_layers
+                                      for r in rs)) * settings.batch,
             flops=sum(r.count * r.flops for r in rs), bytes=sum(r.count * r.bytes for r in rs),
             seconds=sum(r.count * r.seconds for r in rs) if timed else None,
             wall_seconds=sum(r.count * r.wall_seconds for r in rs) if timed else None,
@@ -822,6 +889,8 @@ def kinds_table(rows: list[KindRow], with_compile: bool, cpu_clock: bool = False
         q = f"{r.q_mean:.0f}" if r.q_min == r.q_max else f"{r.q_mean:.0f} ({r.q_min}–{r.q_max})"
         if r.rows != r.q_mean:
             q += f" ({r.rows:.0f} recomputed)"
+        if r.branches > 1:
+            q = f"{r.branches} × {q}"
         ratio = r.seconds / r.bound_s if r.seconds is not None and r.bound_s else None
         peak = "–" if r.peak_bytes is None else _num(r.peak_bytes, 1e9) + ("" if r.peak_measured else " est.")
         cells = [r.policy, r.kind, str(r.count), q, str(r.keys), _num(r.flops, 1e9), _num(r.bytes, 1e9),

@@ -123,7 +123,7 @@ def test_flops_match_torch_counter(policy):
         call = POLICIES[policy].runner(model, x, fwd, P, K, state)  # the call the benchmark times
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             call()
-        attention = 4 * (fwd.q + (cfg.n_layers - 1) * fwd.rows) * fwd.keys(L) * cfg.n_heads * cfg.head_dim
+        attention = 4 * (fwd.q + (cfg.n_layers - 1) * fwd.rows) * fwd.keys(L) * cfg.n_heads * cfg.head_dim * fwd.branches
         assert counter.get_total_flops() == forward_flops(cfg, fwd, L) - attention, fwd.kind
 
 
@@ -252,7 +252,11 @@ def test_runs_end_to_end_on_a_tiny_preset(tmp_path, capsys):
     assert all(k["seconds"] > 0 and k["wall_seconds"] > 0 and k["bound_s"] > 0 for k in result["kinds"])
     assert "CPU ms" in text and "wall ms" in text  # one CPU thread: timed by this process's CPU time
     for req in result["requests"]:
-        assert req["forwards"] == req["gen_length"]  # one token per step
+        policy = POLICIES[req["policy"]]
+        forwards = policy.schedule(16, req["gen_length"], policy.block_length or 8)
+        assert req["forwards"] == len(forwards)
+        if req["policy"] != "blockbatch":
+            assert req["forwards"] == req["gen_length"]  # one token per step
         kinds = [k for k in result["kinds"] if k["policy"] == req["policy"] and k["gen_length"] == req["gen_length"]]
         assert req["seconds"] == pytest.approx(sum(k["count"] * k["seconds"] for k in kinds))
     assert json.loads(out.read_text())["params"] == param_count(preset_config("tiny"))
