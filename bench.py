@@ -210,8 +210,8 @@ def sweep(args, model, families) -> list[dict]:
     rows = []
     for series, values in SWEEP.items():
         for value in values:
-            cfg = DecodeConfig.for_model(model.config, gen_length=G, block_length=args.block_length, steps=G,
-                                         cache=args.sweep_cache, **sweep_overrides(series, value, G))
+            settings = dict(gen_length=G, block_length=args.block_length, steps=G, cache=args.sweep_cache)
+            cfg = DecodeConfig.for_model(model.config, **{**settings, **sweep_overrides(series, value, G)})
             print(f"[G={G}] {series} {value}: {len(problems)} problems ...", file=sys.stderr, flush=True)
             for name in dict.fromkeys(p.family for p in problems):
                 group = [p for p in problems if p.family == name]

@@ -27,7 +27,8 @@ bf16 training steps at the start and keeps the faster (on CPUs without bf16 unit
 times slower); the choice is printed and kept on resume.
 
 Usage:
-    python train.py                          # reproduces checkpoints/mix (continues checkpoints/arith)
+    python train.py                          # phase 1 of checkpoints/mix (continues checkpoints/arith);
+                                             #   the README has both phases' commands
     python train.py --steps 50 --init '' --out /tmp/x --state-dir /tmp/x-state   # a smoke run
 """
 
@@ -64,10 +65,11 @@ class TrainConfig:
     out: str = "checkpoints/mix"  # where the final checkpoint is written
     state_dir: str = "runs/mix"  # resumable training state (one directory per snapshot)
     init: str = "checkpoints/arith"  # checkpoint whose weights training starts from ('' = random init)
-    steps: int = 1800  # optimizer steps
+    steps: int = 1600  # optimizer steps
     batch_tokens: int = 4096  # tokens per batch (the number of sequences follows from the window)
-    lr: float = 1e-3  # peak learning rate (AdamW), after a linear warmup
-    min_lr: float = 5e-5  # end of the cosine decay
+    lr: float = 4e-4  # peak learning rate (AdamW), after a linear warmup (1e-3 erased --init's
+    #   arithmetic within the warmup: keep it low when continuing a trained checkpoint)
+    min_lr: float = 2e-5  # end of the cosine decay
     warmup: int = 100  # warmup steps
     weight_decay: float = 0.01  # AdamW weight decay on matrices
     d_model: int = 128  # model width
@@ -82,7 +84,7 @@ class TrainConfig:
     threads: int = 1  # torch CPU threads (more than the free cores makes it slower, not faster)
     bf16: str = "auto"  # bf16 autocast: 'auto' (time both, keep the faster), 'on' or 'off'
     device: str = "auto"  # 'auto' (CUDA when available), 'cpu' or 'cuda'
-    mix: str = "short:0.3,long:0.4,pair:0.3"  # task families and their share of the examples
+    mix: str = "short:0.35,long:0.3,pair:0.35"  # task families and their share of the examples
     max_operand: int = 9  # chains: operands are 1..max_operand
     ops: str = "+-"  # chains: operators, from '+-*'
     style: str = "compact"  # chains: 'compact' or 'word'
@@ -408,8 +410,13 @@ def write_checkpoint(cfg: TrainConfig, model, log: list, precision: str) -> None
     save_model(model, cfg.out)
     task.build_tokenizer().save_pretrained(cfg.out)
     task.save_task(cfg.out, cfg.task)
+    record = {"config": asdict(cfg), "precision": precision, "log": log}
+    earlier = os.path.join(cfg.init, "training_log.json") if cfg.init else ""
+    if os.path.isfile(earlier):  # the history of the weights training started from, nested
+        with open(earlier) as f:
+            record["init_log"] = json.load(f)
     with open(os.path.join(cfg.out, "training_log.json"), "w") as f:
-        json.dump({"config": asdict(cfg), "precision": precision, "log": log}, f, indent=1)
+        json.dump(record, f, indent=1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,55 +1,94 @@
-"""The shipped checkpoint (checkpoints/arith): it loads like a real LLaDA checkpoint and it works."""
+"""The shipped checkpoint (checkpoints/mix): it loads like a real LLaDA checkpoint, it solves each
+task family with the vanilla sampler, and parallel decoding visibly fails where it should.
+
+Kept fast: a handful of held-out problems per family, decoded in one batch."""
 
 import json
 import os
 
-from conftest import SHIPPED
+import pytest
+from conftest import ROOT
 
 import run
 import task
-from decode import DecodeConfig
+from decode import DecodeConfig, generate, left_pad
 from model import load_model
 from train import evaluate
 
+MIX = os.path.join(ROOT, "checkpoints", "mix")
 
-def test_loads_through_load_model_and_autotokenizer():
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(MIX, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def families():
+    return task.families_for(task.load_task(MIX))
+
+
+def decode_family(model, problems, G=32, **settings):
+    """(responses cut at EOS, NFE) of one batch decoded with `settings`."""
+    ids, mask = left_pad([task.encode(p.prompt) for p in problems], model.config.pad_token_id)
+    cfg = DecodeConfig.for_model(model.config, gen_length=G, block_length=32, steps=G, **settings)
+    out = generate(model, ids, cfg, attention_mask=mask)
+    return [task.decode(row) for row in out.generated.tolist()], out.nfe
+
+
+def test_loads_through_load_model_and_autotokenizer(model, families):
     from transformers import AutoTokenizer
 
-    model = load_model(SHIPPED, device="cpu")
-    tok = AutoTokenizer.from_pretrained(SHIPPED)
-    with open(os.path.join(SHIPPED, "config.json")) as f:
+    tok = AutoTokenizer.from_pretrained(MIX)
+    with open(os.path.join(MIX, "config.json")) as f:
         raw = json.load(f)
     # Special ids live in config.json, as LLaDA's do, and agree with the tokenizer's.
     assert tok.mask_token_id == raw["mask_token_id"] == model.config.mask_token_id
     assert tok.eos_token_id == raw["eos_token_id"] == model.config.eos_token_id
     assert tok.pad_token_id == raw["pad_token_id"]
-    problem = task.test_set(1)[0]
-    ids = tok(problem.prompt).input_ids
-    assert ids == task.encode(problem.prompt) and tok.decode(ids) == problem.prompt
-    assert os.path.getsize(os.path.join(SHIPPED, "model.safetensors")) < 20 * 2**20
+    assert list(families) == ["short", "long", "pair"]
+    for fam in families.values():
+        problem = fam.test_set(1)[0]
+        ids = tok(problem.prompt).input_ids
+        assert ids == task.encode(problem.prompt) and tok.decode(ids) == problem.prompt
+    assert os.path.getsize(os.path.join(MIX, "model.safetensors")) < 20 * 2**20
+    with open(os.path.join(MIX, "training_log.json")) as f:
+        assert set(json.load(f)["log"][-1]["accuracy"]) == set(families)
 
 
-def test_vanilla_accuracy_on_held_out_sample():
-    """20 held-out problems with the vanilla sampler: a broken model or sampler scores ~0."""
-    model = load_model(SHIPPED, device="cpu")
-    assert evaluate(model, task.test_set(20, **task.load_task(SHIPPED))) >= 0.7
+def test_vanilla_accuracy_per_family(model, families):
+    """A handful of held-out problems per family with the vanilla sampler: a broken model or
+    sampler scores ~0 (README: 77.5% short, 3% long, 38-54% pair on the full sets). `long` is
+    at chance level for this model, so only its format is checked."""
+    assert evaluate(model, families["short"].test_set(10), families) >= 0.4
+    assert evaluate(model, families["pair"].test_set(13), families) >= 3 / 13
+    texts, _ = decode_family(model, families["long"].test_set(4), G=64)
+    assert all(task.parse_answer(t) is not None for t in texts)  # worked lines, then '#### N'
 
 
-def test_dual_cache_threshold_accuracy_on_held_out_sample():
-    """The same sample through DualCache + threshold 0.9. At G = 32 the checkpoint loses nothing to
-    parallel decoding (100/100 measured); longer windows lose accuracy (README, Benchmark)."""
-    model = load_model(SHIPPED, device="cpu")
-    problems = task.test_set(20, **task.load_task(SHIPPED))
-    from decode import generate, left_pad
+def test_parallel_decoding_mixes_pair_answers_and_the_threshold_does_not(model, families):
+    """The failure the `pair` family exists for: 4 tokens per step commits the two digits from
+    their separate marginals and mixes answers; threshold 0.9 waits until one answer dominates
+    (measured: vanilla 5/13 valid in 32 forwards, 4 per step 1/13 in 8, threshold 0.9 5/13 in 3)."""
+    problems = families["pair"].test_set(13)
+    vanilla, _ = decode_family(model, problems)
+    fixed4, nfe4 = decode_family(model, problems, steps=8)
+    thr, nfe_thr = decode_family(model, problems, threshold=0.9)
+    valid = lambda texts: sum(task.score(p, t) for p, t in zip(problems, texts))  # noqa: E731
+    assert valid(fixed4) <= valid(vanilla) - 2 and nfe4 == 8
+    assert valid(thr) >= valid(vanilla) - 1 and nfe_thr < 32 // 4
 
+
+def test_eos_padding_fills_a_long_window(model, families):
+    """The model keeps writing EOS after its answer, so a 256-token window ends in EOS padding
+    and DualCache + threshold 0.9 fills it in a few forwards."""
+    problems = families["short"].test_set(4) + families["pair"].test_set(2)
     ids, mask = left_pad([task.encode(p.prompt) for p in problems], model.config.pad_token_id)
-    cfg = DecodeConfig.for_model(model.config, gen_length=32, block_length=32, steps=32, cache="dual",
+    cfg = DecodeConfig.for_model(model.config, gen_length=256, block_length=32, steps=256, cache="dual",
                                  threshold=0.9)
     out = generate(model, ids, cfg, attention_mask=mask)
-    text = [task.decode(row) for row in out.generated.tolist()]
-    correct = sum(task.parse_answer(t) == p.answer_value for t, p in zip(text, problems))
-    assert correct >= 17
-    assert out.nfe < 32 // 4  # parallel decoding: far fewer forwards than tokens
+    eos = (out.generated == model.config.eos_token_id).sum(dim=1)  # (B,)
+    assert (eos >= 256 - 32).all() and out.nfe < 40
 
 
 def test_run_py_with_no_flags(capsys):
@@ -57,14 +96,13 @@ def test_run_py_with_no_flags(capsys):
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith("Q: ")
     assert printed[-1].startswith("NFE ") and "tokens/s" in printed[-1]
-    assert any(line.startswith("####") for line in printed)
 
 
 def test_bench_smoke(tmp_path, capsys):
-    """bench.py end to end on two problems: every column is filled and the files are written."""
+    """bench.py end to end on two problems per family: every column is filled and the files are written."""
     import bench
 
-    bench.main(["--model", SHIPPED, "--lengths", "64", "--problems", "2", "--methods", "vanilla", "dual+thr0.9",
+    bench.main(["--model", MIX, "--lengths", "64", "--problems", "2", "--methods", "vanilla", "dual+thr0.9",
                 "--threads", "1", "--out", str(tmp_path)])
     with open(tmp_path / "bench.json") as f:
         rows = json.load(f)["rows"]
@@ -72,5 +110,29 @@ def test_bench_smoke(tmp_path, capsys):
     vanilla, fast = rows
     assert vanilla["speedup"] == 1.0 and vanilla["agreement"] == 1.0 and vanilla["nfe"] == 64
     assert fast["nfe"] < vanilla["nfe"] and fast["max_logit_drift"] is not None
-    assert "| 64 | dual+thr0.9 | 2 | 100.0% | 100.0% |" in capsys.readouterr().out
+    assert all(r[f"acc_{f}"] is not None for r in rows for f in ("short", "long", "pair"))
+    assert "| G | method | n | accuracy | short | long | pair |" in capsys.readouterr().out
     assert (tmp_path / "bench.md").is_file()
+
+
+def test_bench_sweep_smoke(tmp_path):
+    """--sweep on one problem per family: every (rule, value, family) point, and an SVG."""
+    import bench
+
+    bench.main(["--model", MIX, "--sweep", "--problems", "1", "--threads", "1", "--out", str(tmp_path)])
+    with open(tmp_path / "sweep.json") as f:
+        rows = json.load(f)["rows"]
+    assert len(rows) == 3 * sum(len(v) for v in bench.SWEEP.values())
+    k = {r["value"]: r["nfe"] for r in rows if r["series"] == "k per step" and r["family"] == "pair"}
+    assert k == {1: 64, 2: 32, 4: 16, 8: 8}  # G / k forwards
+    svg = (tmp_path / "sweep.svg").read_text()
+    assert svg.startswith("<svg") and svg.count("<polyline") == 9
+
+
+@pytest.mark.parametrize("flag", ["--problems", "--batch-size"])
+def test_bench_refuses_zero(flag, capsys):
+    import bench
+
+    with pytest.raises(SystemExit):
+        bench.main([flag, "0"])
+    assert f"{flag} must be" in capsys.readouterr().err
