@@ -1029,8 +1029,8 @@ def main(argv=None, prog: str = "bench_scale.py"):
     ap.add_argument("--prompt-length", type=int, default=defaults.prompt_length, help="prompt tokens P")
     ap.add_argument("--lengths", type=int, nargs="+", default=defaults.gen_lengths, help="generation lengths G")
     ap.add_argument("--block-length", type=int, default=defaults.block_length, help="block length K")
-    ap.add_argument("--policies", nargs="+", default=defaults.policies, choices=list(POLICIES),
-                    help="cache policies to measure")
+    ap.add_argument("--policies", nargs="+", default=None, choices=list(POLICIES),
+                    help="cache policies to measure (default: all; BlockBatch only at --batch 1)")
     ap.add_argument("--batch", type=int, default=defaults.batch, help="requests per forward B")
     ap.add_argument("--device", default=defaults.device, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--dtype", default=defaults.dtype, help="float32, bfloat16 or float16 "
@@ -1054,7 +1054,8 @@ def main(argv=None, prog: str = "bench_scale.py"):
     try:  # a user's mistake is one line on the command line, not a traceback
         settings = ScaleSettings(
             preset=args.preset, prompt_length=args.prompt_length, gen_lengths=args.lengths,
-            block_length=args.block_length, policies=args.policies, batch=args.batch, device=args.device,
+            block_length=args.block_length, batch=args.batch,
+            policies=args.policies or [p for p in defaults.policies if p != "blockbatch" or args.batch == 1], device=args.device,
             dtype=args.dtype, threads=args.threads, time_budget=args.time_budget, max_repeats=args.max_repeats,
             compile=args.compile, compile_mode=args.compile_mode, dry_run=args.dry_run, hardware=args.hardware,
             peak_tflops=args.peak_tflops, peak_gbs=args.peak_gbs, seed=args.seed)

@@ -316,6 +316,16 @@ def test_a_model_larger_than_memory_is_refused_before_allocating():
         bench_scale.check_fits(preset_config("llada-8b", n_layers=4000), elem=4, device=torch.device("cpu"))
 
 
+@pytest.mark.skipif("blockbatch" not in POLICIES, reason="no blockbatch.py")
+def test_blockbatch_is_one_request_per_call(capsys):
+    with pytest.raises(ValueError, match="BlockBatch decodes one request per call"):
+        ScaleSettings(policies=["blockbatch"], batch=2)
+    # Without --policies, a batched run leaves BlockBatch out instead of failing.
+    result = bench_scale.main(["--preset", "llada-8b", "--dry-run", "--hardware", "H100 SXM", "--lengths", "256",
+                               "--batch", "8"])
+    assert "blockbatch" not in {r["policy"] for r in result["requests"]}
+
+
 def test_request_longer_than_the_model_is_refused():
     with pytest.raises(ValueError, match="exceeds max_sequence_length"):
         bench_scale.run(ScaleSettings(preset="tiny", prompt_length=4000, gen_lengths=[256], device="cpu",
