@@ -255,7 +255,9 @@ def propose(logits: torch.Tensor, eligible: torch.Tensor, config: DecodeConfig, 
     # The mask token is never a proposal: committing it would leave the position masked forever
     # (a trained LLaDA never predicts it, so this changes nothing there; the confidences below
     # still use the full softmax, as the original's do).
-    x0 = noisy.index_fill(-1, torch.tensor([config.mask_id], device=noisy.device), -torch.inf).argmax(dim=-1)  # (B, K)
+    no_mask = noisy.clone()
+    no_mask[..., config.mask_id] = -torch.inf
+    x0 = no_mask.argmax(dim=-1)  # (B, K)
     # 2) The original LLaDA's EOS/EOT flag writes `noisy[..., eos] = logits[..., eot] = -inf`. At
     #    temperature 0 `noisy` *is* `logits`, so both EOS and EOT lose their confidence; at T > 0
     #    they are two tensors and only EOT's confidence is suppressed. Reproduced as it behaves.
@@ -390,12 +392,16 @@ class DecodeState:
     P: int  # prompt length (after left padding)
     start: torch.Tensor  # (B,) each row's current block is [start, end) on the canvas
     end: torch.Tensor  # (B,)
+    canvas: torch.Tensor | None = None  # (B, L + 1): x plus a trash column that padded queries write to
+    bounds: tuple[list[int], list[int]] | None = None  # start and end on the host, read once per block
     key_mask: torch.Tensor | None = None  # (rows, L) 1 = real token; None when nothing is padded
     cache: KVCache | None = None  # the request's K/V buffers (cached policies only)
     step: int = 0  # forwards spent on the current block
     nfe: int = 0  # forwards spent on the request
     query_tokens: int = 0  # tokens pushed through the model, summed over forwards
     window: torch.Tensor | None = None  # (B, Q) or (Q,) canvas positions the last forward computed
+    full: bool = True  # whether the last forward was over the whole canvas
+    finite: torch.Tensor | None = None  # () bool on the device: the last step's logits were all finite
     extras: dict = field(default_factory=dict)  # method-specific measurements, copied to the result
 
     @property
@@ -409,8 +415,9 @@ def setup(model, prompt_ids, config: DecodeConfig, attention_mask=None) -> Decod
     device = model.device
     B, P = prompt_ids.shape
     L = P + config.gen_length
-    x = torch.full((B, L), config.mask_id, dtype=torch.long, device=device)  # (B, L)
-    x[:, :P] = prompt_ids.to(device)
+    canvas = torch.full((B, L + 1), config.mask_id, dtype=torch.long, device=device)  # (B, L + 1)
+    canvas[:, :P] = prompt_ids.to(device)
+    x = canvas[:, :L]  # (B, L) the canvas proper; column L is the trash that padded queries write to
     # The key-padding mask covers the whole canvas: generated positions are always real.
     key_mask = None
     if attention_mask is not None:
@@ -427,7 +434,8 @@ def setup(model, prompt_ids, config: DecodeConfig, attention_mask=None) -> Decod
         kind = FeatureCache if config.cache == "dllm" else KVCache
         cache = kind.for_model(model.config, batch=rows, capacity=L, device=device, dtype=model.dtype)
     at_prompt_end = torch.full((B,), P, dtype=torch.long, device=device)
-    return DecodeState(x=x, P=P, start=at_prompt_end, end=at_prompt_end.clone(), key_mask=key_mask, cache=cache)
+    return DecodeState(x=x, P=P, start=at_prompt_end, end=at_prompt_end.clone(), canvas=canvas,
+                       key_mask=key_mask, cache=cache)
 
 
 class FixedBlocks:
@@ -450,7 +458,8 @@ def next_block(state: DecodeState, rule) -> bool:
     state.start = state.end
     state.end = rule.first_end(state)
     state.step = 0
-    return bool((state.start < state.L).any())
+    state.bounds = (state.start.tolist(), state.end.tolist())  # one wait for the device per block
+    return any(s < state.L for s in state.bounds[0])
 
 
 def masked_in_block(state: DecodeState, mask_id: int) -> torch.Tensor:
@@ -468,17 +477,29 @@ def block_done(state: DecodeState, config: DecodeConfig) -> bool:
     first release spent one cached forward even on a block the block-start forward finished.
     dLLM-Cache's sampler runs exactly steps / num_blocks steps per block with the top-k schedule
     (its step counter, and so its refresh pattern, counts every one of them).
+
+    This is where the loop waits for the device, once per step: it reads whether masks are left
+    and whether the last step's logits were finite in one transfer.
     """
+    masked = masked_in_block(state, config.mask_id).any()  # () bool, on the device
+    if state.finite is not None:
+        finite, masked = torch.stack([state.finite, masked]).tolist()
+        state.finite = None
+        if not finite:
+            raise FloatingPointError(
+                f"non-finite logits at step {state.step - 1} of the block starting at position {min(state.bounds[0])} "
+                f"(forward {state.nfe}): the model overflowed its float type (a float16 model, a huge cfg_scale: "
+                f"{config.cfg_scale}), or its weights or config (e.g. rms_norm_eps) are bad")
     if config.cap_steps_per_block and state.step >= config.steps_per_block:
         return True
     if config.cache == "dllm" and config.threshold is None and config.factor is None:
         return state.step >= config.steps_per_block  # dLLM-Cache's sampler: LLaDA's fixed-step loop
     if config.first_release_nfe and state.cache is not None and state.step == 1:
         return False
-    return not bool(masked_in_block(state, config.mask_id).any())
+    return not bool(masked)
 
 
-def query_window(state: DecodeState, config: DecodeConfig) -> tuple[torch.Tensor, tuple[int, int]]:
+def query_window(state: DecodeState, config: DecodeConfig) -> tuple[torch.Tensor, tuple[int, int], bool]:
     """The cache policy: which canvas positions this step's forward computes.
 
     - 'none': always the whole canvas (vanilla LLaDA); so does 'dllm', whose forward chooses
@@ -490,30 +511,26 @@ def query_window(state: DecodeState, config: DecodeConfig) -> tuple[torch.Tensor
     With refresh_interval n > 0, every n-th step of the block is a full refresh as well.
 
     Returns the positions, (Q,) when every row queries the same ones, else (B, Q) padded with
-    the cache's trash slot, and `head` = [a, b), the query indices that need logits.
+    the trash slot; `head` = [a, b), the query indices that need logits; and whether the window
+    is the whole canvas. Sizes come from the block bounds on the host: no wait for the device.
     """
     L, device = state.L, state.x.device
+    starts, ends = state.bounds
     step, n = state.step, config.refresh_interval
-    full = config.cache in ("none", "dllm") or step == 0 or (n and step % n == 0)
-    if full:
+    if config.cache in ("none", "dllm") or step == 0 or (n and step % n == 0):
         # Commits land in [lo, end); only the capped mode can leave masks before the block, and
         # the original makes those eligible again at a full forward, so lo widens to P there.
-        lo = state.P if config.cap_steps_per_block else int(state.start.min())
-        return torch.arange(L, device=device), (lo, int(state.end.max()))
-    stop = torch.full_like(state.end, L) if config.cache == "prefix" else state.end  # (B,)
-    if bool((state.start == state.start[0]).all() and (stop == stop[0]).all()):
-        s, e = int(state.start[0]), int(stop[0])  # the common case: one window for the batch
-        return torch.arange(s, e, device=device), (0, int(state.end.max()) - s)
+        lo = state.P if config.cap_steps_per_block else min(starts)
+        return torch.arange(L, device=device), (lo, max(ends)), True
+    stops = [L] * len(ends) if config.cache == "prefix" else ends
+    head = (0, max(e - s for s, e in zip(starts, ends)))
+    if len(set(starts)) == 1 and len(set(stops)) == 1:  # the common case: one window for the batch
+        return torch.arange(starts[0], stops[0], device=device), head, False
     # Rows with blocks of their own: each row's window, padded to the longest with the trash slot.
-    Q = int((stop - state.start).max())
+    Q = max(e - s for s, e in zip(starts, stops))
     pos = state.start[:, None] + torch.arange(Q, device=device)  # (B, Q)
-    pos = torch.where(pos < stop[:, None], pos, state.cache.trash)  # (B, Q)
-    return pos, (0, int((state.end - state.start).max()))
-
-
-def is_full(positions: torch.Tensor) -> bool:
-    """Whether a query window is the whole canvas (a full forward, which refreshes any cache)."""
-    return positions.dim() == 1 and bool(positions[0] == 0)
+    stop = torch.tensor(stops, device=device)[:, None]  # (B, 1)
+    return torch.where(pos < stop, pos, L), head, False
 
 
 def query_inputs(state: DecodeState, config: DecodeConfig, positions: torch.Tensor):
@@ -556,6 +573,10 @@ def finish_at_eos(state: DecodeState, config: DecodeConfig) -> None:
     done = first_eos < first_mask  # (B,) EOS committed and fully decoded before it
     after = torch.arange(gen.shape[1], device=gen.device)[None, :] > first_eos[:, None]  # (B, G)
     gen.masked_fill_(done[:, None] & after, config.eos_id)
+    # A finished row's blocks end at the canvas end: from the next block on, its windows are trash.
+    if state.start is not None:  # (blockbatch.py borrows this function for states without blocks)
+        state.start = torch.where(done, state.L, state.start)
+        state.end = torch.where(done, state.L, state.end)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -566,36 +587,31 @@ def finish_at_eos(state: DecodeState, config: DecodeConfig) -> None:
 def decode_step(model, state: DecodeState, config: DecodeConfig, generator, schedule, rule, forward=model_forward):
     """One denoising step: run the model over the query window, propose, commit."""
     # 1) Pick the query window by cache policy and run the model over it.
-    positions, head = query_window(state, config)
+    positions, head, state.full = query_window(state, config)
     logits = forward(model, state, config, positions, head)  # (B, K, V)
     state.nfe += 1
     state.query_tokens += positions.shape[-1]
     state.window = positions
-    if not bool(torch.isfinite(logits).all()):
-        raise FloatingPointError(
-            f"non-finite logits at step {state.step} of the block starting at position {int(state.start.min())} "
-            f"(forward {state.nfe}): the model overflowed its dtype ({model.dtype}), or its weights or settings "
-            f"(cfg_scale {config.cfg_scale}, rms_norm_eps {model.config.rms_norm_eps}) are bad")
+    state.finite = torch.isfinite(logits).all()  # checked by block_done, with the masks left
     # 2) Propose a token and a confidence for every masked position of each row's block. Only
     #    the capped mode can leave masks before the block, and the original makes those eligible
     #    again at a full forward, so the eligible range starts at P there.
     lpos = positions[..., head[0]:head[1]].expand(state.x.shape[0], -1)  # (B, K) canvas positions
     if state.step == 0:
         rule.adapt(state, logits, lpos)  # the block rule may now fix where the block ends
-    full = is_full(positions)
-    lo = torch.full_like(state.start, state.P) if config.cap_steps_per_block and full else state.start
-    in_block = (lpos >= lo[:, None]) & (lpos < state.end[:, None])  # (B, K); trash is never inside
-    eligible = in_block & (state.x.gather(1, lpos.clamp(max=state.L - 1)) == config.mask_id)  # (B, K)
+    lo = torch.full_like(state.start, state.P) if config.cap_steps_per_block and state.full else state.start
+    in_block = (lpos >= lo[:, None]) & (lpos < state.end[:, None])  # (B, K); the trash is never inside
+    eligible = in_block & (state.canvas.gather(1, lpos) == config.mask_id)  # (B, K)
     noise = draw_noise(config, generator, (state.x.shape[0], positions.shape[-1], logits.shape[-1]), head,
-                       extra_draw=config.cache == "prefix" and not full, device=logits.device)
+                       extra_draw=config.cache == "prefix" and not state.full, device=logits.device)
     x0, conf = propose(logits, eligible, config, noise)
     # 3) Choose which proposals to commit: a fixed count, a threshold or a factor bound. Past the
     #    end of the schedule (only the uncapped top-k rule gets there), one per step.
     k = schedule[:, state.step] if state.step < schedule.shape[1] else torch.ones_like(schedule[:, 0])
     commit = commit_rule(conf, config, k)  # (B, K)
-    # 4) Commit: write the chosen proposals at their canvas positions; committed tokens are final.
-    rows, cols = commit.nonzero(as_tuple=True)
-    state.x[rows, lpos[rows, cols]] = x0[rows, cols]
+    # 4) Commit: write the chosen proposals at their canvas positions (the rest go to the trash
+    #    column); committed tokens are final.
+    state.canvas.scatter_(1, torch.where(commit, lpos, state.L), x0)
     if config.stop_at_eos:
         finish_at_eos(state, config)
     state.step += 1
@@ -631,7 +647,7 @@ def generate(model, prompt_ids: torch.Tensor, config: DecodeConfig, generator: t
     if masks_left:
         warnings.warn(f"{masks_left} masks left in the output: cap_steps_per_block allows "
                       f"{config.steps_per_block} forwards per block, too few for these settings", stacklevel=2)
-    return DecodeResult(ids=state.x, nfe=state.nfe, query_tokens=state.query_tokens, masks_left=masks_left,
+    return DecodeResult(ids=state.x.contiguous(), nfe=state.nfe, query_tokens=state.query_tokens, masks_left=masks_left,
                         prompt_length=state.P, nfe_per_block=nfe_per_block, extras=state.extras)
 
 
@@ -779,10 +795,11 @@ class AdaBlock:
         state.end = torch.where(best_p >= self.threshold, on_delimiter, default)
         state.end = torch.where(remaining > 0, state.end, state.start)  # finished rows stay empty
         # 3) Record each unfinished row's chosen length.
+        state.bounds = (state.start.tolist(), state.end.tolist())  # the block's real ends, on the host
         lengths = state.extras.setdefault("block_lengths", [[] for _ in range(state.x.shape[0])])
-        for row, (n, active) in enumerate(zip((state.end - state.start).tolist(), (remaining > 0).tolist())):
-            if active:
-                lengths[row].append(n)
+        for row, (s, e) in enumerate(zip(*state.bounds)):
+            if s < state.L:
+                lengths[row].append(e - s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -797,7 +814,7 @@ def measuring_drift(forward):
     def wrapped(model, state, config, positions, head):
         logits = forward(model, state, config, positions, head)  # (B, K, V)
         drift = state.extras.setdefault("max_drift", 0.0)
-        if config.cache == "dllm" or not is_full(positions):  # a step that reads stale features
+        if config.cache == "dllm" or not state.full:  # a step that reads stale features
             exact_state = DecodeState(x=state.x, P=state.P, start=state.start, end=state.end, key_mask=state.key_mask)
             exact = model_forward(model, exact_state, config, torch.arange(state.L, device=state.x.device), (0, state.L))
             lpos = positions[..., head[0]:head[1]].clamp(max=state.L - 1).expand(exact.shape[0], -1)  # (B, K)
