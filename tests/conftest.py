@@ -21,7 +21,9 @@ SHIPPED = os.path.join(ROOT, "checkpoints", "arith")
 settings.register_profile("ci", deadline=None, max_examples=30, derandomize=True)
 settings.load_profile("ci")
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# One thread: the models here are tiny, and on a shared or busy machine two OpenMP threads per
+# process spin against other jobs and can make a test ten times slower.
+torch.set_num_threads(1)
 
 needs_golden = pytest.mark.skipif(not os.path.isdir(CKPT), reason=f"golden outputs not found at {GOLDEN}")
 
