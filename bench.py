@@ -28,6 +28,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -36,6 +37,8 @@ import time
 
 import torch
 
+import bench_scale
+import blockbatch
 import task
 from cache import KVCache
 from decode import DecodeConfig, generate, left_pad, propose
@@ -44,6 +47,9 @@ from model import load_model
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 # name -> DecodeConfig overrides. "1 tok/step" rows use the top-k schedule with steps = gen_length.
+# NEWLINE stands for the tokenizer's newline id (AdaBlock's delimiter); `blockbatch` selects
+# blockbatch.generate with that generator instead of decode.generate.
+NEWLINE = "newline"
 METHODS = {
     "vanilla": dict(cache="none"),
     "prefix": dict(cache="prefix"),
@@ -56,6 +62,24 @@ METHODS = {
     "factor1.0": dict(cache="none", factor=1.0),
     "prefix+factor1.0": dict(cache="prefix", factor=1.0),
     "dual+factor1.0": dict(cache="dual", factor=1.0),
+    # stop at EOS: the same decoding, without the forwards spent on the EOS tail
+    "dual+thr0.9+eos": dict(cache="dual", threshold=0.9, stop_at_eos=True),
+    # dLLM-Cache at its paper's GSM8K setting (blocks of 8, K_p 50, K_r 7, rho 0.25), against
+    # vanilla and DualCache at the same blocks; and with the threshold rule
+    "vanilla-b8": dict(cache="none", block_length=8),
+    "dual-b8": dict(cache="dual", block_length=8),
+    "dllm-b8": dict(cache="dllm", block_length=8),
+    "dllm+thr0.9": dict(cache="dllm", threshold=0.9),
+    # AdaBlock (B0 = block_length, the newline as delimiter, tau_D 0.3) with DualCache + threshold,
+    # next to fixed blocks of the same B0
+    "dual+thr0.9-b16": dict(cache="dual", threshold=0.9, block_length=16),
+    "ada-b16": dict(cache="dual", threshold=0.9, block_length=16, delimiter_ids=NEWLINE, delimiter_threshold=0.3),
+    "ada-b32": dict(cache="dual", threshold=0.9, block_length=32, delimiter_ids=NEWLINE, delimiter_threshold=0.3),
+    "dual+thr0.9-b64": dict(cache="dual", threshold=0.9, block_length=64),
+    "ada-b64": dict(cache="dual", threshold=0.9, block_length=64, delimiter_ids=NEWLINE, delimiter_threshold=0.3),
+    # BlockBatch (blockbatch.py): branches of block sizes 4..128 (those dividing G), threshold 0.9
+    "bb-bulk": dict(blockbatch="bulk"),
+    "bb-rms": dict(blockbatch="rms"),
 }
 
 # The sweep: series name -> values. A fixed k per step is the top-k schedule with steps = G / k.
@@ -80,7 +104,23 @@ def sweep_overrides(series: str, value, gen_length: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def decode_all(model, problems, cfg, batch_size):
+def method_config(model, name: str, gen_length: int, block_length: int):
+    """The settings of METHODS[name] at one generation length: a DecodeConfig, or a
+    blockbatch.BlockConfig for the BlockBatch rows."""
+    kw = dict(gen_length=gen_length, block_length=block_length, steps=gen_length)
+    kw.update(METHODS[name])
+    if "blockbatch" in kw:
+        sizes = [b for b in (4, 8, 16, 32, 64, 128) if gen_length % b == 0]
+        return blockbatch.BlockBatchConfig.for_model(model.config, gen_length=gen_length, block_sizes=sizes,
+                                                     threshold=0.9, generator_variant=kw["blockbatch"])
+    if kw.get("delimiter_ids") == NEWLINE:
+        kw["delimiter_ids"] = task.encode("\n")
+    if kw.get("cache") == "dllm" and kw.get("threshold") is None:
+        kw["steps"] = gen_length  # one token per step, as dLLM-Cache's paper runs it
+    return DecodeConfig.for_model(model.config, **kw)
+
+
+def decode_all(model, problems, cfg, batch_size, extras=None):
     """Decode `problems` in batches; returns (generated id lists, total NFE, query tokens, seconds).
 
     NFE is counted per problem: a batch's forwards count once for each of its rows (a batch runs
@@ -92,13 +132,21 @@ def decode_all(model, problems, cfg, batch_size):
         ids, mask = left_pad([task.encode(p.prompt) for p in chunk], model.config.pad_token_id)
         mask = mask if len(chunk) > 1 else None  # a single row needs no padding mask
         start = time.perf_counter()
-        out = generate(model, ids.to(model.device), cfg, attention_mask=None if mask is None else mask.to(model.device))
+        if isinstance(cfg, blockbatch.BlockBatchConfig):  # one request per call: its branches are the batch
+            outs = [blockbatch.generate(model, ids[r:r + 1, ids.shape[1] - len(task.encode(p.prompt)):].to(model.device), cfg)
+                    for r, p in enumerate(chunk)]
+        else:
+            outs = [generate(model, ids.to(model.device), cfg,
+                             attention_mask=None if mask is None else mask.to(model.device))]
         if model.device.type == "cuda":
             torch.cuda.synchronize()
         seconds += time.perf_counter() - start
-        outputs += out.generated.tolist()
-        nfe += out.nfe * len(chunk)
-        query += out.query_tokens * len(chunk)
+        for out in outs:
+            if extras is not None:
+                extras.append(out.extras)
+            outputs += out.generated.tolist()
+            nfe += out.nfe * (len(chunk) if len(outs) == 1 else 1)
+            query += out.query_tokens * (len(chunk) if len(outs) == 1 else 1)
     return outputs, nfe, query, seconds
 
 
@@ -135,17 +183,16 @@ def bench(args, model, families):
                                                                steps=args.block_length), 1)
         reference, vanilla_seconds = None, None
         for name in args.methods:
-            cfg = DecodeConfig.for_model(model.config, gen_length=G, block_length=args.block_length, steps=G,
-                                         **METHODS[name])
+            cfg = method_config(model, name, G, args.block_length)
             print(f"[G={G}] {name}: {len(problems)} problems ...", file=sys.stderr, flush=True)
-            outputs, nfe, query, seconds = decode_all(model, problems, cfg, args.batch_size)
+            extras = []
+            outputs, nfe, query, seconds = decode_all(model, problems, cfg, args.batch_size, extras)
             per_family = score_by_family(problems, outputs, families)
             if name == "vanilla":
                 reference, vanilla_seconds = outputs, seconds
             drift = None
-            if cfg.cache != "none":
-                drift_cfg = DecodeConfig.for_model(model.config, gen_length=G, block_length=args.block_length,
-                                                   steps=G, measure_drift=True, **METHODS[name])
+            if isinstance(cfg, DecodeConfig) and cfg.cache != "none":
+                drift_cfg = dataclasses.replace(cfg, measure_drift=True)
                 probe = torch.tensor([task.encode(problems[0].prompt)], device=model.device)
                 drift = generate(model, probe, drift_cfg).max_drift
             k = len(problems)
@@ -157,11 +204,26 @@ def bench(args, model, families):
                 "nfe": nfe / k, "tokens_per_forward": G * k / nfe, "query_tokens": query / k,
                 "seconds": seconds, "tokens_per_s": G * k / seconds,
                 "speedup": None if vanilla_seconds is None else vanilla_seconds / seconds,
-                "max_logit_drift": drift,
+                "max_logit_drift": drift, "method_note": method_note(extras),
             }
             rows.append(row)
             print("  " + format_row(row, families), file=sys.stderr, flush=True)
     return rows
+
+
+def method_note(extras: list[dict]) -> str | None:
+    """What a method measured about itself, averaged over the problems: the share of a full
+    forward's token-layer rows dLLM-Cache recomputed, AdaBlock's mean block length, the block
+    sizes BlockBatch returned."""
+    if extras and "recomputed_fraction" in extras[0]:
+        return f"recomputed {100 * sum(e['recomputed_fraction'] for e in extras) / len(extras):.0f}%"
+    if extras and "block_lengths" in extras[0]:
+        lengths = [n for e in extras for row in e["block_lengths"] for n in row]
+        return f"mean block {sum(lengths) / len(lengths):.1f}"
+    if extras and "winner_block_size" in extras[0]:
+        sizes = sorted({e["winner_block_size"] for e in extras})
+        return "returned block " + "/".join(map(str, sizes))
+    return None
 
 
 def columns(families):
@@ -170,7 +232,7 @@ def columns(families):
             + [(f"acc_{f}", f) for f in families]
             + [("agreement", "agree w/ vanilla"), ("nfe", "NFE"), ("tokens_per_forward", "tok/fwd"),
                ("query_tokens", "query tok"), ("seconds", "wall s"), ("tokens_per_s", "tok/s"),
-               ("speedup", "speedup"), ("max_logit_drift", "max Δlogit")])
+               ("speedup", "speedup"), ("max_logit_drift", "max Δlogit"), ("method_note", "method's own")])
 
 
 def fmt(key, value) -> str:
@@ -314,6 +376,9 @@ def profile_dual_step(model, gen_length: int, block_length: int, repeats: int = 
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--scale" in argv:  # per-forward cost at model scale: bench_scale.py, with flags of its own
+        return bench_scale.main([a for a in argv if a != "--scale"], prog="bench.py --scale")
     ap = argparse.ArgumentParser(description="Benchmark decoding methods on the trained checkpoint.")
     ap.add_argument("--model", default=os.path.join(HERE, "checkpoints", "mix"), help="checkpoint directory")
     ap.add_argument("--lengths", type=int, nargs="+", default=None,
