@@ -58,12 +58,12 @@ def test_golden_parity(tiny_model, case):
 
 @needs_golden
 def test_rms_near_tie(tiny_model):
-    """The near-tie run: the float32 test refreshes where the original did not; deciding the same
-    test exactly (float64, no cancellation) takes the original's branch and matches it."""
+    """The near-tie run: the float32 divergence test sits 6e-6 (relative) from its bound, so which
+    branch float32 takes depends on the machine's rounding (on some CPUs it refreshes where the
+    original did not; that is not asserted either way). Deciding the same test exactly (float64,
+    no cancellation) takes the original's branch and matches it on any machine."""
     (case,) = [c.values[0] for c in PARITY if c.id == "bb_rms_4-8-16_g32_fp32pad"]
     run = case["runs"][0]
-    out = generate(tiny_model, torch.tensor(run["prompt"]), config_for_case(case, tiny_model))
-    assert out.nfe != run["batched_forwards"]
     cfg = config_for_case(case, tiny_model, exact_divergence=True)
     check_run(generate(tiny_model, torch.tensor(run["prompt"]), cfg), run, cfg.block_sizes)
 
