@@ -1,5 +1,5 @@
 """
-Decoding a masked-diffusion LM: vanilla LLaDA sampling and Fast-dLLM, in one loop.
+Decoding a masked-diffusion LM: LLaDA, Fast-dLLM, dLLM-Cache and AdaBlock, in one loop.
 
 A diffusion LM generates by unmasking. The answer starts as `gen_length` [MASK] tokens after the
 prompt (the *canvas*); each step runs the model over the canvas, proposes a token for every
@@ -14,6 +14,12 @@ committed ("semi-autoregressive" decoding).
   Cache and Parallel Decoding", arXiv 2505.22618): a block-wise approximate KV cache (prefix
   cache, or DualCache which also caches the masked suffix) and confidence-aware parallel decoding
   (commit every proposal above a threshold, or as many as a factor bound allows).
+- dLLM-Cache (Liu et al., arXiv 2506.06295): a cache policy that reuses each layer's attention
+  and MLP outputs, recomputing the prompt and the answer on long intervals and, in between, only
+  the answer tokens whose values moved most (`dllm_forward`).
+- AdaBlock (Lu et al., arXiv 2509.26432): a block rule that ends a block on a delimiter the model
+  already predicts with confidence (`AdaBlock`).
+BlockBatch (blockbatch.py) drives the same step pieces with branches of block sizes.
 
 The loop in `generate` is a few named functions, and each method is a small change to one of
 them: the cache policy picks the tokens a forward computes (`query_window`), the commit rule
@@ -68,7 +74,7 @@ class DecodeConfig:
     """Decoding settings, named as the original samplers' keyword arguments."""
 
     gen_length: int = 128  # G, tokens to generate
-    block_length: int = 128  # tokens per semi-autoregressive block (G must be a multiple)
+    block_length: int = 128  # tokens per semi-autoregressive block (G must be a multiple; AdaBlock's B0)
     steps: int = 128  # top-k schedule: total steps over all blocks (a multiple of the block count)
     temperature: float = 0.0  # 0 = argmax; > 0 = Gumbel-max sampling in float64
     remasking: str = "low_confidence"  # confidence = prob. of the proposal, or 'random' (uniform)

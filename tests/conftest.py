@@ -76,3 +76,11 @@ def pytest_configure(config):
 ])
 def device(request):
     return torch.device(request.param)
+
+
+def random_prompts(s, n):
+    """n prompts of 1..s['prompt_len'] random ids below the random model's special tokens,
+    reproducible from s['seed'] (s: a hypothesis-drawn settings dict)."""
+    g = torch.Generator().manual_seed(s["seed"])
+    return [torch.randint(0, 47, (int(torch.randint(1, s["prompt_len"] + 1, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import golden_cases, needs_golden
+from conftest import golden_cases, needs_golden, random_prompts
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -53,17 +53,11 @@ def ada_config(model, s, **over):
     return DecodeConfig.for_model(model.config, **kw)
 
 
-def prompts(s, n):
-    g = torch.Generator().manual_seed(s["seed"])
-    return [torch.randint(0, 47, (int(torch.randint(1, s["prompt_len"] + 1, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
-
-
 @given(s=ada_settings)
 def test_infinite_delimiter_threshold_is_fixed_blocks(random_model, s):
     """tau_D = inf never adapts: exactly Fast-dLLM with fixed blocks of B0 (same cache, same rule)."""
     G = s["block_length"] * max(1, s["gen_length"] // s["block_length"])  # the fixed grid needs whole blocks
-    prompt = torch.tensor(prompts(s, 1))
+    prompt = torch.tensor(random_prompts(s, 1))
     ada = generate(random_model, prompt, ada_config(random_model, s, gen_length=G, steps=G, delimiter_threshold=float("inf")))
     fixed = generate(random_model, prompt, ada_config(random_model, s, gen_length=G, steps=G, delimiter_ids=None))
     assert torch.equal(ada.ids, fixed.ids) and ada.nfe == fixed.nfe and ada.nfe_per_block == fixed.nfe_per_block
@@ -73,7 +67,7 @@ def test_infinite_delimiter_threshold_is_fixed_blocks(random_model, s):
 @given(s=ada_settings)
 def test_every_block_ends_on_a_delimiter_or_has_the_default_length(random_model, s):
     cfg = ada_config(random_model, s)
-    out = generate(random_model, torch.tensor(prompts(s, 1)), cfg)
+    out = generate(random_model, torch.tensor(random_prompts(s, 1)), cfg)
     generated, start = out.generated[0].tolist(), 0
     lengths = out.extras["block_lengths"][0]
     assert sum(lengths) == cfg.gen_length and out.masks_left == 0
@@ -89,7 +83,7 @@ def test_rows_with_their_own_blocks_decode_as_alone(random_model, s):
     """Left-padded rows choose different block lengths; in one batch each row still gets exactly
     the tokens and block lengths it gets alone (per-row blocks, trash-padded windows)."""
     cfg = ada_config(random_model, s)
-    rows = prompts(s, 3)
+    rows = random_prompts(s, 3)
     ids, mask = left_pad(rows, random_model.config.pad_token_id)
     batched = generate(random_model, ids, cfg, attention_mask=mask)
     for i, p in enumerate(rows):

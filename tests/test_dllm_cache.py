@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import golden_cases, needs_golden
+from conftest import golden_cases, needs_golden, random_prompts
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -92,12 +92,6 @@ def dllm_config(model, s, **over):
         kw["factor"] = s["value"] * 3
     kw.update(over)
     return DecodeConfig.for_model(model.config, **kw)
-
-
-def random_prompts(s, n):
-    g = torch.Generator().manual_seed(s["seed"])
-    return [torch.randint(0, 47, (int(torch.randint(1, s["prompt_len"] + 1, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
 
 
 @given(s=dllm_settings)
