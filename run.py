@@ -67,7 +67,10 @@ def build_prompt(tokenizer, text: str, model_dir: str) -> str:
     if os.path.isfile(os.path.join(model_dir, "task.json")):
         if text.startswith("Q:"):
             return text if text.endswith("\n") else text + "\n"
-        return f"Q: {text.strip().rstrip('=?')}=?\n"
+        text = text.strip()
+        if "=" in text.rstrip("=?"):       # already a question, e.g. the pair family's "?+?=10"
+            return f"Q: {text}\n"
+        return f"Q: {text.rstrip('=?')}=?\n"  # a chain "8-3+7" (or "8-3+7=?") asks for its value
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                              tokenize=False)
@@ -218,7 +221,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     default = {f.name: RUN_DEFAULTS.get(f.name, getattr(d, f.name)) for f in fields(DecodeConfig)}
     ap = Parser(description="Generate with a LLaDA-format checkpoint.")
     ap.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory (config.json, *.safetensors, tokenizer)")
-    ap.add_argument("--prompt", default=None, help="prompt text (for the arithmetic checkpoints: an expression like '8-3+7'); "
+    ap.add_argument("--prompt", default=None, help="prompt text (for the arithmetic checkpoints: a chain like '8-3+7', or '?+?=10' for any two digits with that sum); "
                                                      "default: a held-out problem")
     ap.add_argument("--gen-length", type=int, default=default["gen_length"], help="tokens to generate")
     ap.add_argument("--block-length", type=int, default=default["block_length"],

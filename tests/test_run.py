@@ -95,6 +95,17 @@ def test_adablock_and_stop_at_eos(capsys):
     assert "AdaBlock block lengths: [" in out and "adablock, stop-at-eos" in out
 
 
+@pytest.mark.parametrize("text, prompt", [
+    ("8-3+7", "Q: 8-3+7=?\n"),          # a chain asks for its value
+    ("8-3+7=?", "Q: 8-3+7=?\n"),
+    (" 8-3+7= ", "Q: 8-3+7=?\n"),
+    ("?+?=10", "Q: ?+?=10\n"),          # the pair family is already a question
+    ("Q: ?+?=7", "Q: ?+?=7\n"),
+])
+def test_task_prompts(text, prompt):
+    assert run.build_prompt(None, text, SHIPPED) == prompt
+
+
 def test_newline_id_from_the_tokenizer():
     from transformers import AutoTokenizer
 
