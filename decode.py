@@ -28,8 +28,9 @@ picks the proposals kept (`commit_rule`), the block rule picks where a block end
 
 Differences from the original code, deliberate and documented where they happen: a finished
 block gets no more forwards (the originals sometimes spend one); rows may be left-padded with a
-padding mask; the LM head runs only over the current block; rows of a batch may have blocks of
-their own (`start`/`end` per row).
+padding mask; the LM head runs only where tokens may be committed (the block, and AdaBlock's
+look-ahead window at a block's first forward); rows of a batch may have blocks of their own
+(`start`/`end` per row).
 
 Usage:
     cfg = DecodeConfig.for_model(model.config, gen_length=256, block_length=32, steps=256,
@@ -240,16 +241,12 @@ def draw_noise(config: DecodeConfig, generator, shape, head: tuple[int, int], ex
     return noise
 
 
-def propose(logits: torch.Tensor, eligible: torch.Tensor, config: DecodeConfig, noise: Noise):
-    """A proposal x0 for every position and its confidence, -inf where not `eligible`.
-
-    logits (B, K, V) are the block's; eligible (B, K) marks masked positions of the block.
-    Returns x0 (B, K) and confidence (B, K) in float64. The EOS/EOT flags edit `logits` in place.
-    """
+def sample(logits: torch.Tensor, config: DecodeConfig, noise: Noise) -> torch.Tensor:
+    """The proposed token at every position, (B, K, V) -> (B, K): the argmax at temperature 0,
+    otherwise a sample by the Gumbel-max trick in the original's exponential form,
+    argmax(exp(logits) / g^T) with g = -log(u), which samples softmax(logits / T)."""
     if config.logits_eos_inf:
-        logits[:, :, config.eos_id] = -torch.inf  # EOS can never be proposed
-    # 1) Proposal: argmax at temperature 0; otherwise the Gumbel-max trick in the original's
-    #    exponential form, argmax(exp(logits) / g^T), g = -log(u), a sample of softmax(logits / T).
+        logits[:, :, config.eos_id] = -torch.inf  # EOS can never be proposed (edits `logits`)
     if config.temperature > 0:
         noisy = logits.to(torch.float64).exp() / noise.gumbel ** config.temperature
         if torch.isinf(noisy).any():
@@ -259,11 +256,21 @@ def propose(logits: torch.Tensor, eligible: torch.Tensor, config: DecodeConfig, 
     else:
         noisy = logits
     # The mask token is never a proposal: committing it would leave the position masked forever
-    # (a trained LLaDA never predicts it, so this changes nothing there; the confidences below
-    # still use the full softmax, as the original's do).
+    # (a trained LLaDA never predicts it, so this changes nothing there; the confidences in
+    # propose still use the full softmax, as the original's do).
     no_mask = noisy.clone()
     no_mask[..., config.mask_id] = -torch.inf
-    x0 = no_mask.argmax(dim=-1)  # (B, K)
+    return no_mask.argmax(dim=-1)  # (B, K)
+
+
+def propose(logits: torch.Tensor, eligible: torch.Tensor, config: DecodeConfig, noise: Noise):
+    """A proposal x0 for every position and its confidence, -inf where not `eligible`.
+
+    logits (B, K, V) are the block's; eligible (B, K) marks masked positions of the block.
+    Returns x0 (B, K) and confidence (B, K) in float64. The EOS/EOT flags edit `logits` in place.
+    """
+    # 1) Proposal: the argmax, or a sample at temperature > 0.
+    x0 = sample(logits, config, noise)  # (B, K)
     # 2) The original LLaDA's EOS/EOT flag writes `noisy[..., eos] = logits[..., eot] = -inf`. At
     #    temperature 0 `noisy` *is* `logits`, so both EOS and EOT lose their confidence; at T > 0
     #    they are two tensors and only EOT's confidence is suppressed. Reproduced as it behaves.
@@ -454,7 +461,7 @@ class FixedBlocks:
         """Where the block ends, as far as is known before its first forward: (B,)."""
         return (state.start + self.block_length).clamp(max=state.L)
 
-    def adapt(self, state: DecodeState, logits: torch.Tensor, lpos: torch.Tensor) -> None:
+    def adapt(self, state: DecodeState, logits: torch.Tensor, lpos: torch.Tensor, noise: Noise) -> None:
         """After the block's first forward: nothing to change on a fixed grid."""
 
 
@@ -603,13 +610,15 @@ def decode_step(model, state: DecodeState, config: DecodeConfig, generator, sche
     #    the capped mode can leave masks before the block, and the original makes those eligible
     #    again at a full forward, so the eligible range starts at P there.
     lpos = positions[..., head[0]:head[1]].expand(state.x.shape[0], -1)  # (B, K) canvas positions
+    # Fast-dLLM's prefix cache draws its sampling noise twice per cached step, AdaBlock's once.
+    extra_draw = config.cache == "prefix" and not state.full and config.delimiter_ids is None
+    noise = draw_noise(config, generator, (state.x.shape[0], positions.shape[-1], logits.shape[-1]), head,
+                       extra_draw=extra_draw, device=logits.device)
     if state.step == 0:
-        rule.adapt(state, logits, lpos)  # the block rule may now fix where the block ends
+        rule.adapt(state, logits, lpos, noise)  # the block rule may now fix where the block ends
     lo = torch.full_like(state.start, state.P) if config.cap_steps_per_block and state.full else state.start
     in_block = (lpos >= lo[:, None]) & (lpos < state.end[:, None])  # (B, K); the trash is never inside
     eligible = in_block & (state.canvas.gather(1, lpos) == config.mask_id)  # (B, K)
-    noise = draw_noise(config, generator, (state.x.shape[0], positions.shape[-1], logits.shape[-1]), head,
-                       extra_draw=config.cache == "prefix" and not state.full, device=logits.device)
     x0, conf = propose(logits, eligible, config, noise)
     # 3) Choose which proposals to commit: a fixed count, a threshold or a factor bound. Past the
     #    end of the schedule (only the uncapped top-k rule gets there), one per step.
@@ -767,7 +776,8 @@ class AdaBlock:
 
     The block's first forward (a full one: it also refreshes any cache) predicts every position
     of a look-ahead window, the next min(window_fraction * G, remaining) positions. Among those
-    whose argmax prediction is a delimiter, take the most confident (the first on ties); if its
+    whose prediction (the argmax; a sample at temperature > 0, as the step's proposals) is a
+    delimiter, take the most confident (the first on ties); if its
     probability reaches delimiter_threshold the block ends on it, inclusive, else the block has
     the default length min(block_length, remaining). No other clamp: a block may be one token
     long, or longer than block_length. Rows choose their own ends; the batch waits for its
@@ -775,6 +785,7 @@ class AdaBlock:
     """
 
     def __init__(self, config: DecodeConfig):
+        self.config = config
         self.block_length = config.block_length
         self.window = int(config.window_fraction * config.gen_length)
         self.threshold = config.delimiter_threshold
@@ -784,15 +795,18 @@ class AdaBlock:
         # Provisional: the first forward's logits must cover the block and the look-ahead window.
         return (state.start + max(self.block_length, self.window)).clamp(max=state.L)
 
-    def adapt(self, state: DecodeState, logits: torch.Tensor, lpos: torch.Tensor) -> None:
+    def adapt(self, state: DecodeState, logits: torch.Tensor, lpos: torch.Tensor, noise: Noise) -> None:
         remaining = state.L - state.start  # (B,)
         window = remaining.clamp(max=self.window)  # (B,)
         offset = lpos - state.start[:, None]  # (B, K) distance from each row's block start
         in_window = (offset >= 0) & (offset < window[:, None])  # (B, K)
-        # 1) The most confident delimiter prediction of each row's window.
-        p_top, pred = F.softmax(logits.to(torch.float64), dim=-1).max(dim=-1)  # (B, K) each
+        # 1) The most confident delimiter prediction of each row's window. The predictions are the
+        #    step's proposals (samples at temperature > 0, with the step's noise, as the original
+        #    does), their confidence the plain softmax probability of the predicted token.
+        pred = sample(logits, self.config, noise)  # (B, K)
+        p = F.softmax(logits.to(torch.float64), dim=-1).gather(-1, pred[..., None]).squeeze(-1)  # (B, K)
         is_delim = in_window & torch.isin(pred, self.delimiters.to(pred.device))  # (B, K)
-        score = torch.where(is_delim, p_top, torch.full_like(p_top, -1.0))  # (B, K)
+        score = torch.where(is_delim, p, torch.full_like(p, -1.0))  # (B, K)
         best = score.argmax(dim=1)  # (B,) the first index among equal maxima
         best_p = score.gather(1, best[:, None]).squeeze(1)  # (B,)
         # 2) End on it (inclusive) when confident enough, else the default length.

@@ -92,6 +92,53 @@ def test_rows_with_their_own_blocks_decode_as_alone(random_model, s):
         assert batched.extras["block_lengths"][i] == alone.extras["block_lengths"][0]
 
 
+def original_adablock(model, prompt, cfg):
+    """The original's no-cache AdaBlock loop for one row, written out plainly: every forward is a
+    full one, its Gumbel noise drawn from torch's global generator over the whole canvas, and the
+    look-ahead reads the *sampled* predictions. (As in decode.py, the mask token is never proposed.)"""
+    mask, T, L = cfg.mask_id, cfg.temperature, prompt.shape[1] + cfg.gen_length
+    x = torch.cat([prompt, torch.full((1, cfg.gen_length), mask)], dim=1)
+    start, lengths = prompt.shape[1], []
+    while start < L:
+        first, end = True, L
+        while first or (x[0, start:end] == mask).any():
+            logits = model(x, positions=torch.arange(L))[0].double()  # (L, V)
+            g = -torch.log(torch.rand(logits.shape, dtype=torch.float64))
+            noisy = logits.exp() / g ** T
+            noisy[:, mask] = -torch.inf
+            pred = noisy.argmax(-1)  # (L,)
+            p = logits.softmax(-1).gather(-1, pred[:, None])[:, 0]  # (L,)
+            if first:  # the block's length, from the delimiters predicted in the look-ahead window
+                window = range(start, start + min(int(cfg.window_fraction * cfg.gen_length), L - start))
+                found = [i for i in window if int(pred[i]) in cfg.delimiter_ids]
+                best = max(found, key=lambda i: (p[i], -i)) if found else None
+                default = start + min(cfg.block_length, L - start)
+                end = best + 1 if best is not None and p[best] >= cfg.delimiter_threshold else default
+                lengths.append(end - start)
+                first = False
+            masked = [i for i in range(start, end) if x[0, i] == mask]
+            top = max(masked, key=lambda i: (p[i], -i))
+            for i in masked:
+                if p[i] >= cfg.threshold or i == top:
+                    x[0, i] = pred[i]
+        start = end
+    return x, lengths
+
+
+@given(s=ada_settings, temperature=st.sampled_from([0.5, 1.0, 2.0]))
+def test_sampling_matches_the_original_loop(random_model, s, temperature):
+    """At temperature > 0 the block ends where the *sampled* predictions put a delimiter, and the
+    random stream is the original's: a seeded run gives the original loop's tokens and lengths."""
+    cfg = ada_config(random_model, s, cache="none", temperature=temperature)
+    prompt = torch.tensor(random_prompts(s, 1))
+    torch.manual_seed(s["seed"])
+    ref_ids, ref_lengths = original_adablock(random_model, prompt, cfg)
+    torch.manual_seed(s["seed"])
+    out = generate(random_model, prompt, cfg)
+    assert out.ids.tolist() == ref_ids.tolist()
+    assert out.extras["block_lengths"] == [ref_lengths]
+
+
 def test_adablock_settings_errors():
     base = dict(gen_length=32, block_length=8, steps=32, mask_id=1, threshold=0.9)
     with pytest.raises(ValueError, match="delimiter_ids must be a non-empty list"):
