@@ -525,7 +525,7 @@ def main(argv=None) -> None:
     cfg = parse_args(argv)
     try:
         train(cfg)
-    except ValueError as err:  # a user's mistake (paths, snapshots, settings): one line, exit 2
+    except ValueError as err:  # a user's mistake (paths, snapshots, settings): one line, exit status 1
         sys.exit(f"train.py: error: {err}")
 
 

@@ -6,6 +6,8 @@ Three groups, one per file they exercise:
   FloatingPointError or return with every mask committed, within a bounded number of forwards.
   dLLM-Cache calls the model's pieces (embed, blocks, lm_head), not its forward, so it runs on a
   real small random model whose final norm is zeroed (all logits equal), scaled up, or poisoned.
+  A real model in float16 whose logits (or guided logits) pass 65504 must raise the same error;
+  so must blockbatch.py, which checks the logits of its own forwards.
 - decode.py's input checks: token ids outside the vocabulary, float/bool prompts, a mask of the
   wrong shape, special ids outside the vocabulary; and very high temperatures still sample.
 - model.py's loader: every broken config value or checkpoint file is a ValueError naming it.
@@ -151,6 +153,65 @@ def test_nan_weight_raises(real_models, cache):
     cfg = DecodeConfig.for_model(SMALL, gen_length=16, block_length=8, steps=16, cache=cache, threshold=0.9)
     with pytest.raises(FloatingPointError, match=r"non-finite logits at step 0 .* bad"):
         generate(real_models["nan"], PROMPT, cfg)
+
+
+# float16 overflow: finite in float32, inf in float16 (largest finite value 65504)
+
+
+def loud_head(model):
+    """A copy of `model` whose logits are ~1e5 times larger (largest |logit| ~3e5 here): ln_f
+    scaled by 100 and the LM head by 1000, so every weight stays well inside float16's range
+    and only the logits overflow it."""
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        m.model.transformer.ln_f.weight.mul_(100.0)
+        m.model.transformer.ff_out.weight.mul_(1000.0)
+    return m
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual", "dllm"])
+def test_float16_logit_overflow_raises(real_models, cache):
+    """A float16 model whose logits exceed 65504 (the same weights run fine in float32): the
+    overflow is the clear FloatingPointError naming step and block, not a silent argmax over inf."""
+    loud = loud_head(real_models["normal"])
+    cfg = DecodeConfig.for_model(SMALL, gen_length=8, block_length=8, steps=8, cache=cache)
+    with torch.no_grad():
+        assert torch.isfinite(loud(PROMPT)).all()  # float32: finite
+    generate(loud, PROMPT, cfg)
+    half = loud.half()  # .half() converts in place: `loud` is our own copy
+    assert all(torch.isfinite(p).all() for p in half.parameters())  # the weights fit float16
+    with pytest.raises(FloatingPointError, match=r"non-finite logits at step 0 of the block starting at position 4 "
+                                                 r"\(forward 1\): the model overflowed its float type \(a float16 model"):
+        generate(half, PROMPT, cfg)
+
+
+def test_float16_cfg_overflow_raises(real_models):
+    """Guidance in float16: un + (cfg + 1)(cond - un) passes 65504 at a cfg_scale float32 carries."""
+    cfg = DecodeConfig.for_model(SMALL, gen_length=8, block_length=8, steps=8, cfg_scale=1e6)
+    out = generate(real_models["normal"], PROMPT, cfg)  # float32: finite
+    assert out.masks_left == 0
+    half = copy.deepcopy(real_models["normal"]).half()
+    with pytest.raises(FloatingPointError, match=r"non-finite logits at step 0 of the block starting at position 4 "
+                                                 r".*a huge cfg_scale: 1000000.0"):
+        generate(half, PROMPT, cfg)
+
+
+# blockbatch.py runs its own forwards (decode.model_forward, not decode.generate's loop), so it
+# checks their logits itself.
+
+
+@pytest.mark.parametrize("variant", ["nan", "float16-overflow"])
+def test_blockbatch_non_finite_logits_raise(real_models, variant):
+    """A NaN weight, or a float16 model whose logits overflow: BlockBatch stops at its first
+    forward with a FloatingPointError naming the forward and the model's dtype."""
+    import blockbatch
+
+    model = real_models["nan"] if variant == "nan" else loud_head(real_models["normal"]).half()
+    dtype = "torch.float32" if variant == "nan" else "torch.float16"
+    config = blockbatch.BlockBatchConfig.for_model(SMALL, gen_length=8, block_sizes=(4, 8))
+    with pytest.raises(FloatingPointError, match=rf"non-finite logits at forward 1: the model overflowed its dtype "
+                                                 rf"\({dtype}\) or its weights are bad"):
+        blockbatch.generate(model, PROMPT[:1], config)
 
 
 @settings(max_examples=30)
