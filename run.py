@@ -1,9 +1,9 @@
 """
 Generate with a LLaDA-format checkpoint and watch the canvas denoise, mask by mask.
 
-With no flags it loads the project's own small checkpoint (checkpoints/mix, trained by train.py
-on the arithmetic task families in task.py), asks it a held-out problem, and decodes with the
-fastest setting that keeps accuracy (DualCache + threshold 0.9, see the README's benchmark).
+With no flags it loads the project's own small checkpoint (checkpoints/arith, trained by train.py
+on task.py's arithmetic chains; `--model checkpoints/mix` adds the `long` and `pair` families),
+asks it a held-out problem, and decodes with DualCache + threshold 0.9 (see the README's benchmark).
 Point --model at a real LLaDA-8B directory to use the same code on the real model.
 
 Every method of decode.py is a flag: the cache policy (--cache none/prefix/dual/dllm), the commit
@@ -35,11 +35,10 @@ import torch
 from decode import CACHES, REMASKING, DecodeConfig, generate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_MODEL = os.path.join(HERE, "checkpoints", "mix")
+DEFAULT_MODEL = os.path.join(HERE, "checkpoints", "arith")
 # run.py's own defaults, where they differ from DecodeConfig's (vanilla) ones: a 64-token window in
-# two blocks (the mix checkpoint's worked answers run past 32 tokens, and it answers the first
-# held-out problem wrongly in a 32-token window) and Fast-dLLM's DualCache + threshold 0.9, the
-# fastest setting that keeps the shipped checkpoint's accuracy (README, Benchmark).
+# two blocks (room for a worked answer and its EOS tail) and Fast-dLLM's DualCache + threshold 0.9,
+# which keeps the arith checkpoint's accuracy at a few forwards per answer (README, Benchmark).
 RUN_DEFAULTS = dict(gen_length=64, block_length=32, steps=64, cache="dual", threshold=0.9)
 
 # ---------------------------------------------------------------------------------------------
