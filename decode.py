@@ -1,38 +1,22 @@
 """
 Decoding a masked-diffusion LM: LLaDA, Fast-dLLM, dLLM-Cache and AdaBlock, in one loop.
 
-A diffusion LM generates by unmasking. The answer starts as `gen_length` [MASK] tokens after the
-prompt (the *canvas*); each step runs the model over the canvas, proposes a token for every
-masked position, and commits ("unmasks") the most confident proposals. Committed tokens never
-change. The answer is decoded in blocks, left to right, and only the current block's masks may be
-committed ("semi-autoregressive" decoding).
+The answer starts as `gen_length` [MASK] tokens after the prompt (the *canvas*). Each step runs the
+model over the canvas, proposes a token for every masked position of the current block and commits
+("unmasks") the most confident; committed tokens never change. Blocks go left to right.
+- LLaDA (Nie et al., arXiv 2502.09992): one full forward and a fixed number of commits per step.
+- Fast-dLLM (Wu et al., arXiv 2505.22618): an approximate KV cache (prefix cache, DualCache) and
+  commits by confidence (threshold, factor).
+- dLLM-Cache (Liu et al., arXiv 2506.06295): reuses each layer's attention and MLP outputs and
+  recomputes only the answer tokens whose values moved most (`dllm_forward`).
+- AdaBlock (Lu et al., arXiv 2509.26432): a block ends on a delimiter the model already predicts.
+Each method changes one piece of the loop in `generate`: the cache policy (`query_window`), the
+commit rule (`commit_rule`), the block rule (`FixedBlocks`, `AdaBlock`) or the forward;
+`block_done` holds the originals' stop conditions. BlockBatch (blockbatch.py) drives the same
+pieces with branches. Differences from the originals, documented where they happen: a finished
+block gets no more forwards; rows may be left-padded and have blocks of their own; the LM head
+runs only where tokens may be committed.
 
-- Vanilla LLaDA (Nie et al., "Large Language Diffusion Models", arXiv 2502.09992): one full
-  forward per step, a fixed number of commits per step; the rest stay masked ("low-confidence
-  remasking").
-- Fast-dLLM (Wu et al., "Fast-dLLM: Training-free Acceleration of Diffusion LLM by Enabling KV
-  Cache and Parallel Decoding", arXiv 2505.22618): a block-wise approximate KV cache (prefix
-  cache, or DualCache which also caches the masked suffix) and confidence-aware parallel decoding
-  (commit every proposal above a threshold, or as many as a factor bound allows).
-- dLLM-Cache (Liu et al., arXiv 2506.06295): a cache policy that reuses each layer's attention
-  and MLP outputs, recomputing the prompt and the answer on long intervals and, in between, only
-  the answer tokens whose values moved most (`dllm_forward`).
-- AdaBlock (Lu et al., arXiv 2509.26432): a block rule that ends a block on a delimiter the model
-  already predicts with confidence (`AdaBlock`).
-BlockBatch (blockbatch.py) drives the same step pieces with branches of block sizes.
-
-The loop in `generate` is a few named functions, and each method is a small change to one of
-them: the cache policy picks the tokens a forward computes (`query_window`), the commit rule
-picks the proposals kept (`commit_rule`), the block rule picks where a block ends
-(`next_block`), and `block_done` holds the originals' stop conditions. They compose freely.
-
-Differences from the original code, deliberate and documented where they happen: a finished
-block gets no more forwards (the originals sometimes spend one); rows may be left-padded with a
-padding mask; the LM head runs only where tokens may be committed (the block, and AdaBlock's
-look-ahead window at a block's first forward); rows of a batch may have blocks of their own
-(`start`/`end` per row).
-
-Usage:
     cfg = DecodeConfig.for_model(model.config, gen_length=256, block_length=32, steps=256,
                                  cache="dual", threshold=0.9)
     out = generate(model, prompt_ids, cfg)       # out.ids (B, P + G), out.nfe
