@@ -1,31 +1,21 @@
 """
 An explicit key/value cache for diffusion decoding: preallocated buffers written by index.
 
-A diffusion LM knows its total length L (prompt + generation) before decoding starts, so the
-cache is two tensors allocated once per request, `(N, B, Hkv, S, D)` for keys and for values, on
-the model's device and dtype. A forward writes the keys/values of its query tokens at their
-positions, then attends over positions [0, length). Nothing grows with `torch.cat`. The pattern
-follows gpt-fast's static cache; `update(layer, k, v, positions)` borrows HF's `Cache.update`.
+A diffusion LM knows its total length L (prompt + generation) before decoding starts, so the cache
+is two tensors allocated once per request, `(N, B, Hkv, S, D)` for keys and for values, on the
+model's device and dtype; a forward writes its query tokens' keys/values at their positions and
+attends over [0, length). Nothing grows with `torch.cat` (gpt-fast's static cache; `update(layer,
+k, v, positions)` borrows HF's `Cache.update`). Keys are stored after RoPE: a position never
+changes on the canvas, so rotating once at write time is exact (the originals re-rotate every
+step; the numbers are the same).
 
-Keys are stored *after* RoPE. In a diffusion LM a token's position never changes (the canvas
-has a fixed length), so rotating a key once, when it is written, is exact and saves rotating the
-whole cache again on every step. (The original LLaDA/Fast-dLLM code caches keys before RoPE and
-re-rotates all of them in every forward; the numbers are the same.)
+With bidirectional attention a cache is an *approximation*: each commit changes every position's
+keys/values a little, and a cached entry stays as it was last written (stale). What is recomputed
+is decode.py's decision; Fast-dLLM's prefix cache and DualCache are ranges of these buffers, and
+dLLM-Cache (`FeatureCache`) also keeps each layer's attention and MLP outputs per position. Rows
+may query different positions, (B, Q); a row with fewer queries pads with `trash`, a spare slot
+past `length` that attention never reads.
 
-A cache is an *approximation* here. With bidirectional attention every position's keys/values
-depend on every other token, so when a step commits tokens, the cached K/V of all other
-positions go stale: they were computed from a canvas with more masks. What each method
-recomputes, and so what it reads stale, is decided in decode.py; this file only stores:
-- Fast-dLLM's prefix cache and DualCache (arXiv 2505.22618) are ranges of these same buffers;
-  a step writes only its query positions and reads everything else as it was last written.
-- dLLM-Cache (arXiv 2506.06295) also keeps each layer's attention and MLP outputs per position,
-  so that tokens it does not recompute can reuse them: `FeatureCache` adds those two buffers.
-
-Rows of a batch may query different positions (per-row blocks): `positions` is then (B, Q), and
-a row with fewer real queries pads its list with `trash`, one spare slot past `length` that
-attention never reads.
-
-Usage:
     cache = KVCache.for_model(model.config, batch=B, capacity=P + G, device=dev, dtype=dt)
     logits = model(x, positions=torch.arange(L), cache=cache)           # fills all positions
     logits = model(x[:, s:e], positions=torch.arange(s, e), cache=cache) # block vs. cached rest
