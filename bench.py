@@ -41,7 +41,7 @@ import bench_scale
 import blockbatch
 import task
 from cache import KVCache
-from decode import DecodeConfig, generate, left_pad, propose
+from decode import DecodeConfig, Noise, generate, left_pad, propose
 from model import load_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -357,7 +357,7 @@ def profile_dual_step(model, gen_length: int, block_length: int, repeats: int = 
 
     def step():
         logits = model(x[:, s:e], positions=torch.arange(s, e, device=model.device), cache=cache)
-        return propose(logits, x[:, s:e] == cfg.mask_id, cfg, None, logits.shape, 0)
+        return propose(logits, x[:, s:e] == cfg.mask_id, cfg, Noise())  # temperature 0: no noise
 
     with torch.no_grad():
         model(x, positions=torch.arange(L, device=model.device), cache=cache)  # block-start refresh

@@ -134,3 +134,11 @@ def test_bench_refuses_zero(flag, capsys):
     with pytest.raises(SystemExit):
         bench.main([flag, "0"])
     assert f"{flag} must be" in capsys.readouterr().err
+
+
+def test_bench_profile_of_a_dual_step(model):
+    """`bench.py --profile`: a profiler table of one DualCache step."""
+    import bench
+
+    table = bench.profile_dual_step(model, gen_length=64, block_length=32, repeats=2)
+    assert "aten::" in table and "Self CPU" in table
