@@ -1,37 +1,27 @@
 """
 BlockBatch: the block size as a branch dimension, every branch advanced by one batched forward.
 
-Semi-autoregressive decoding (decode.py) fixes one block size, and no single size is best for
-every answer. BlockBatch runs one request as N rows of a batch, one row per block size (4, 8, ...,
-128 by default). Every step is ONE batched forward in which each branch feeds only its current
-block, at its own positions, against its own row of the KV cache; each branch commits by the
-threshold rule. Between forwards the branches cooperate: a branch fills masks with tokens other
-branches committed when its own stored probabilities agree (confidence-gated merge), a branch that
-falls more than `sync_threshold` tokens behind the leader is overwritten by it (sync), and stale
-cache rows are re-anchored by a batched full forward (refresh): periodically in the `bulk`
-generator, when the rows' K/V drift apart in the `rms` generator. NFE counts batched forwards.
+No single block size is best for every answer. BlockBatch ("BlockBatch", arXiv 2605.29233;
+original code Laurence-Wu/BlockBatch, the `bulk` and `refresh_dominent_RMS` generators) runs one
+request as N rows of a batch, one per block size (4 ... 128). Each step is ONE batched forward in
+which every branch feeds its current block, at its own positions, against its own KV-cache row,
+and commits by the threshold rule. Between forwards a branch takes tokens other branches
+committed when its own stored probabilities agree (confidence-gated merge); a branch more than
+`sync_threshold` tokens behind the leader is overwritten by it (sync); stale cache rows are
+re-anchored by a batched full forward, periodically (`bulk`) or when the rows' K/V drift apart
+(`rms`). NFE counts batched forwards. This is the one method outside decode.py's loop (branches,
+merges, syncs and an exit chosen among branches are not a rule of one sequence); every step piece
+is decode.py's (`model_forward`, `draw_noise`, `propose`, `select_threshold`, `finish_at_eos`).
 
-Paper: "BlockBatch" (arXiv 2605.29233); original code Laurence-Wu/BlockBatch
-(llada/generate_blockBatching_original_bulk.py and ..._refresh_dominent_RMS.py).
+Changed from the original: no monkey-patching or flash-attn; ragged blocks are padded with the
+cache's trash slot (`block_positions` weighs padding against packing); one request per call. Its
+quirks are reproduced by default, the sensible behaviour behind flags (`BlockBatchConfig`).
 
-This is the one method that lives outside decode.py's loop: its control flow (branches, merges,
-syncs, refreshes, an exit chosen among branches) is not a block rule or commit rule of a single
-sequence. Everything per step is decode.py's: `model_forward`, `draw_noise`, `propose`,
-`select_threshold`, `finish_at_eos`, `DecodeResult`; the cache is cache.KVCache, the model model.py.
-
-Simplified or changed: no monkey-patching and no flash-attn; ragged blocks are padded to the
-longest with the cache's trash slot (see `block_positions` for padding vs. packing); per-position
-probabilities are stored as each position's top tokens above 0.1 (exactly what the original's
-dicts keep); one request per call. The original's quirks are reproduced by default, with the
-sensible behaviour behind flags (`BlockBatchConfig`).
-
-Usage:
     cfg = BlockBatchConfig.for_model(model.config, gen_length=256, generator_variant="bulk")
     out = generate(model, prompt_ids, cfg)   # out.ids (1, P + G), out.nfe, out.extras["winner_block_size"]
 
-Shape legend: N branches (rows of the cache), R rows of one forward (the branches taking part),
-P prompt, G generation, L = P + G, Q query tokens of a forward, K a block, J top tokens stored
-per position, V vocabulary.
+Shape legend: N branches (cache rows), R rows of one forward, P prompt, G generation, L = P + G,
+Q query tokens of a forward, K a block, J top tokens stored per position, V vocabulary.
 """
 
 from __future__ import annotations
