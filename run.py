@@ -38,8 +38,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = os.path.join(HERE, "checkpoints", "arith")
 # run.py's own defaults, where they differ from DecodeConfig's (vanilla) ones: a 64-token window in
 # two blocks (room for a worked answer and its EOS tail) and Fast-dLLM's DualCache + threshold 0.9,
-# which keeps the arith checkpoint's accuracy at a few forwards per answer (README, The task and
-# the shipped checkpoints).
+# which keeps the arith checkpoint's accuracy (98.5% at G = 64) at a few forwards per answer
+# (README, The task and the shipped checkpoints).
 RUN_DEFAULTS = dict(gen_length=64, block_length=32, steps=64, cache="dual", threshold=0.9)
 
 # ---------------------------------------------------------------------------------------------
