@@ -288,7 +288,7 @@ def run(argv=None) -> None:
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    import task
+    from tools import task
     from model import load_model
 
     hf_logging.set_verbosity_error()  # AutoTokenizer warns that it doesn't know model_type 'llada'

@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
-import bench_scale
-from bench_scale import (POLICIES, Forward, ScaleSettings, build_model, forward_bytes, forward_flops,
+from tools import bench_scale
+from tools.bench_scale import (POLICIES, Forward, ScaleSettings, build_model, forward_bytes, forward_flops,
                          kv_bytes_read, param_count, preset_config, published_peak, representative, roofline,
                          weight_bytes_read)
 from decode import DecodeConfig, generate

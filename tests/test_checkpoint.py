@@ -10,10 +10,10 @@ import pytest
 from conftest import ROOT
 
 import run
-import task
+from tools import task
 from decode import DecodeConfig, generate, left_pad
 from model import load_model
-from train import evaluate
+from tools.train import evaluate
 
 MIX = os.path.join(ROOT, "checkpoints", "mix")
 
@@ -98,7 +98,7 @@ def test_run_py_with_no_flags(capsys):
 
 def test_bench_smoke(tmp_path, capsys):
     """bench.py end to end on two problems per family: every column is filled and the files are written."""
-    import bench
+    from tools import bench
 
     bench.main(["--model", MIX, "--lengths", "64", "--problems", "2", "--methods", "vanilla", "dual+thr0.9",
                 "--threads", "1", "--out", str(tmp_path)])
@@ -115,7 +115,7 @@ def test_bench_smoke(tmp_path, capsys):
 
 def test_bench_sweep_smoke(tmp_path):
     """--sweep on one problem per family: every (rule, value, family) point, and an SVG."""
-    import bench
+    from tools import bench
 
     bench.main(["--model", MIX, "--sweep", "--problems", "1", "--threads", "1", "--out", str(tmp_path)])
     with open(tmp_path / "sweep.json") as f:
@@ -129,7 +129,7 @@ def test_bench_sweep_smoke(tmp_path):
 
 @pytest.mark.parametrize("flag", ["--problems", "--batch-size"])
 def test_bench_refuses_zero(flag, capsys):
-    import bench
+    from tools import bench
 
     with pytest.raises(SystemExit):
         bench.main([flag, "0"])
@@ -138,7 +138,7 @@ def test_bench_refuses_zero(flag, capsys):
 
 def test_bench_profile_of_a_dual_step(model):
     """`bench.py --profile`: a profiler table of one DualCache step."""
-    import bench
+    from tools import bench
 
     table = bench.profile_dual_step(model, gen_length=64, block_length=32, repeats=2)
     assert "aten::" in table and "Self CPU" in table

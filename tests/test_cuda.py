@@ -290,7 +290,7 @@ def test_scale_bench_on_device(device):
     """The scale benchmark runs on the device in its default dtype; on CUDA peak memory is measured."""
     if device.type != "cuda":
         pytest.skip("the CPU run is tests/test_bench_scale.py")
-    import bench_scale
+    from tools import bench_scale
 
     result = bench_scale.main(["--preset", "tiny", "--prompt-length", "16", "--lengths", "16", "--block-length", "8",
                                "--device", "cuda", "--time-budget", "0.01", "--max-repeats", "3"])

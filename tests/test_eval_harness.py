@@ -23,9 +23,9 @@ from conftest import ROOT  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-import bench  # noqa: E402
-import eval_harness as eh  # noqa: E402
-import task  # noqa: E402
+from tools import bench  # noqa: E402
+from tools import eval_harness as eh  # noqa: E402
+from tools import task  # noqa: E402
 from decode import DecodeConfig, generate  # noqa: E402
 from model import load_model  # noqa: E402
 
@@ -101,7 +101,7 @@ def test_batched_generation_equals_bench_batches():
 DRIVER = """
 import json, os, sys
 sys.path[:0] = [os.getcwd(), os.path.join(os.getcwd(), "tests")]
-import eval_harness, test_eval_harness as t
+from tools import eval_harness; import test_eval_harness as t
 res = t.evaluate(["toy_short"], int(sys.argv[1]), **t.MODEL_ARGS)
 if res is not None:  # rank 0 alone gets the gathered results
     json.dump({"score": res["results"]["toy_short"]["exact_match,none"],

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import task
+from tools import task
 
 EOS = task.special_ids()["eos_token_id"]
 

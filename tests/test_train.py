@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-import task
-import train
+from tools import task
+from tools import train
 from model import load_model
 
 EOS = task.special_ids()["eos_token_id"]
@@ -16,7 +16,8 @@ EOS = task.special_ids()["eos_token_id"]
 def tiny_cfg(tmp_path, **over):
     kw = dict(out=str(tmp_path / "ckpt"), state_dir=str(tmp_path / "state"), init="", steps=12,
               batch_tokens=512, d_model=32, n_layers=1, n_heads=2, mlp_hidden_size=64, warmup=2,
-              eval_every=12, eval_problems=4, save_every=4, threads=1, device="cpu", bf16="off")
+              eval_every=12, eval_problems=4, save_every=4, threads=1, device="cpu", bf16="off",
+              shots=0, eval_shots=0, overwrite=True)
     kw.update(over)
     return train.TrainConfig(**kw)
 
@@ -264,10 +265,10 @@ def test_unwritable_out_is_found_before_training(tmp_path):
     (["--bf16", "maybe"], "--bf16: expected auto, on or off, got 'maybe'"),
     (["--ops", "/"], "ops must be a non-empty string of operators from"),
     (["--max-operand", "0"], "max_operand must be in 1..99"),
-    (["--mix", "short:0.5,prose:0.5"], "unknown family 'prose'"),
+    (["--mix", "short:0.5,prose:0.5"], "'prose' in 'short:0.5,prose:0.5' is not a family"),
     (["--mix", "short:x"], "is not a number"),
     (["--eval-problems", "0"], "eval_problems must be in"),
-    (["--steps", "0"], "steps must be positive"),
+    (["--steps", "0"], "steps must be in 1.."),
 ])
 def test_bad_flags_get_one_clear_line(argv, message, capsys):
     with pytest.raises(SystemExit) as err:

@@ -37,14 +37,15 @@ import time
 
 import torch
 
-import bench_scale
+from tools import bench_scale
 import blockbatch
-import task
+from tools import task
 from cache import KVCache
 from decode import DecodeConfig, Noise, generate, left_pad, propose
 from model import load_model
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.abspath(__file__))  # tools/
+ROOT = os.path.dirname(HERE)  # the repository
 
 # name -> DecodeConfig overrides. "1 tok/step" rows use the top-k schedule with steps = gen_length.
 # NEWLINE stands for the tokenizer's newline id (AdaBlock's delimiter); `blockbatch` selects
@@ -380,7 +381,7 @@ def main(argv=None):
     if "--scale" in argv:  # per-forward cost at model scale: bench_scale.py, with flags of its own
         return bench_scale.main([a for a in argv if a != "--scale"], prog="bench.py --scale")
     ap = argparse.ArgumentParser(description="Benchmark decoding methods on the trained checkpoint.")
-    ap.add_argument("--model", default=os.path.join(HERE, "checkpoints", "mix"), help="checkpoint directory")
+    ap.add_argument("--model", default=os.path.join(ROOT, "checkpoints", "mix"), help="checkpoint directory")
     ap.add_argument("--lengths", type=int, nargs="+", default=None,
                     help="generation lengths (default: 64 256 1024; the sweep uses the first, default 64)")
     ap.add_argument("--problems", type=int, default=30,

@@ -36,7 +36,7 @@ import json
 import os
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # Special tokens, spelled as LLaDA spells them. EOS doubles as padding, as in LLaDA.
 EOS_TOKEN = "<|endoftext|>"
@@ -49,6 +49,7 @@ CHARS = "0123456789+-*=?#:.,' \n" + "abcdefghijklmnopqrstuvwxyz" + "ABCDEFGHIJKL
 TEST_SEED = 20260101  # fixes the held-out test sets (each family offsets it by its own amount)
 HELD_OUT = 200  # problems per family reserved for evaluation; training excludes all of them
 OPS = "+-*"  # operators a chain may use ('+-' by default; '*' is harder to learn)
+MAX_SHOTS = 8  # most solved examples a prompt may carry (GSM8K's evaluations use 5 and 8)
 
 
 @dataclass(frozen=True)
@@ -108,9 +109,14 @@ class Family:
                              f"problems training excludes), got {n}")
         return list(_test_set(self, min(n, self.size or n)))
 
-    def held_out_prompts(self) -> set[str]:
+    def held_out_prompts(self) -> frozenset[str]:
         """Every prompt any script may score on: training never draws these."""
-        return {p.prompt for p in self.test_set(HELD_OUT)} if self.size is None else set()
+        return _held_out(self)
+
+
+@functools.lru_cache(maxsize=64)
+def _held_out(family: Family) -> frozenset[str]:
+    return frozenset(p.prompt for p in family.test_set(HELD_OUT)) if family.size is None else frozenset()
 
 
 @functools.lru_cache(maxsize=64)
@@ -255,6 +261,47 @@ def families_for(spec: dict) -> dict[str, Family]:
         base = FAMILIES[name]
         out[name] = Chain(**{**base.__dict__, **chain}) if isinstance(base, Chain) else base
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Few-shot prompts: k solved examples before the question, as GSM8K's 5- and 8-shot prompts
+# ---------------------------------------------------------------------------------------------
+
+SHOT_SEPARATOR = "\n\n"  # ends each solved example; the question follows the last one
+
+
+def draw_shots(family: Family, rng: random.Random, k: int, exclude: set[str]) -> list[Problem]:
+    """k solved examples of `family` with distinct prompts, none of them in `exclude` (the held-out
+    prompts and the question's own), drawn from the family's training stream with `rng`."""
+    shots, seen = [], set(exclude)
+    for _ in range(1000 * max(k, 1)):
+        if len(shots) == k:
+            return shots
+        p = family.sample(rng)
+        if p.prompt not in seen:
+            seen.add(p.prompt)
+            shots.append(p)
+    raise ValueError(f"family {family.name!r} has fewer than {k} distinct prompts to use as shots")
+
+
+def with_shots(problem: Problem, shots: list[Problem]) -> Problem:
+    """The problem with its solved examples before the question; the answer and scoring stay."""
+    context = "".join(s.prompt + s.answer + SHOT_SEPARATOR for s in shots)
+    return replace(problem, prompt=context + problem.prompt)
+
+
+def few_shot(problem: Problem, k: int, seed: int = 0, families: dict[str, Family] | None = None) -> Problem:
+    """`problem` as a k-shot prompt. The examples come from its family's training distribution,
+    never from a held-out set, and depend only on (seed, problem): every script, batch size and
+    process builds the same prompt. k = 0 returns the problem unchanged."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_SHOTS:
+        raise ValueError(f"shots must be an integer in 0..{MAX_SHOTS}, got {k!r}")
+    if k == 0:
+        return problem
+    family = (families or FAMILIES)[problem.family]
+    rng = random.Random(f"shots/{seed}/{problem.family}/{problem.prompt}")  # str seeds are stable
+    exclude = family.held_out_prompts() | {problem.prompt}
+    return with_shots(problem, draw_shots(family, rng, k, exclude))
 
 
 def score(problem: Problem, response: str, families: dict[str, Family] | None = None) -> bool:

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-import task
+from tools import task
 from decode import DecodeConfig, generate, left_pad
 
 try:
@@ -59,8 +59,9 @@ try:
 except ImportError as err:  # the optional install is missing: say how to get it
     raise ImportError("eval_harness.py needs lm-eval and accelerate: pip install -r requirements-eval.txt") from err
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CHECKPOINT = os.path.join(HERE, "checkpoints", "arith")
+HERE = os.path.dirname(os.path.abspath(__file__))  # tools/
+ROOT = os.path.dirname(HERE)  # the repository
+DEFAULT_CHECKPOINT = os.path.join(ROOT, "checkpoints", "arith")
 TASK_DIR = os.path.join(HERE, "eval_tasks")
 
 log = logging.getLogger("lm_eval.dllm")  # under lm-eval's logger: its CLI sets the level and format
@@ -589,7 +590,7 @@ def write_toy_tasks(out_dir: str = TASK_DIR, checkpoint: str = DEFAULT_CHECKPOIN
     out_dir (families of a previous checkpoint) are removed.
     """
     spec = task.load_task(checkpoint)
-    name = os.path.relpath(checkpoint, HERE) if os.path.abspath(checkpoint).startswith(HERE) else checkpoint
+    name = os.path.relpath(checkpoint, ROOT) if os.path.abspath(checkpoint).startswith(ROOT) else checkpoint
     written = []
 
     def write(file, text):

@@ -16,9 +16,9 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))  # the repository root, for task.py
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repository root, for tools.task
 
-import task  # noqa: E402
+from tools import task  # noqa: E402
 
 
 def load_jsonl(data_file: str, **_metadata):

@@ -27,9 +27,9 @@ bf16 training steps at the start and keeps the faster (on CPUs without bf16 unit
 times slower); the choice is printed and kept on resume.
 
 Usage:
-    python train.py                          # phase 1 of checkpoints/mix (continues checkpoints/arith);
+    python -m tools.train                    # the last stage of checkpoints/fewshot, into runs/model;
                                              #   the README has both phases' commands
-    python train.py --steps 50 --init '' --out /tmp/x --state-dir /tmp/x-state   # a smoke run
+    python -m tools.train --steps 50 --init '' --out /tmp/x --state-dir /tmp/x-state   # a smoke run
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-import task
+from tools import task
 from model import LLaDAModel, ModelConfig, init_weights, load_model, save_model
 
 # ---------------------------------------------------------------------------------------------
@@ -62,15 +62,16 @@ BF16_CHOICES = ("auto", "on", "off")
 class TrainConfig:
     """Everything that decides the trained weights. The CLI reads its defaults from here."""
 
-    out: str = "checkpoints/mix"  # where the final checkpoint is written
-    state_dir: str = "runs/mix"  # resumable training state (one directory per snapshot)
-    init: str = "checkpoints/arith"  # checkpoint whose weights training starts from ('' = random init)
-    steps: int = 1600  # optimizer steps
-    batch_tokens: int = 4096  # tokens per batch (the number of sequences follows from the window)
-    lr: float = 4e-4  # peak learning rate (AdamW), after a linear warmup (1e-3 erased --init's
+    out: str = "runs/model"  # where the final checkpoint is written (an existing one needs overwrite)
+    state_dir: str = "runs/state"  # resumable training state (one directory per snapshot)
+    init: str = "checkpoints/mix"  # checkpoint whose weights training starts from ('' = random init)
+    overwrite: bool = False  # allow replacing an existing checkpoint directory at `out`
+    steps: int = 3000  # optimizer steps
+    batch_tokens: int = 8192  # tokens per batch, prompts included (sequences follow from the lengths)
+    lr: float = 6e-4  # peak learning rate (AdamW), after a linear warmup (1e-3 erased --init's
     #   arithmetic within the warmup: keep it low when continuing a trained checkpoint)
     min_lr: float = 2e-5  # end of the cosine decay
-    warmup: int = 100  # warmup steps
+    warmup: int = 50  # warmup steps
     weight_decay: float = 0.01  # AdamW weight decay on matrices
     d_model: int = 128  # model width
     n_layers: int = 4  # transformer blocks
@@ -84,45 +85,61 @@ class TrainConfig:
     threads: int = 1  # torch CPU threads (more than the free cores makes it slower, not faster)
     bf16: str = "auto"  # bf16 autocast: 'auto' (time both, keep the faster), 'on' or 'off'
     device: str = "auto"  # 'auto' (CUDA when available), 'cpu' or 'cuda'
-    mix: str = "short:0.35,long:0.3,pair:0.35"  # task families and their share of the examples
+    mix: str = "short:0.45,long:0.2,pair:0.35"  # task families and their share of the examples
+    windows: str = "32:0.2,64:0.2,256:0.45,1024:0.15"  # generation windows and their share of the
+    #   batches (the answers are < 50 tokens; long windows teach the EOS tail the benchmark decodes)
+    shots: int = 8  # most solved examples before a question (task.few_shot's format); 0 = none
+    zero_shot_share: float = 0.25  # share of batches without shots; the rest draw k in 1..shots
+    eval_shots: int = 8  # also evaluate k-shot prompts (0 = only the plain ones)
     max_operand: int = 9  # chains: operands are 1..max_operand
     ops: str = "+-"  # chains: operators, from '+-*'
     style: str = "compact"  # chains: 'compact' or 'word'
     width: int = 0  # chains: zero-pad numbers to this many digits (0 = natural widths)
 
     def __post_init__(self):
-        for name in ("steps", "batch_tokens", "d_model", "n_layers", "n_heads", "mlp_hidden_size",
-                     "eval_every", "save_every", "threads"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        cpus = os.cpu_count() or 1
+        for name, high in (("steps", 10**9), ("batch_tokens", MAX_BATCH_TOKENS), ("d_model", 8192),
+                           ("n_layers", 256), ("n_heads", 256), ("mlp_hidden_size", 65536),
+                           ("eval_every", 10**9), ("save_every", 10**9), ("threads", cpus)):
+            value = getattr(self, name)
+            if not 1 <= value <= high:
+                why = " (this machine's CPUs)" if name == "threads" else ""
+                raise ValueError(f"{name} must be in 1..{high}{why}, got {value}")
         if not 0 < self.eval_problems <= task.HELD_OUT:
             raise ValueError(f"eval_problems must be in 1..{task.HELD_OUT} (the held-out set), got {self.eval_problems}")
         if not 0 < self.eps < 1:
             raise ValueError(f"eps must be in (0, 1), got {self.eps}")
-        if not (self.lr > 0 and self.min_lr >= 0 and self.warmup >= 0):
-            raise ValueError(f"need lr > 0, min_lr >= 0, warmup >= 0; got {self.lr}, {self.min_lr}, {self.warmup}")
+        if not (math.isfinite(self.lr) and 0 < self.lr <= 1):
+            raise ValueError(f"lr must be a finite number in (0, 1], got {self.lr}")
+        if not (math.isfinite(self.min_lr) and 0 <= self.min_lr <= self.lr):
+            raise ValueError(f"min_lr must be a finite number in [0, lr = {self.lr}], got {self.min_lr}")
+        if not (math.isfinite(self.weight_decay) and 0 <= self.weight_decay <= 1):
+            raise ValueError(f"weight_decay must be a finite number in [0, 1], got {self.weight_decay}")
+        if not 0 <= self.warmup <= 10**9:
+            raise ValueError(f"warmup must be in 0..{10**9}, got {self.warmup}")
+        for name in ("shots", "eval_shots"):
+            if not 0 <= getattr(self, name) <= task.MAX_SHOTS:
+                raise ValueError(f"{name} must be in 0..{task.MAX_SHOTS}, got {getattr(self, name)}")
+        if not (math.isfinite(self.zero_shot_share) and 0 <= self.zero_shot_share <= 1):
+            raise ValueError(f"zero_shot_share must be a number in [0, 1], got {self.zero_shot_share}")
         if self.bf16 not in BF16_CHOICES:
             raise ValueError(f"bf16 must be one of {BF16_CHOICES}, got {self.bf16!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         self.weights()  # parses --mix, raising on a bad one
+        self.window_shares()  # and --windows
         task.families_for(self.task)  # the chain settings (ops, max_operand, style, width)
 
     def weights(self) -> dict[str, float]:
         """--mix as {family: share}."""
-        out = {}
-        for part in self.mix.split(","):
-            name, _, share = part.partition(":")
-            name = name.strip()
-            if name not in task.FAMILIES:
-                raise ValueError(f"mix: unknown family {name!r} in {self.mix!r}; known: {', '.join(task.FAMILIES)}")
-            try:
-                out[name] = float(share) if share else 1.0
-            except ValueError:
-                raise ValueError(f"mix: share {share!r} of {name!r} is not a number; write e.g. 'short:0.3,pair:0.7'") from None
-            if not out[name] > 0:
-                raise ValueError(f"mix: share of {name!r} must be positive, got {share}")
-        return out
+        return parse_shares("mix", self.mix, lambda name: name if name in task.FAMILIES else None,
+                            f"a family ({', '.join(task.FAMILIES)})", "short:0.3,pair:0.7")
+
+    def window_shares(self) -> dict[int, float]:
+        """--windows as {generation length: share}."""
+        def length(text):
+            return int(text) if text.isdigit() and 1 <= int(text) <= 2048 - 64 else None
+        return parse_shares("windows", self.windows, length, "a length in 1..1984", "32:0.5,256:0.5")
 
     @property
     def task(self) -> dict:
@@ -134,11 +151,30 @@ class TrainConfig:
 # Settings that cannot change the trained weights, so a resume may change them. `steps` is here
 # so that a run can be extended or a snapshot exported; extending changes the cosine schedule
 # from the resume point on.
-RESUMABLE_CHANGES = ("steps", "eval_every", "eval_problems", "save_every", "threads", "device", "out", "state_dir")
+RESUMABLE_CHANGES = ("steps", "eval_every", "eval_problems", "eval_shots", "save_every", "threads", "device",
+                     "out", "state_dir", "overwrite")
+MAX_BATCH_TOKENS = 1 << 20  # a million tokens per batch is far past what fits a CPU step
+SHOT_TOKENS = 32  # a solved example's typical length (short 31, long 65, pair 13), to size batches
 
-# Generation windows seen in training, with their probabilities. Most batches are short (the
-# answers are < 50 tokens); the long ones teach the EOS tail at the benchmark's lengths.
-WINDOWS = ((32, 0.5), (64, 0.25), (256, 0.15), (1024, 0.1))
+
+def parse_shares(flag: str, text: str, key, what: str, example: str) -> dict:
+    """'a:0.3,b:0.7' as {key(a): 0.3, key(b): 0.7}; a missing share is 1. Each key once."""
+    out = {}
+    for part in text.split(","):
+        name, _, share = part.partition(":")
+        name = name.strip()
+        k = key(name)
+        if k is None:
+            raise ValueError(f"{flag}: {name!r} in {text!r} is not {what}")
+        if k in out:
+            raise ValueError(f"{flag}: {name!r} appears twice in {text!r}")
+        try:
+            out[k] = float(share) if share else 1.0
+        except ValueError:
+            raise ValueError(f"{flag}: share {share!r} of {name!r} is not a number; write e.g. {example!r}") from None
+        if not (math.isfinite(out[k]) and out[k] > 0):
+            raise ValueError(f"{flag}: share of {name!r} must be a positive number, got {share}")
+    return out
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -160,17 +196,27 @@ def held_out_prompts(cfg: TrainConfig) -> set[str]:
 
 
 def make_batch(cfg: TrainConfig, step: int, held_out: set[str], eos_id: int):
-    """The batch of step `step`: ids (B, L) and the answer-region mask (B, L). Deterministic."""
+    """The batch of step `step`: ids (B, L) and the answer-region mask (B, L). Deterministic.
+
+    One window and one shot count k per batch; each example's k solved examples come from its
+    own family's training stream (task.with_shots, the format decoding uses), never held out.
+    """
     rng = random.Random(cfg.seed * 1_000_003 + step)
-    window = rng.choices([w for w, _ in WINDOWS], [p for _, p in WINDOWS])[0]
+    windows = cfg.window_shares()
+    window = rng.choices(list(windows), list(windows.values()))[0]
+    k = 0  # no draw without shots, so a zero-shot run's stream is the plain task's
+    if cfg.shots and rng.random() >= cfg.zero_shot_share:
+        k = rng.randint(1, cfg.shots)
     families, weights = task.families_for(cfg.task), cfg.weights()
     names, shares = list(weights), list(weights.values())
     problems = []
-    while len(problems) < max(1, cfg.batch_tokens // (window + 16)):
+    while len(problems) < max(1, cfg.batch_tokens // (window + 16 + k * SHOT_TOKENS)):
         # One family per example (no draw with a single family, so the stream is the plain task's).
         name = names[0] if len(names) == 1 else rng.choices(names, shares)[0]
         p = families[name].sample(rng)
         if p.prompt not in held_out:  # held-out problems never appear in training
+            if k:
+                p = task.with_shots(p, task.draw_shots(families[name], rng, k, held_out | {p.prompt}))
             problems.append(p)
     prompts = [task.encode(p.prompt) for p in problems]
     answers = [task.encode(p.answer) for p in problems]
@@ -236,9 +282,10 @@ def evaluate(model, problems, families=None, block_length=32, batch_size=200, ge
     return correct / len(problems)
 
 
-def evaluate_families(model, families, n: int) -> dict[str, float]:
-    """{family: vanilla accuracy on its first n held-out problems}."""
-    return {name: round(evaluate(model, fam.test_set(n), families), 4) for name, fam in families.items()}
+def evaluate_families(model, families, n: int, shots: int = 0) -> dict[str, float]:
+    """{family: vanilla accuracy on its first n held-out problems}, as k-shot prompts if shots > 0."""
+    return {name: round(evaluate(model, [task.few_shot(p, shots, families=families) for p in fam.test_set(n)],
+                                 families), 4) for name, fam in families.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,16 +408,16 @@ def build_model(cfg: TrainConfig, device) -> LLaDAModel:
     return model
 
 
-def check_writable(path: str, flag: str) -> None:
-    """Fail now, not after hours of training, if `path` can't be created or written."""
+def check_writable(path: str, flag: str, what: str = "") -> None:
+    """Fail now, not after hours of training, if the directory `path` can't be created or written."""
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".write-test")
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
     except OSError as err:
-        raise ValueError(f"{flag} {path} is not a writable directory ({err.strerror or err}); "
+        raise ValueError(f"{flag} {what or path} is not a writable directory ({err.strerror or err}); "
                          f"pass another {flag}") from None
 
 
@@ -405,18 +452,38 @@ def choose_precision(cfg: TrainConfig, model, opt_free_batch, device, mask_id: i
     return choice
 
 
+def check_output(cfg: TrainConfig) -> None:
+    """--out must be new, or replaced on purpose: a shipped checkpoint is never overwritten by a
+    run that forgot to name its own output. Checked before the first step."""
+    out = os.path.abspath(cfg.out)
+    if os.path.lexists(out) and not (os.path.isdir(out) and not os.listdir(out)):
+        if not os.path.isdir(out):
+            raise ValueError(f"--out {cfg.out} exists and is not a directory; pass another --out")
+        if not cfg.overwrite:
+            raise ValueError(f"--out {cfg.out} already exists; pass another --out, or --overwrite to replace it")
+    check_writable(os.path.dirname(out), "--out", f"{cfg.out}: its folder")
+
+
 def write_checkpoint(cfg: TrainConfig, model, log: list, precision: str) -> None:
-    """The shipped artefact: model + tokenizer + task spec + training curve."""
-    save_model(model, cfg.out)
-    task.build_tokenizer().save_pretrained(cfg.out)
-    task.save_task(cfg.out, cfg.task)
+    """The shipped artefact: model + tokenizer + task spec + training curve, written into a
+    temporary sibling of --out and renamed into place, so a crash leaves the old one or the new."""
+    out = os.path.abspath(cfg.out)
+    tmp, old = f"{out}.tmp-{os.getpid()}", f"{out}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(model, tmp)
+    task.build_tokenizer().save_pretrained(tmp)
+    task.save_task(tmp, cfg.task)
     record = {"config": asdict(cfg), "precision": precision, "log": log}
     earlier = os.path.join(cfg.init, "training_log.json") if cfg.init else ""
     if os.path.isfile(earlier):  # the history of the weights training started from, nested
         with open(earlier) as f:
             record["init_log"] = json.load(f)
-    with open(os.path.join(cfg.out, "training_log.json"), "w") as f:
+    with open(os.path.join(tmp, "training_log.json"), "w") as f:
         json.dump(record, f, indent=1)
+    if os.path.lexists(out):  # --overwrite (checked at the start): the old one steps aside last
+        os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,13 +491,20 @@ def write_checkpoint(cfg: TrainConfig, model, log: list, precision: str) -> None
 # ---------------------------------------------------------------------------------------------
 
 
-def train(cfg: TrainConfig) -> LLaDAModel:
+class Diverged(ValueError):
+    """Training produced a non-finite loss or weights; nothing non-finite was saved."""
+
+
+def train(cfg: TrainConfig, state: dict | None = None) -> LLaDAModel:
+    """Train (or resume) per cfg and write the checkpoint. `state` gets the step reached and the
+    newest snapshot as training goes, for the caller's report on an interrupt."""
+    state = {} if state is None else state
     torch.set_num_threads(cfg.threads)
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: this torch build or machine has no CUDA device; use --device cpu")
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
-    check_writable(cfg.out, "--out")  # before any step, so a typo costs seconds, not the run
+    check_output(cfg)  # before any step, so a typo costs seconds, not the run
     check_writable(cfg.state_dir, "--state-dir")
     model = build_model(cfg, device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -438,6 +512,7 @@ def train(cfg: TrainConfig) -> LLaDAModel:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
     start, log, precision = load_state(cfg, model, opt)
+    state.update(step=start, snapshot=latest_snapshot(cfg))
     if start:
         print(f"resuming {snapshot_dir(cfg, start)} at step {start}")
     families = task.families_for(cfg.task)
@@ -457,11 +532,16 @@ def train(cfg: TrainConfig) -> LLaDAModel:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + 7)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss, _ = diffusion_loss(model, ids, region, mask_id, cfg.eps, gen)
+        value = loss.item()
+        if not math.isfinite(value):  # diverged: stop before it reaches the weights or a snapshot
+            raise Diverged(f"the loss is {value} at step {step + 1} (lr {lr_at(cfg, step):.3g}); lower --lr. "
+                           f"Newest snapshot: {state['snapshot'] or 'none'}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        state["step"] = step + 1
+        ema = value if ema is None else 0.98 * ema + 0.02 * value
         seconds = elapsed0 + time.time() - t0
         done = step + 1
         # A one-line progress report: step, loss, speed, time left.
@@ -474,10 +554,16 @@ def train(cfg: TrainConfig) -> LLaDAModel:
             model.eval()
             entry["accuracy"] = evaluate_families(model, families, cfg.eval_problems)
             print(f"step {done}: held-out vanilla accuracy {entry['accuracy']} ({seconds / 60:.1f} min)", flush=True)
+            if cfg.eval_shots:
+                entry["accuracy_shots"] = evaluate_families(model, families, cfg.eval_problems, cfg.eval_shots)
+                print(f"step {done}: {cfg.eval_shots}-shot {entry['accuracy_shots']}", flush=True)
         if done % 50 == 0 or "accuracy" in entry:
             log.append(entry)
         if done % cfg.save_every == 0 or done == cfg.steps:
-            save_state(cfg, model, opt, done, log, precision)
+            if not all(torch.isfinite(p).all() for p in model.parameters()):
+                raise Diverged(f"the weights are not finite after step {done}; lower --lr. "
+                               f"Newest snapshot: {state['snapshot'] or 'none'}")
+            state["snapshot"] = save_state(cfg, model, opt, done, log, precision)
     model.eval()
     write_checkpoint(cfg, model, log, precision)
     print(f"wrote {cfg.out}")
@@ -498,6 +584,7 @@ def parse_args(argv=None) -> TrainConfig:
     help_text = {
         "out": "checkpoint directory to write", "state_dir": "directory for resumable training state",
         "init": "checkpoint to start from ('' = random weights)",
+        "overwrite": "replace an existing checkpoint at --out",
         "steps": "optimizer steps (rerun with the step of a snapshot to export it)",
         "batch_tokens": "tokens per batch", "lr": "peak learning rate",
         "min_lr": "final learning rate", "warmup": "warmup steps", "weight_decay": "AdamW weight decay",
@@ -507,10 +594,17 @@ def parse_args(argv=None) -> TrainConfig:
         "save_every": "snapshot every N steps (about 10 MB each, all kept)", "threads": "CPU threads for torch",
         "device": "auto, cpu or cuda", "bf16": "bf16 autocast: auto (time both), on or off",
         "mix": "families and shares, e.g. 'short:0.3,long:0.4,pair:0.3'",
+        "windows": "generation windows and their shares of the batches, e.g. '32:0.5,256:0.5'",
+        "shots": "most solved examples before a question (0 = none)",
+        "zero_shot_share": "share of batches without shots", "eval_shots": "also evaluate k-shot prompts (0 = no)",
         "max_operand": "chains: largest operand (1..99)", "ops": "chains: operators from '+-*'",
         "style": "chains: 'compact' or 'word'", "width": "chains: zero-pad numbers to this many digits (0 = natural)",
     }
     for name, value in asdict(defaults).items():
+        if isinstance(value, bool):
+            ap.add_argument("--" + name.replace("_", "-"), action=argparse.BooleanOptionalAction, default=value,
+                            help=help_text[name])
+            continue
         kind = parse_bf16 if name == "bf16" else type(value)
         ap.add_argument("--" + name.replace("_", "-"), type=kind, default=value,
                         help=f"{help_text[name]} (default: {value!r})")
@@ -523,10 +617,15 @@ def parse_args(argv=None) -> TrainConfig:
 
 def main(argv=None) -> None:
     cfg = parse_args(argv)
+    progress = {}
     try:
-        train(cfg)
-    except ValueError as err:  # a user's mistake (paths, snapshots, settings): one line, exit status 1
+        train(cfg, progress)
+    except ValueError as err:  # a user's mistake (paths, snapshots, settings) or divergence: one line
         sys.exit(f"train.py: error: {err}")
+    except KeyboardInterrupt:  # Ctrl-C: one line; the same command resumes from the newest snapshot
+        print(f"\ntrain.py: interrupted at step {progress.get('step', 0)}; the same command resumes from "
+              f"{progress.get('snapshot') or 'the start (no snapshot yet)'}", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
