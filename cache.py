@@ -63,6 +63,10 @@ class KVCache:
             self.v[layer].scatter_(2, index, v)
         return self.k[layer, :, :, :self.length], self.v[layer, :, :, :self.length]
 
+    @property
+    def n_layers(self) -> int:
+        return self.k.shape[0]
+
     def nbytes(self) -> int:
         """Bytes held by the buffers."""
         return sum(t.numel() * t.element_size() for t in vars(self).values() if isinstance(t, torch.Tensor))
@@ -71,13 +75,16 @@ class KVCache:
 class FeatureCache(KVCache):
     """dLLM-Cache's per-layer features: the K/V buffers plus, for every position, the attention
     sub-block's output (after the output projection, before the residual add) and the MLP's
-    output (before the residual add), so a position that is not recomputed reuses both."""
+    output (before the residual add), so a position that is not recomputed reuses both. Each
+    row also counts its own steps: its refresh schedule follows them (decode.dllm_refresh)."""
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, capacity: int, d_model: int,
                  device=None, dtype=torch.float32):
         super().__init__(n_layers, batch, n_kv_heads, head_dim, capacity, device, dtype)
-        self.attn = torch.zeros((n_layers, batch, capacity, d_model), device=device, dtype=dtype)  # (N, B, L, C)
-        self.mlp = torch.zeros((n_layers, batch, capacity, d_model), device=device, dtype=dtype)  # (N, B, L, C)
+        shape = (n_layers, batch, capacity + 1, d_model)  # one spare slot: `trash`, as for K/V
+        self.attn = torch.zeros(shape, device=device, dtype=dtype)  # (N, B, S, C)
+        self.mlp = torch.zeros(shape, device=device, dtype=dtype)  # (N, B, S, C)
+        self.steps = torch.zeros(batch, dtype=torch.long)  # (B,) on the host: forwards each row has had
 
     @classmethod
     def for_model(cls, config, batch: int, capacity: int, device=None, dtype=torch.float32) -> "FeatureCache":

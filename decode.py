@@ -1,7 +1,7 @@
 """
 Decoding a masked-diffusion LM: LLaDA, Fast-dLLM, dLLM-Cache and AdaBlock, in one loop.
 
-The answer starts as `gen_length` [MASK] tokens after the prompt (the *canvas*). Each step runs the
+The answer starts as `gen_length` [MASK] tokens after the prompt: the *canvas*. Each step runs the
 model over the canvas, proposes a token for every masked position of the current block and commits
 ("unmasks") the most confident; committed tokens never change. Blocks go left to right.
 - LLaDA (Nie et al., arXiv 2502.09992): one full forward and a fixed number of commits per step.
@@ -10,26 +10,25 @@ model over the canvas, proposes a token for every masked position of the current
 - dLLM-Cache (Liu et al., arXiv 2506.06295): reuses each layer's attention and MLP outputs and
   recomputes only the answer tokens whose values moved most (`dllm_forward`).
 - AdaBlock (Lu et al., arXiv 2509.26432): a block ends on a delimiter the model already predicts.
-Each method changes one piece of the loop in `generate`: the cache policy (`query_window`), the
-commit rule (`commit_rule`), the block rule (`FixedBlocks`, `AdaBlock`) or the forward;
-`block_done` holds the originals' stop conditions. BlockBatch (blockbatch.py) drives the same
-pieces with branches. Differences from the originals, documented where they happen: a finished
-block gets no more forwards; rows may be left-padded and have blocks of their own; the LM head
-runs only where tokens may be committed.
+Each method changes one piece of `generate`: the cache policy (`query_window`), the commit rule
+(`commit_rule`), the block rule (`FixedBlocks`, `AdaBlock`) or the forward. The defaults are the
+papers' rules; `quirks=True` reproduces the original code's deviations, listed in `Quirks` at the
+end. Changed from the originals: a finished block gets no more forwards; rows may be left-padded
+and have blocks of their own; the LM head runs only where tokens may be committed.
 
-    cfg = DecodeConfig.for_model(model.config, gen_length=256, block_length=32, steps=256,
-                                 cache="dual", threshold=0.9)
-    out = generate(model, prompt_ids, cfg)       # out.ids (B, P + G), out.nfe
+    config = DecodeConfig.for_model(model.config, gen_length=256, block_length=32, steps=256,
+                                    cache="dual", threshold=0.9)
+    out = generate(model, prompt_ids, config)       # out.ids (B, P + G), out.nfe
 
 Shape legend: B batch, P prompt, G generation, L = P + G, K current block, Q query tokens of a
-forward, V vocabulary.
+forward, V vocabulary, C model dim, N layers.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +41,10 @@ from cache import FeatureCache, KVCache
 
 REMASKING = ("low_confidence", "random")
 CACHES = ("none", "prefix", "dual", "dllm")
+# The commit rules a config can turn on, each by its own field (None = off). At most one may be
+# set; with none, LLaDA's top-k schedule commits a fixed count per step. `commit_rule` holds the
+# one branch per rule.
+RULES = ("threshold", "factor")
 
 
 def check_finite(name, value, low=None, high=None, low_open=False):
@@ -54,13 +57,23 @@ def check_finite(name, value, low=None, high=None, low_open=False):
         raise ValueError(f"{name} must be a finite number {' and '.join(p for p in (lo, hi) if p)}, got {value!r}")
 
 
+def check_int(name, value, low=None, optional=False):
+    """A ValueError unless `value` is an integer (not a bool) >= low, or None where optional."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+        what = "a positive integer" if low == 1 else "an integer" + (f" >= {low}" if low is not None else "")
+        what += " or None" if optional else ""
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
 @dataclass
 class DecodeConfig:
     """Decoding settings, named as the original samplers' keyword arguments."""
 
     gen_length: int = 128  # G, tokens to generate
     block_length: int = 128  # tokens per semi-autoregressive block (G must be a multiple; AdaBlock's B0)
-    steps: int = 128  # top-k schedule: total steps over all blocks (a multiple of the block count)
+    steps: int = 128  # top-k schedule: total steps over all blocks (a multiple of the block count, <= G)
     temperature: float = 0.0  # 0 = argmax; > 0 = Gumbel-max sampling in float64
     remasking: str = "low_confidence"  # confidence = prob. of the proposal, or 'random' (uniform)
     cfg_scale: float = 0.0  # classifier-free guidance; 0 = off
@@ -69,15 +82,10 @@ class DecodeConfig:
     eot_id: int | None = None  # end-of-turn id, for confidence_eos_eot_inf (default: from the model;
     #   LLaDA's config.json has none, so pass the tokenizer's id of '<|eot_id|>')
     logits_eos_inf: bool = False  # never propose EOS
-    confidence_eos_eot_inf: bool = False  # never prefer committing EOS/EOT (see propose())
+    confidence_eos_eot_inf: bool = False  # never prefer committing EOS or EOT (see propose())
     threshold: float | None = None  # Fast-dLLM: commit every proposal with confidence >= threshold
     factor: float | None = None  # Fast-dLLM: commit rank k while confidence >= 1 - factor/(k+1)
-    factor_off_by_one: bool = True  # reproduce the original factor rule's off-by-one (see select_factor)
     cache: str = "none"  # 'none', 'prefix' (Fast-dLLM prefix cache), 'dual' (DualCache) or 'dllm' (dLLM-Cache)
-    cap_steps_per_block: bool = False  # at most steps/num_blocks forwards per block, as Fast-dLLM's
-    #   DualCache does; with threshold/factor that can leave masks (a warning says so)
-    first_release_nfe: bool = False  # cached modes: spend one cached forward on a block the
-    #   block-start forward already finished, as Fast-dLLM's first release did (NFE only)
     refresh_interval: int = 0  # cached modes: also refresh the whole cache every this many steps
     #   of a block (0 = only at block start; 1 = every step, which equals no cache)
     prompt_interval_steps: int = 50  # dLLM-Cache K_p: recompute the prompt's features every K_p steps
@@ -93,12 +101,36 @@ class DecodeConfig:
     #   the rest of its window becomes EOS without more forwards (the originals spend them)
     measure_drift: bool = False  # cached modes: also run an exact full forward at every cached
     #   step and record the largest |logit difference| on the block (slow; measures the approximation)
+    quirks: bool | Quirks = False  # reproduce the original code's deviations from its paper: True
+    #   = all of them (the parity tests), or a Quirks to choose; False = the papers' rules
 
     def __post_init__(self):
-        for name in ("gen_length", "block_length", "steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("gen_length", "block_length", "steps", "prompt_interval_steps", "gen_interval_steps"):
+            check_int(name, getattr(self, name), low=1)
+        check_int("refresh_interval", self.refresh_interval, low=0)
+        for name in ("mask_id", "eos_id", "eot_id"):
+            check_int(name, getattr(self, name), low=0, optional=True)
+        for f in fields(self):  # flags are real booleans: a string like "no" would read as True
+            if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
+                raise ValueError(f"{f.name} must be True or False, got {getattr(self, f.name)!r}")
+        if isinstance(self.quirks, bool):
+            self.quirks = Quirks.original() if self.quirks else Quirks()
+        elif not isinstance(self.quirks, Quirks):
+            raise ValueError(f"quirks must be True, False or a decode.Quirks, got {self.quirks!r}")
+        if self.remasking not in REMASKING:
+            raise ValueError(f"unknown remasking {self.remasking!r}; use one of {REMASKING}")
+        if self.cache not in CACHES:
+            raise ValueError(f"unknown cache {self.cache!r}; use one of {CACHES}")
+        check_finite("temperature", self.temperature, low=0)
+        check_finite("cfg_scale", self.cfg_scale, low=0)
+        check_finite("transfer_ratio", self.transfer_ratio, low=0, high=1)
+        chosen = [name for name in RULES if getattr(self, name) is not None]
+        if len(chosen) > 1:  # one rule decides; a silent precedence would hide the other
+            raise ValueError(f"set one commit rule, not {' and '.join(chosen)}")
+        if self.threshold is not None:
+            check_finite("threshold", self.threshold, low=0, high=1, low_open=True)
+        if self.factor is not None:
+            check_finite("factor", self.factor, low=0, low_open=True)
         if self.delimiter_ids is not None:
             self._check_adablock()
         else:  # fixed blocks: the grid and LLaDA's top-k schedule need whole blocks and steps
@@ -107,26 +139,8 @@ class DecodeConfig:
             if self.steps % self.num_blocks != 0:
                 raise ValueError(f"steps {self.steps} is not divisible by the number of blocks {self.num_blocks} "
                                  f"(gen_length {self.gen_length} / block_length {self.block_length})")
-        if self.remasking not in REMASKING:
-            raise ValueError(f"unknown remasking {self.remasking!r}; use one of {REMASKING}")
-        if self.cache not in CACHES:
-            raise ValueError(f"unknown cache {self.cache!r}; use one of {CACHES}")
-        check_finite("temperature", self.temperature, low=0)
-        check_finite("cfg_scale", self.cfg_scale, low=0)
-        if self.threshold is not None and self.factor is not None:
-            raise ValueError("set threshold or factor, not both")
-        if self.threshold is not None:
-            check_finite("threshold", self.threshold, low=0, high=1, low_open=True)
-        if self.factor is not None:
-            check_finite("factor", self.factor, low=0, low_open=True)
-        for name in ("prompt_interval_steps", "gen_interval_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        check_finite("transfer_ratio", self.transfer_ratio, low=0, high=1)
-        if isinstance(self.refresh_interval, bool) or not isinstance(self.refresh_interval, int) \
-                or self.refresh_interval < 0:
-            raise ValueError(f"refresh_interval must be an integer >= 0, got {self.refresh_interval!r}")
+            if self.steps > self.gen_length:  # a step past the last token commits nothing: wasted forwards
+                raise ValueError(f"steps must be in 1..gen_length ({self.gen_length}), got {self.steps}")
 
     def _check_adablock(self):
         ids = self.delimiter_ids
@@ -137,11 +151,14 @@ class DecodeConfig:
                 or math.isnan(self.delimiter_threshold) or self.delimiter_threshold < 0:
             raise ValueError(f"delimiter_threshold must be >= 0 (inf = never adapt), got {self.delimiter_threshold!r}")
         check_finite("window_fraction", self.window_fraction, low=0, high=1, low_open=True)
-        if self.threshold is None and self.factor is None:
-            raise ValueError("AdaBlock (delimiter_ids) decodes each block until it has no masks with the "
-                             "threshold or factor rule: set threshold (0.9 in the paper) or factor")
-        if self.cap_steps_per_block:
-            raise ValueError("AdaBlock decodes each block until it has no masks: cap_steps_per_block does not apply")
+        if self.rule == "topk":
+            raise ValueError("AdaBlock (delimiter_ids) decodes each block until it has no masks with a "
+                             f"confidence rule: set threshold (0.9 in the paper) or {', '.join(RULES[1:])}")
+
+    @property
+    def rule(self) -> str:
+        """The commit rule in use: the one of RULES that is set, else 'topk' (LLaDA's schedule)."""
+        return next((name for name in RULES if getattr(self, name) is not None), "topk")
 
     @property
     def num_blocks(self) -> int:
@@ -167,7 +184,7 @@ class DecodeResult:
     ids: torch.Tensor  # (B, P + G) prompt and generation
     nfe: int  # model forward calls (a batched forward, CFG's doubled batch included, counts once)
     query_tokens: int  # tokens pushed through the model, summed over forwards (per row)
-    masks_left: int  # masks left in the output (only the capped mode can leave any)
+    masks_left: int  # masks left in the output (only the DualCache step-cap quirk can leave any)
     prompt_length: int  # P
     nfe_per_block: list[int] = field(default_factory=list)  # forwards spent on each block
     extras: dict = field(default_factory=dict)  # what a method measured: 'max_drift', ...
@@ -188,15 +205,13 @@ class DecodeResult:
 # ---------------------------------------------------------------------------------------------
 
 
-def num_transfer_tokens(block_masks: torch.Tensor, steps: int) -> torch.Tensor:
-    """LLaDA's schedule: how many tokens each row commits at each step, (B, K) -> (B, steps).
-
-    A row's masked count is spread evenly over the steps; the remainder goes to the first steps.
-    """
-    count = block_masks.sum(dim=1, keepdim=True)  # (B, 1)
-    base, remainder = count // steps, count % steps  # (B, 1) each
-    step_idx = torch.arange(steps, device=block_masks.device)  # (steps,)
-    return base + (step_idx[None, :] < remainder).long()  # (B, steps)
+def transfer_count(masked: torch.Tensor, steps: int, step: int) -> torch.Tensor:
+    """LLaDA's schedule: how many tokens each row commits at `step` of a block whose rows had
+    `masked` (B,) masks at its start. The count is spread evenly over `steps`; the remainder goes
+    to the first steps. Past the schedule (a block longer than planned) one token per step."""
+    if step >= steps:
+        return torch.ones_like(masked)
+    return masked // steps + (step < masked % steps).long()  # (B,)
 
 
 @dataclass
@@ -207,17 +222,17 @@ class Noise:
     uniform: torch.Tensor | None = None  # (B, K) float64; None for low-confidence remasking
 
 
-def draw_noise(config: DecodeConfig, generator, shape, head: tuple[int, int], extra_draw: bool, device) -> Noise:
+def draw_noise(config: DecodeConfig, generator, shape, logits_range: tuple[int, int], device, draws: int = 1) -> Noise:
     """Draw one step's random numbers exactly as the originals do, so seeded runs match them.
 
     The originals draw noise over every query token of the forward, shape (B, Q, V), not only
-    over the block; we draw the same tensors and keep the block's slice `head` = [a, b).
-    Fast-dLLM's prefix cache calls its noise function twice per cached step (`extra_draw`).
+    over the block; we draw the same tensors and keep the block's slice `logits_range` = [a, b).
+    `draws` > 1 discards draws first (a quirk of Fast-dLLM's prefix cache).
     """
-    a, b = head
+    a, b = logits_range
     noise = Noise()
     if config.temperature > 0:
-        if extra_draw:  # drawn and discarded, as the original does
+        for _ in range(draws - 1):
             torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
         noise.gumbel = -torch.log(torch.rand(shape, generator=generator, device=device, dtype=torch.float64))[:, a:b]
     if config.remasking == "random":
@@ -227,42 +242,35 @@ def draw_noise(config: DecodeConfig, generator, shape, head: tuple[int, int], ex
 
 def sample(logits: torch.Tensor, config: DecodeConfig, noise: Noise) -> torch.Tensor:
     """The proposed token at every position, (B, K, V) -> (B, K): the argmax at temperature 0,
-    otherwise a sample by the Gumbel-max trick in the original's exponential form,
-    argmax(exp(logits) / g^T) with g = -log(u), which samples softmax(logits / T)."""
+    otherwise a sample of softmax(logits / T) by the Gumbel-max trick: the argmax of
+    logits + T * g with g = -log(-log u) standard Gumbel noise (Noise holds -log u).
+    The input is not changed."""
     if config.logits_eos_inf:
-        logits[:, :, config.eos_id] = -torch.inf  # EOS can never be proposed (edits `logits`)
+        logits = logits.index_fill(-1, torch.tensor([config.eos_id], device=logits.device), -torch.inf)
     if config.temperature > 0:
-        noisy = logits.to(torch.float64).exp() / noise.gumbel ** config.temperature
-        if torch.isinf(noisy).any():
-            # exp overflows (logits > 709) or g^T underflows (T in the tens and above): the same
-            # argmax in log space, logits - T log g, stays finite where the original's form is not.
-            noisy = logits.to(torch.float64) - config.temperature * noise.gumbel.log()
+        scores = config.quirks.gumbel_scores(logits, config.temperature, noise.gumbel)
     else:
-        noisy = logits
+        scores = logits
     # The mask token is never a proposal: committing it would leave the position masked forever
     # (a trained LLaDA never predicts it, so this changes nothing there; the confidences in
     # propose still use the full softmax, as the original's do).
-    no_mask = noisy.clone()
-    no_mask[..., config.mask_id] = -torch.inf
-    return no_mask.argmax(dim=-1)  # (B, K)
+    scores = scores.index_fill(-1, torch.tensor([config.mask_id], device=scores.device), -torch.inf)
+    return scores.argmax(dim=-1)  # (B, K)
 
 
 def propose(logits: torch.Tensor, eligible: torch.Tensor, config: DecodeConfig, noise: Noise):
     """A proposal x0 for every position and its confidence, -inf where not `eligible`.
 
     logits (B, K, V) are the block's; eligible (B, K) marks masked positions of the block.
-    Returns x0 (B, K) and confidence (B, K) in float64. The EOS/EOT flags edit `logits` in place.
+    Returns x0 (B, K) and confidence (B, K) in float64. The input is not changed.
     """
     # 1) Proposal: the argmax, or a sample at temperature > 0.
     x0 = sample(logits, config, noise)  # (B, K)
-    # 2) The original LLaDA's EOS/EOT flag writes `noisy[..., eos] = logits[..., eot] = -inf`. At
-    #    temperature 0 `noisy` *is* `logits`, so both EOS and EOT lose their confidence; at T > 0
-    #    they are two tensors and only EOT's confidence is suppressed. Reproduced as it behaves.
+    # 2) confidence_eos_eot_inf: EOS and EOT get no probability in the confidence, so the
+    #    threshold and top-k rules commit them last.
     if config.confidence_eos_eot_inf:
-        if config.eot_id is not None:
-            logits[:, :, config.eot_id] = -torch.inf
-        if config.temperature == 0:
-            logits[:, :, config.eos_id] = -torch.inf
+        hidden = [i for i in config.quirks.confidence_hidden(config) if i is not None]
+        logits = logits.index_fill(-1, torch.tensor(hidden, device=logits.device), -torch.inf)
     # 3) Confidence: the proposal's probability, or a uniform draw for 'random' remasking.
     if config.remasking == "low_confidence":
         p = F.softmax(logits.to(torch.float64), dim=-1)  # (B, K, V)
@@ -293,14 +301,9 @@ def select_threshold(conf: torch.Tensor, threshold: float) -> torch.Tensor:
     return eligible & ((conf >= threshold) | (confidence_rank(conf) == 0))
 
 
-def select_factor(conf: torch.Tensor, factor: float, off_by_one: bool = True) -> torch.Tensor:
+def select_factor(conf: torch.Tensor, factor: float, quirks: Quirks | None = None) -> torch.Tensor:
     """Fast-dLLM's factor rule: sort eligible confidences descending; rank k (1-based) is accepted
-    while c_k >= 1 - factor / (k + 1); rank 1 always. (B, K) -> (B, K) bool.
-
-    The original stops at the first failing rank but then adds one when that rank is the last:
-    so when only the last rank fails, all are committed (with exactly 2 eligible, both always
-    are). `off_by_one=True` reproduces it (the default, for parity); False is the rule as stated.
-    """
+    while c_k >= 1 - factor / (k + 1); rank 1 always. (B, K) -> (B, K) bool."""
     eligible = conf > -torch.inf
     n_eligible = eligible.sum(-1)  # (B,)
     sorted_conf = conf.sort(dim=-1, descending=True).values  # (B, K)
@@ -308,18 +311,20 @@ def select_factor(conf: torch.Tensor, factor: float, off_by_one: bool = True) ->
     bound = 1 - factor / (k + 1)  # (K,)
     passes = (sorted_conf >= bound) | (k == 1)  # (B, K)
     n_accept = passes.long().cumprod(-1).sum(-1).clamp(max=n_eligible)  # leading ranks that pass (B,)
-    if off_by_one:
-        n_accept = torch.where(n_accept >= n_eligible - 1, n_eligible, n_accept)
+    n_accept = (quirks or Quirks()).factor_count(n_accept, n_eligible)
     return select_topk(conf, n_accept)
 
 
 def commit_rule(conf: torch.Tensor, config: DecodeConfig, k: torch.Tensor) -> torch.Tensor:
-    """Which proposals to commit: a threshold, a factor bound, or the schedule's k per row."""
-    if config.threshold is not None:
+    """Which proposals to commit, by the config's one rule: (B, K) -> (B, K) bool. k (B,) is the
+    top-k schedule's count for this step. A new rule is a field, its name in RULES, and a branch."""
+    if config.rule == "threshold":
         return select_threshold(conf, config.threshold)
-    if config.factor is not None:
-        return select_factor(conf, config.factor, config.factor_off_by_one)
-    return select_topk(conf, k)
+    if config.rule == "factor":
+        return select_factor(conf, config.factor, config.quirks)
+    if config.rule == "topk":
+        return select_topk(conf, k)
+    raise ValueError(f"commit rule {config.rule!r} has no branch in commit_rule")
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -335,8 +340,8 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
 
 def check_inputs(model, prompt_ids, config, attention_mask):
     """Clear errors for a user's mistakes, before any compute."""
-    mcfg = model.config
-    V = mcfg.embedding_size
+    model_config = model.config
+    V = model_config.embedding_size
     if config.mask_id is None:
         raise ValueError("config.mask_id is not set; build the config with DecodeConfig.for_model(model.config, ...)")
     for name in ("mask_id", "eos_id", "eot_id"):
@@ -353,27 +358,26 @@ def check_inputs(model, prompt_ids, config, attention_mask):
                          f"{tuple(prompt_ids.shape) if isinstance(prompt_ids, torch.Tensor) else type(prompt_ids).__name__}")
     if prompt_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise ValueError(f"prompt_ids must hold integer token ids, got dtype {prompt_ids.dtype}")
-    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
-                                       or attention_mask.shape != prompt_ids.shape):
-        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
-        raise ValueError(f"attention_mask shape {shape} != prompt shape {tuple(prompt_ids.shape)}")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != prompt_ids.shape:
+            shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+            raise ValueError(f"attention_mask shape {shape} != prompt shape {tuple(prompt_ids.shape)}")
+        if ((attention_mask != 0) & (attention_mask != 1)).any():  # before any cast: 0.5 must not become 0
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
+        m = attention_mask.long()
+        if (m[:, 1:] < m[:, :-1]).any():
+            raise ValueError("attention_mask must be left padding: zeros, then ones")
+        if (m.sum(1) == 0).any():
+            raise ValueError("attention_mask has a row with no real token")
     real = prompt_ids if attention_mask is None else prompt_ids[attention_mask.bool()]
     if real.numel() and (real.min() < 0 or real.max() >= V):
         raise ValueError(f"prompt token ids must lie in [0, {V}), got values from {int(real.min())} to {int(real.max())}")
     if (real == config.mask_id).any():
         raise ValueError(f"the prompt contains the mask token {config.mask_id}")
     total = prompt_ids.shape[1] + config.gen_length
-    if total > mcfg.max_sequence_length:
+    if total > model_config.max_sequence_length:
         raise ValueError(f"prompt ({prompt_ids.shape[1]}) + gen_length ({config.gen_length}) = {total} "
-                         f"exceeds the model's max_sequence_length {mcfg.max_sequence_length}")
-    if attention_mask is not None:
-        m = attention_mask.long()
-        if ((m != 0) & (m != 1)).any():
-            raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
-        if (m[:, 1:] < m[:, :-1]).any():
-            raise ValueError("attention_mask must be left padding: zeros, then ones")
-        if (m.sum(1) == 0).any():
-            raise ValueError("attention_mask has a row with no real token")
+                         f"exceeds the model's max_sequence_length {model_config.max_sequence_length}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,25 +389,30 @@ def check_inputs(model, prompt_ids, config, attention_mask):
 class DecodeState:
     """Everything one request carries from step to step."""
 
-    x: torch.Tensor  # (B, L) the canvas: prompt, then committed tokens and masks
+    slots: torch.Tensor  # (B, L + 1) the canvas plus one trash slot, where padded queries' commits go
     P: int  # prompt length (after left padding)
     start: torch.Tensor  # (B,) each row's current block is [start, end) on the canvas
     end: torch.Tensor  # (B,)
-    canvas: torch.Tensor | None = None  # (B, L + 1): x plus a trash column that padded queries write to
     bounds: tuple[list[int], list[int]] | None = None  # start and end on the host, read once per block
+    to_commit: torch.Tensor | None = None  # (B,) masks in each row's block at its start (top-k schedule)
     key_mask: torch.Tensor | None = None  # (rows, L) 1 = real token; None when nothing is padded
     cache: KVCache | None = None  # the request's K/V buffers (cached policies only)
     step: int = 0  # forwards spent on the current block
     nfe: int = 0  # forwards spent on the request
     query_tokens: int = 0  # tokens pushed through the model, summed over forwards
-    window: torch.Tensor | None = None  # (B, Q) or (Q,) canvas positions the last forward computed
-    full: bool = True  # whether the last forward was over the whole canvas
+    window: Window | None = None  # what the last forward computed
+    busy: list[bool] | None = None  # per row, on the host: its block still had masks at the last check
     finite: torch.Tensor | None = None  # () bool on the device: the last step's logits were all finite
     extras: dict = field(default_factory=dict)  # method-specific measurements, copied to the result
 
     @property
+    def canvas(self) -> torch.Tensor:
+        """(B, L) the canvas: prompt, then committed tokens and masks (a view of `slots`)."""
+        return self.slots[:, :-1]
+
+    @property
     def L(self) -> int:
-        return self.x.shape[1]
+        return self.slots.shape[1] - 1
 
 
 def setup(model, prompt_ids, config: DecodeConfig, attention_mask=None) -> DecodeState:
@@ -412,14 +421,18 @@ def setup(model, prompt_ids, config: DecodeConfig, attention_mask=None) -> Decod
     device = model.device
     B, P = prompt_ids.shape
     L = P + config.gen_length
-    canvas = torch.full((B, L + 1), config.mask_id, dtype=torch.long, device=device)  # (B, L + 1)
-    canvas[:, :P] = prompt_ids.to(device)
-    x = canvas[:, :L]  # (B, L) the canvas proper; column L is the trash that padded queries write to
-    # The key-padding mask covers the whole canvas: generated positions are always real.
+    slots = torch.full((B, L + 1), config.mask_id, dtype=torch.long, device=device)  # (B, L + 1)
+    prompt_ids = prompt_ids.to(device)
     key_mask = None
     if attention_mask is not None:
+        # Padding never reaches the embedding with its raw ids (it may hold any value): it is
+        # written as EOS, the usual pad token, and hidden from attention by the key mask.
+        attention_mask = attention_mask.to(device)
+        prompt_ids = prompt_ids.masked_fill(attention_mask == 0, config.eos_id if config.eos_id is not None else 0)
+        # The key-padding mask covers the whole canvas: generated positions are always real.
         key_mask = torch.ones((B, L), dtype=torch.long, device=device)  # (B, L)
-        key_mask[:, :P] = attention_mask.to(device)
+        key_mask[:, :P] = attention_mask
+    slots[:, :P] = prompt_ids
     # Classifier-free guidance runs a second, unconditional copy of every row (prompt masked) in
     # the same batched forward: 2B rows, one NFE.
     rows = 2 * B if config.cfg_scale > 0 else B
@@ -431,8 +444,8 @@ def setup(model, prompt_ids, config: DecodeConfig, attention_mask=None) -> Decod
         kind = FeatureCache if config.cache == "dllm" else KVCache
         cache = kind.for_model(model.config, batch=rows, capacity=L, device=device, dtype=model.dtype)
     at_prompt_end = torch.full((B,), P, dtype=torch.long, device=device)
-    return DecodeState(x=x, P=P, start=at_prompt_end, end=at_prompt_end.clone(), canvas=canvas,
-                       key_mask=key_mask, cache=cache)
+    return DecodeState(slots=slots, P=P, start=at_prompt_end, end=at_prompt_end.clone(), key_mask=key_mask,
+                       cache=cache, busy=[True] * B)
 
 
 class FixedBlocks:
@@ -445,102 +458,102 @@ class FixedBlocks:
         """Where the block ends, as far as is known before its first forward: (B,)."""
         return (state.start + self.block_length).clamp(max=state.L)
 
-    def adapt(self, state: DecodeState, logits: torch.Tensor, lpos: torch.Tensor, noise: Noise) -> None:
+    def adapt(self, state: DecodeState, logits: torch.Tensor, positions: torch.Tensor, noise: Noise) -> None:
         """After the block's first forward: nothing to change on a fixed grid."""
 
 
-def next_block(state: DecodeState, rule) -> bool:
+def masked_in_block(state: DecodeState, mask_id: int) -> torch.Tensor:
+    """(B, L) True at the masked positions of each row's current block."""
+    pos = torch.arange(state.L, device=state.slots.device)  # (L,)
+    in_block = (pos >= state.start[:, None]) & (pos < state.end[:, None])  # (B, L)
+    return in_block & (state.canvas == mask_id)
+
+
+def next_block(state: DecodeState, rule, config: DecodeConfig) -> bool:
     """Move every row to its next block, which starts where the last one ended and ends where
     the block rule says. False when every row has reached the end of the canvas."""
     state.start = state.end
     state.end = rule.first_end(state)
     state.step = 0
+    state.to_commit = masked_in_block(state, config.mask_id).sum(1)  # (B,) for the top-k schedule
     state.bounds = (state.start.tolist(), state.end.tolist())  # one wait for the device per block
     return any(s < state.L for s in state.bounds[0])
 
 
-def masked_in_block(state: DecodeState, mask_id: int) -> torch.Tensor:
-    """(B, L) True at the masked positions of each row's current block."""
-    pos = torch.arange(state.L, device=state.x.device)  # (L,)
-    in_block = (pos >= state.start[:, None]) & (pos < state.end[:, None])  # (B, L)
-    return in_block & (state.x == mask_id)
-
-
 def block_done(state: DecodeState, config: DecodeConfig) -> bool:
-    """The stop condition of a block, with the originals' variants.
+    """A block is done when no row has a mask left in it (within the forward budget that
+    `Quirks.forward_budget` gives: none, unless an original's quirk caps or fixes it).
 
-    Normally a block is done when no row has a mask left in it. Fast-dLLM's DualCache caps the
-    forwards per block at steps / num_blocks (`cap_steps_per_block`), which can leave masks; its
-    first release spent one cached forward even on a block the block-start forward finished.
-    dLLM-Cache's sampler runs exactly steps / num_blocks steps per block with the top-k schedule
-    (its step counter, and so its refresh pattern, counts every one of them).
-
-    This is where the loop waits for the device, once per step: it reads whether masks are left
-    and whether the last step's logits were finite in one transfer.
+    This is where the loop waits for the device, once per step: it reads which rows still have
+    masks and whether the last step's logits were finite in one transfer.
     """
-    masked = masked_in_block(state, config.mask_id).any()  # () bool, on the device
-    if state.finite is not None:
-        finite, masked = torch.stack([state.finite, masked]).tolist()
-        state.finite = None
-        if not finite:
-            raise FloatingPointError(
-                f"non-finite logits at step {state.step - 1} of the block starting at position {min(state.bounds[0])} "
-                f"(forward {state.nfe}): the model overflowed its float type (a float16 model, a huge cfg_scale: "
-                f"{config.cfg_scale}), or its weights or config (e.g. rms_norm_eps) are bad")
-    if config.cap_steps_per_block and state.step >= config.steps_per_block:
+    masked = masked_in_block(state, config.mask_id).any(1)  # (B,) bool, on the device
+    finite = state.finite if state.finite is not None else torch.ones((), dtype=torch.bool, device=masked.device)
+    finite, *state.busy = torch.cat([finite[None], masked]).tolist()
+    state.finite = None
+    if not finite:
+        raise FloatingPointError(
+            f"non-finite logits at step {state.step - 1} of the block starting at position {min(state.bounds[0])} "
+            f"(forward {state.nfe}): the model overflowed its float type (a float16 model, a huge cfg_scale: "
+            f"{config.cfg_scale}), or its weights or config (e.g. rms_norm_eps) are bad")
+    least, most = config.quirks.forward_budget(config)
+    if state.step >= most:
         return True
-    if config.cache == "dllm" and config.threshold is None and config.factor is None:
-        return state.step >= config.steps_per_block  # dLLM-Cache's sampler: LLaDA's fixed-step loop
-    if config.first_release_nfe and state.cache is not None and state.step == 1:
-        return False
-    return not bool(masked)
+    return state.step >= least and not any(state.busy)
 
 
-def query_window(state: DecodeState, config: DecodeConfig) -> tuple[torch.Tensor, tuple[int, int], bool]:
+@dataclass
+class Window:
+    """What one forward computes: the query positions, the query indices that need logits, and
+    whether it is a full forward (every canvas position is a query)."""
+
+    positions: torch.Tensor  # (Q,) shared by every row, or (B, Q) padded with the trash slot L
+    logits_range: tuple[int, int]  # [a, b): the query indices whose logits the step reads
+    full: bool
+    refresh: Refresh | None = None  # dLLM-Cache: what each row's layers recompute (dllm_refresh)
+
+
+def query_window(state: DecodeState, config: DecodeConfig) -> Window:
     """The cache policy: which canvas positions this step's forward computes.
 
     - 'none': always the whole canvas (vanilla LLaDA); so does 'dllm', whose forward chooses
-      per layer which of those tokens it really recomputes (dllm_forward).
+      per layer which of those tokens it really recomputes (`dllm_refresh`, `dllm_forward`).
     - 'prefix': the whole canvas at the block's first step (refreshing every cached position),
       then the block plus everything after it; the prefix is read from the cache.
     - 'dual': the whole canvas at the first step, then the block alone; prefix and suffix are
       read from the cache (stale), the block's fresh K/V are written over its cached ones.
     With refresh_interval n > 0, every n-th step of the block is a full refresh as well.
-
-    Returns the positions, (Q,) when every row queries the same ones, else (B, Q) padded with
-    the trash slot; `head` = [a, b), the query indices that need logits; and whether the window
-    is the whole canvas. Sizes come from the block bounds on the host: no wait for the device.
+    Sizes come from the block bounds on the host: no wait for the device.
     """
-    L, device = state.L, state.x.device
+    L, device = state.L, state.slots.device
     starts, ends = state.bounds
     step, n = state.step, config.refresh_interval
     if config.cache in ("none", "dllm") or step == 0 or (n and step % n == 0):
-        # Commits land in [lo, end); only the capped mode can leave masks before the block, and
-        # the original makes those eligible again at a full forward, so lo widens to P there.
-        lo = state.P if config.cap_steps_per_block else min(starts)
-        return torch.arange(L, device=device), (lo, max(ends)), True
+        lo = state.P if config.quirks.masks_behind(config) else min(starts)  # where commits may land
+        refresh = dllm_refresh(state, config) if config.cache == "dllm" else None
+        return Window(torch.arange(L, device=device), (lo, max(ends)), True, refresh)
     stops = [L] * len(ends) if config.cache == "prefix" else ends
-    head = (0, max(e - s for s, e in zip(starts, ends)))
+    logits_range = (0, max(e - s for s, e in zip(starts, ends)))
     if len(set(starts)) == 1 and len(set(stops)) == 1:  # the common case: one window for the batch
-        return torch.arange(starts[0], stops[0], device=device), head, False
+        return Window(torch.arange(starts[0], stops[0], device=device), logits_range, False)
     # Rows with blocks of their own: each row's window, padded to the longest with the trash slot.
     Q = max(e - s for s, e in zip(starts, stops))
     pos = state.start[:, None] + torch.arange(Q, device=device)  # (B, Q)
     stop = torch.tensor(stops, device=device)[:, None]  # (B, 1)
-    return torch.where(pos < stop, pos, L), head, False
+    return Window(torch.where(pos < stop, pos, L), logits_range, False)
 
 
-def query_inputs(state: DecodeState, config: DecodeConfig, positions: torch.Tensor):
+def query_tokens(state: DecodeState, config: DecodeConfig, positions: torch.Tensor):
     """The tokens at `positions`, (B, Q); with classifier-free guidance, followed by the
     unconditional copy (prompt masked) as B more rows, so both ride in one batched forward."""
-    x = state.x
-    index = positions.clamp(max=state.L - 1).expand(x.shape[0], -1)  # (B, Q); trash reads any token
-    inp = x.gather(1, index)  # (B, Q)
+    canvas = state.canvas
+    index = positions.clamp(max=state.L - 1).expand(canvas.shape[0], -1)  # (B, Q); trash reads any token
+    tokens = canvas.gather(1, index)  # (B, Q)
     if config.cfg_scale > 0:
-        uncond = torch.where(index < state.P, torch.full_like(inp, config.mask_id), inp)
-        inp = torch.cat([inp, uncond], dim=0)  # (2B, Q)
+        uncond = torch.where(index < state.P, torch.full_like(tokens, config.mask_id), tokens)
+        tokens = torch.cat([tokens, uncond], dim=0)  # (2B, Q)
         positions = positions if positions.dim() == 1 else positions.repeat(2, 1)
-    return inp, positions
+    return tokens, positions
 
 
 def guided(logits: torch.Tensor, config: DecodeConfig) -> torch.Tensor:
@@ -551,29 +564,24 @@ def guided(logits: torch.Tensor, config: DecodeConfig) -> torch.Tensor:
     return uncond + (config.cfg_scale + 1) * (cond - uncond)
 
 
-def model_forward(model, state: DecodeState, config: DecodeConfig, positions, head) -> torch.Tensor:
-    """Run the model over the canvas at `positions`; logits of the query indices `head`, (B, K, V).
-    The queries' K/V go into the cache (if any) and attention reads the rest from it."""
-    inp, positions = query_inputs(state, config, positions)  # (rows, Q)
-    logits = model(inp, positions=positions, cache=state.cache, attention_mask=state.key_mask,
-                   logits_range=head)  # (rows, K, V): the LM head runs on the block only
-    return guided(logits, config)
+def model_forward(model, tokens, window: Window, cache, key_mask) -> torch.Tensor:
+    """Run the model on the query tokens (rows, Q) at the window's positions; logits of the
+    window's logits range, (rows, K, V). The queries' K/V go into the cache (if any) and
+    attention reads the rest from it."""
+    return model(tokens, positions=window.positions, cache=cache, attention_mask=key_mask,
+                 logits_range=window.logits_range)
 
 
-def finish_at_eos(state: DecodeState, config: DecodeConfig) -> None:
-    """stop_at_eos: a row whose first EOS has nothing masked before it is finished. The rest of
-    its window is filled with EOS, its block ends, and it costs no more forwards."""
-    gen = state.x[:, state.P:]  # (B, G) a view
-    is_eos, is_mask = gen == config.eos_id, gen == config.mask_id
+def fill_after_eos(gen: torch.Tensor, eos_id: int, mask_id: int) -> torch.Tensor:
+    """Rows of generated tokens (B, G) whose first EOS has nothing masked before it are finished:
+    every position after that EOS becomes EOS (in place). Returns which rows are finished, (B,)."""
+    is_eos, is_mask = gen == eos_id, gen == mask_id
     first_eos = torch.where(is_eos.any(1), is_eos.int().argmax(1), gen.shape[1])  # (B,)
     first_mask = torch.where(is_mask.any(1), is_mask.int().argmax(1), gen.shape[1])  # (B,)
     done = first_eos < first_mask  # (B,) EOS committed and fully decoded before it
     after = torch.arange(gen.shape[1], device=gen.device)[None, :] > first_eos[:, None]  # (B, G)
-    gen.masked_fill_(done[:, None] & after, config.eos_id)
-    # A finished row's blocks end at the canvas end: from the next block on, its windows are trash.
-    if state.start is not None:  # (blockbatch.py borrows this function for states without blocks)
-        state.start = torch.where(done, state.L, state.start)
-        state.end = torch.where(done, state.L, state.end)
+    gen.masked_fill_(done[:, None] & after, eos_id)
+    return done
 
 
 # ---------------------------------------------------------------------------------------------
@@ -581,38 +589,40 @@ def finish_at_eos(state: DecodeState, config: DecodeConfig) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def decode_step(model, state: DecodeState, config: DecodeConfig, generator, schedule, rule, forward=model_forward):
+def decode_step(model, state: DecodeState, config: DecodeConfig, generator, rule, forward=model_forward):
     """One denoising step: run the model over the query window, propose, commit."""
     # 1) Pick the query window by cache policy and run the model over it.
-    positions, head, state.full = query_window(state, config)
-    logits = forward(model, state, config, positions, head)  # (B, K, V)
+    window = query_window(state, config)
+    tokens, positions = query_tokens(state, config, window.positions)  # (rows, Q)
+    logits = forward(model, tokens, replace(window, positions=positions), state.cache, state.key_mask)
+    logits = guided(logits, config)  # (B, K, V)
     state.nfe += 1
-    state.query_tokens += positions.shape[-1]
-    state.window = positions
+    state.query_tokens += window.positions.shape[-1]
+    state.window = window
     state.finite = torch.isfinite(logits).all()  # checked by block_done, with the masks left
-    # 2) Propose a token and a confidence for every masked position of each row's block. Only
-    #    the capped mode can leave masks before the block, and the original makes those eligible
-    #    again at a full forward, so the eligible range starts at P there.
-    lpos = positions[..., head[0]:head[1]].expand(state.x.shape[0], -1)  # (B, K) canvas positions
-    # Fast-dLLM's prefix cache draws its sampling noise twice per cached step, AdaBlock's once.
-    extra_draw = config.cache == "prefix" and not state.full and config.delimiter_ids is None
-    noise = draw_noise(config, generator, (state.x.shape[0], positions.shape[-1], logits.shape[-1]), head,
-                       extra_draw=extra_draw, device=logits.device)
+    # 2) Propose a token and a confidence for every masked position of each row's block.
+    a, b = window.logits_range
+    block_pos = window.positions[..., a:b].expand(state.slots.shape[0], -1)  # (B, K) canvas positions
+    noise = draw_noise(config, generator, (state.slots.shape[0], window.positions.shape[-1], logits.shape[-1]),
+                       window.logits_range, logits.device, draws=config.quirks.noise_draws(config, window.full))
     if state.step == 0:
-        rule.adapt(state, logits, lpos, noise)  # the block rule may now fix where the block ends
-    lo = torch.full_like(state.start, state.P) if config.cap_steps_per_block and state.full else state.start
-    in_block = (lpos >= lo[:, None]) & (lpos < state.end[:, None])  # (B, K); the trash is never inside
-    eligible = in_block & (state.canvas.gather(1, lpos) == config.mask_id)  # (B, K)
+        rule.adapt(state, logits, block_pos, noise)  # the block rule may now fix where the block ends
+    lo = torch.full_like(state.start, state.P) if window.full and config.quirks.masks_behind(config) else state.start
+    in_block = (block_pos >= lo[:, None]) & (block_pos < state.end[:, None])  # (B, K); trash is never inside
+    eligible = in_block & (state.slots.gather(1, block_pos) == config.mask_id)  # (B, K)
     x0, conf = propose(logits, eligible, config, noise)
-    # 3) Choose which proposals to commit: a fixed count, a threshold or a factor bound. Past the
-    #    end of the schedule (only the uncapped top-k rule gets there), one per step.
-    k = schedule[:, state.step] if state.step < schedule.shape[1] else torch.ones_like(schedule[:, 0])
+    # 3) Choose which proposals to commit: a fixed count (LLaDA's schedule), a threshold or a
+    #    factor bound, by the config's one rule.
+    k = transfer_count(state.to_commit, config.steps_per_block, state.step)  # (B,)
     commit = commit_rule(conf, config, k)  # (B, K)
     # 4) Commit: write the chosen proposals at their canvas positions (the rest go to the trash
-    #    column); committed tokens are final.
-    state.canvas.scatter_(1, torch.where(commit, lpos, state.L), x0)
+    #    slot); committed tokens are final.
+    state.slots.scatter_(1, torch.where(commit, block_pos, state.L), x0)
     if config.stop_at_eos:
-        finish_at_eos(state, config)
+        # A finished row's blocks end at the canvas end: from the next block on, its windows are trash.
+        done = fill_after_eos(state.canvas[:, state.P:], config.eos_id, config.mask_id)  # (B,)
+        state.start = torch.where(done, state.L, state.start)
+        state.end = torch.where(done, state.L, state.end)
     state.step += 1
 
 
@@ -629,30 +639,77 @@ def generate(model, prompt_ids: torch.Tensor, config: DecodeConfig, generator: t
     check_inputs(model, prompt_ids, config, attention_mask)
     state = setup(model, prompt_ids, config, attention_mask)
     forward = dllm_forward if config.cache == "dllm" else model_forward
-    forward = measuring_drift(forward) if config.measure_drift else forward
+    forward = measuring_drift(forward, state, config) if config.measure_drift else forward
     rule = AdaBlock(config) if config.delimiter_ids is not None else FixedBlocks(config)
     nfe_per_block = []
-    # Blocks left to right; within a block, steps until it has no masks (or a cap is reached).
-    while next_block(state, rule):
-        # The top-k schedule of this block: (B, steps_per_block) commits per step (LLaDA's rule).
-        schedule = num_transfer_tokens(masked_in_block(state, config.mask_id), config.steps_per_block)
+    # Blocks left to right; within a block, steps until no row has a mask in it.
+    while next_block(state, rule, config):
         while not block_done(state, config):
-            decode_step(model, state, config, generator, schedule, rule, forward)
+            decode_step(model, state, config, generator, rule, forward)
             if on_step is not None:
                 on_step(state)
         nfe_per_block.append(state.step)
 
-    masks_left = int((state.x[:, state.P:] == config.mask_id).sum())
+    masks_left = int((state.canvas[:, state.P:] == config.mask_id).sum())
     if masks_left:
-        warnings.warn(f"{masks_left} masks left in the output: cap_steps_per_block allows "
+        warnings.warn(f"{masks_left} masks left in the output: the DualCache step cap (quirks) allows "
                       f"{config.steps_per_block} forwards per block, too few for these settings", stacklevel=2)
-    return DecodeResult(ids=state.x.contiguous(), nfe=state.nfe, query_tokens=state.query_tokens, masks_left=masks_left,
-                        prompt_length=state.P, nfe_per_block=nfe_per_block, extras=state.extras)
+    return DecodeResult(ids=state.canvas.contiguous(), nfe=state.nfe, query_tokens=state.query_tokens,
+                        masks_left=masks_left, prompt_length=state.P, nfe_per_block=nfe_per_block, extras=state.extras)
 
 
 # ---------------------------------------------------------------------------------------------
 # dLLM-Cache: a cache policy that reuses each layer's features and recomputes a few tokens
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Refresh:
+    """dLLM-Cache's plan for one forward, per row: what its layers recompute. A row whose block
+    is finished while the batch waits for others recomputes nothing and keeps its step count, so
+    every row follows the schedule it follows alone."""
+
+    P: int  # the response starts here
+    prompt: torch.Tensor  # (rows,) bool: recompute the prompt's features (every K_p-th step)
+    response: torch.Tensor  # (rows,) bool: recompute the whole response (every K_r-th step)
+    verify: torch.Tensor  # (rows,) bool: otherwise V-verify: refresh values, recompute n_verify tokens
+    n_verify: int  # tokens V-verify recomputes per row, int(rho * G)
+    first_layer: torch.Tensor | None = None  # (rows,) bool: rows whose layer 0 refreshes everything (quirk)
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(prompt, response, verify) for layer i."""
+        if i == 0 and self.first_layer is not None:
+            return self.first_layer, self.first_layer, torch.zeros_like(self.verify)
+        return self.prompt, self.response, self.verify
+
+
+def dllm_refresh(state: DecodeState, config: DecodeConfig) -> Refresh:
+    """The refresh schedule, per row: a row's step counter t counts its own forwards from 1; the
+    prompt refreshes when (t - 1) % K_p == 0, the response when (t - 1) % K_r == 0; otherwise
+    V-verify recomputes int(rho * G) response tokens. Rows with nothing left to commit in their
+    block (waiting for the batch) recompute nothing."""
+    cache, n_layers = state.cache, state.cache.n_layers
+    busy = torch.tensor(config.quirks.dllm_busy(state.busy))  # (B,) on the host
+    cache.steps += busy.long()  # this forward is step t of each busy row
+    t = cache.steps
+    n_verify = int(config.transfer_ratio * config.gen_length)
+    prompt = busy & ((t - 1) % config.prompt_interval_steps == 0)  # (B,)
+    response = busy & ((t - 1) % config.gen_interval_steps == 0)  # (B,)
+    verify = busy & ~response & (n_verify > 0)  # (B,)
+    first = busy if config.quirks.dllm_layer0_refresh else None
+    # What the plan recomputes, in token-layer rows (the rows' sum), for the method's own report.
+    P, G = state.P, state.L - state.P
+    later = n_layers - 1 if first is not None else n_layers  # layers that follow the schedule
+    done = state.extras.setdefault("recomputed_rows", {"prompt": 0, "response": 0})
+    done["prompt"] += P * (later * int(prompt.sum()) + (int(first.sum()) if first is not None else 0))
+    done["response"] += (later * (G * int(response.sum()) + n_verify * int(verify.sum()))
+                         + (G * int(first.sum()) if first is not None else 0))
+    state.extras["recomputed_fraction"] = (done["prompt"] + done["response"]) / max(1, int(t.sum()) * n_layers * state.L)
+    rows = 2 if config.cfg_scale > 0 else 1  # classifier-free guidance's copies follow their rows
+    device = state.slots.device
+    return Refresh(P=P, prompt=prompt.repeat(rows).to(device), response=response.repeat(rows).to(device),
+                   verify=verify.repeat(rows).to(device), n_verify=n_verify,
+                   first_layer=None if first is None else first.repeat(rows).to(device))
 
 
 def least_similar(similarity: torch.Tensor, n: int) -> torch.Tensor:
@@ -662,91 +719,81 @@ def least_similar(similarity: torch.Tensor, n: int) -> torch.Tensor:
     return torch.topk(similarity, k=n, dim=-1, largest=False).indices
 
 
-def dllm_layer(block, fc: FeatureCache, x, cos, sin, key_mask, P: int, refresh_prompt: bool,
-               refresh_response: bool, n_verify: int, rows: dict):
-    """One transformer block under dLLM-Cache: x (B, L, C) is the block's input for the whole
-    canvas (prompt [0, P), response [P, L)); the output is x + A + M for every position, with A
-    (attention) and M (MLP) fresh for the tokens recomputed here and read from `fc` for the rest.
+def dllm_layer(block, cache: FeatureCache, x, cos, sin, key_mask, P: int, prompt, response, verify, n_verify):
+    """One transformer block under dLLM-Cache: x (rows, L, C) is the block's input for the whole
+    canvas (prompt [0, P), response [P, L)); the output is x + attention + MLP for every position,
+    fresh for the tokens a row recomputes here and read from the cache for the rest.
 
-    Which tokens are recomputed:
+    Per row (prompt, response, verify are (rows,) bools):
     - the prompt, when it refreshes: queries, keys and values, attention and MLP;
     - the whole response, when it refreshes: the same;
-    - otherwise, if n_verify > 0 (V-verify): fresh values for every response token, and the
-      n_verify tokens whose values moved most (lowest cosine with the cached values) get queries,
-      keys, attention and MLP. All response values are replaced, only those tokens' keys.
-    The recomputed tokens' queries attend, in one call, over the prompt and response keys/values
-    as the cache holds them after this layer's writes (fresh where recomputed, stale elsewhere).
+    - with verify (V-verify): fresh values for every response token, and the n_verify tokens
+      whose values moved most (lowest cosine with the cached values) get queries, keys,
+      attention and MLP. All response values are replaced, only those tokens' keys.
+    Rows are batched: a part any row needs is computed for all, and a row that does not need it
+    writes it to the cache's trash slot. The recomputed tokens' queries attend, in one call, over
+    the keys/values as the cache holds them after this layer's writes (fresh or stale).
     """
     layer, L = block.layer_idx, x.shape[1]
-    B, G, device = x.shape[0], L - P, x.device
-    A, M = fc.attn[layer], fc.mlp[layer]  # (B, L, C) cached sub-block outputs, updated in place
-    queries, where = [], []  # fresh queries (B, H, n, D) and their canvas positions (B, n)
+    rows, device, trash = x.shape[0], x.device, cache.trash
+    queries, where = [], []  # fresh queries (rows, H, n, D) and their canvas positions (rows, n)
 
-    def recompute(h_normed, positions):  # q/k/v of normed rows at canvas positions (B, n)
-        c, s = cos.gather(2, positions[:, None, :, None].expand(-1, 1, -1, cos.shape[-1])), \
-            sin.gather(2, positions[:, None, :, None].expand(-1, 1, -1, sin.shape[-1]))
+    def recompute(h_normed, positions, keep):  # q/k/v of normed tokens at canvas positions (rows, n)
+        c, s = (t.gather(2, positions[:, None, :, None].expand(-1, 1, -1, t.shape[-1])) for t in (cos, sin))
         q, k, v = block.project(h_normed, c, s)
-        fc.update(layer, k, v, positions)
+        if keep is not None and not bool(keep.all()):  # rows that skip this part write to the trash
+            positions = torch.where(keep[:, None], positions, trash)  # (rows, n)
+        cache.update(layer, k, v, positions)
         queries.append(q)
         where.append(positions)
 
-    def span(a, b):  # canvas positions [a, b) for every row, (B, b - a)
-        return torch.arange(a, b, device=device).expand(B, -1)
+    def span(a, b):  # canvas positions [a, b) for every row, (rows, b - a)
+        return torch.arange(a, b, device=device).expand(rows, -1)
 
-    if refresh_prompt and refresh_response:
-        recompute(block.attn_norm(x), span(0, L))  # everything: an ordinary full layer
-        rows["prompt"], rows["response"] = rows["prompt"] + P, rows["response"] + G
+    if bool(prompt.all() and response.all()):
+        recompute(block.attn_norm(x), span(0, L), None)  # every row, every token: an ordinary layer
     else:
-        if refresh_prompt:
-            recompute(block.attn_norm(x[:, :P]), span(0, P))
-            rows["prompt"] += P
-        if refresh_response:
-            recompute(block.attn_norm(x[:, P:]), span(P, L))
-            rows["response"] += G
-        elif n_verify > 0:
+        if prompt.any():
+            recompute(block.attn_norm(x[:, :P]), span(0, P), prompt)
+        if response.any():
+            recompute(block.attn_norm(x[:, P:]), span(P, L), response)
+        if verify.any():
             # V-verify: fresh values of every response token, compared with the cached ones.
-            h = block.attn_norm(x[:, P:])  # (B, G, C)
-            v_new = block.v_proj(h)  # (B, G, Hkv*D)
-            similarity = F.cosine_similarity(v_new, fc.values(layer, P, L), dim=-1)  # (B, G)
-            chosen = least_similar(similarity, n_verify)  # (B, n) response indices
-            picked = h.gather(1, chosen[..., None].expand(-1, -1, h.shape[-1]))  # (B, n, C)
-            recompute(picked, chosen + P)  # the chosen tokens get fresh queries and keys
-            fc.v[layer, :, :, P:L] = block.heads(v_new, block.n_kv_heads)  # and every token fresh values
-            rows["response"] += n_verify
+            h = block.attn_norm(x[:, P:])  # (rows, G, C)
+            v_new = block.v_proj(h)  # (rows, G, Hkv*D)
+            similarity = F.cosine_similarity(v_new, cache.values(layer, P, L), dim=-1)  # (rows, G)
+            chosen = least_similar(similarity, n_verify)  # (rows, n) response indices
+            picked = h.gather(1, chosen[..., None].expand(-1, -1, h.shape[-1]))  # (rows, n, C)
+            recompute(picked, chosen + P, verify)  # the chosen tokens get fresh queries and keys
+            fresh = block.heads(v_new, block.n_kv_heads)  # (rows, Hkv, G, D): every token's fresh values
+            if not bool(verify.all()):
+                fresh = torch.where(verify[:, None, None, None], fresh, cache.v[layer, :, :, P:L])
+            cache.v[layer, :, :, P:L] = fresh
+    attn_out, mlp_out = cache.attn[layer], cache.mlp[layer]  # (rows, L + 1, C): read, updated in place
     if queries:
         # One attention call for every recomputed token, over all keys/values (prompt + response).
-        positions = torch.cat(where, dim=1)  # (B, R)
-        k, v = fc.k[layer, :, :, :L], fc.v[layer, :, :, :L]  # (B, Hkv, L, D)
-        a = block.attend(torch.cat(queries, dim=2), k, v, key_mask)  # (B, R, C)
-        A.scatter_(1, positions[..., None].expand_as(a), a)
-    h = x + A  # (B, L, C): the residual stream stays fresh; A is fresh or reused per token
+        positions = torch.cat(where, dim=1)  # (rows, R); the trash slot where a row skipped a part
+        k, v = cache.k[layer, :, :, :L], cache.v[layer, :, :, :L]  # (rows, Hkv, L, D)
+        a = block.attend(torch.cat(queries, dim=2), k, v, key_mask)  # (rows, R, C)
+        attn_out.scatter_(1, positions[..., None].expand_as(a), a)
+    h = x + attn_out[:, :L]  # (rows, L, C): the residual stream stays fresh; attention fresh or reused
     if queries:
-        index = positions[..., None].expand(-1, -1, h.shape[-1])  # (B, R, C)
-        M.scatter_(1, index, block.mlp(block.ff_norm(h.gather(1, index))))
-    return h + M
+        index = positions[..., None].expand(-1, -1, h.shape[-1])  # (rows, R, C)
+        mlp_out.scatter_(1, index, block.mlp(block.ff_norm(h.gather(1, index.clamp(max=L - 1)))))
+    return h + mlp_out[:, :L]
 
 
-def dllm_forward(model, state: DecodeState, config: DecodeConfig, positions, head) -> torch.Tensor:
+def dllm_forward(model, tokens, window: Window, cache: FeatureCache, key_mask) -> torch.Tensor:
     """dLLM-Cache (Liu et al., "dLLM-Cache: Accelerating Diffusion Large Language Models with
     Adaptive Caching", arXiv 2506.06295): the whole canvas goes in, but each layer recomputes
-    only what its refresh schedule asks (dllm_layer). The step counter t counts every forward of
-    the request, from 1: the prompt refreshes when (t - 1) % K_p == 0, the response when
-    (t - 1) % K_r == 0. Layer 0 always refreshes both: a later fix in the original code that the
-    paper does not describe, kept here because it changes the tokens.
-    """
-    inp, positions = query_inputs(state, config, positions)  # (rows, L)
-    fc, t, P = state.cache, state.nfe + 1, state.P
-    cos, sin, key_mask = model.rope_and_mask(positions, state.key_mask, inp.shape[0])
-    n_verify = int(config.transfer_ratio * config.gen_length)
-    rows = state.extras.setdefault("recomputed_rows", {"prompt": 0, "response": 0})
-    x = model.embed(inp)  # (rows, L, C)
+    only what the window's refresh plan asks (dllm_layer); logits of the logits range."""
+    plan = window.refresh
+    cos, sin, key_mask = model.rope_and_mask(window.positions, key_mask, tokens.shape[0])
+    x = model.embed(tokens)  # (rows, L, C)
     for i, block in enumerate(model.blocks):
-        refresh_prompt = (t - 1) % config.prompt_interval_steps == 0 or i == 0
-        refresh_response = (t - 1) % config.gen_interval_steps == 0 or i == 0
-        x = dllm_layer(block, fc, x, cos, sin, key_mask, P, refresh_prompt, refresh_response, n_verify, rows)
-    # The fraction of a full forward's token-layer rows that were recomputed so far.
-    state.extras["recomputed_fraction"] = (rows["prompt"] + rows["response"]) / (t * len(model.blocks) * state.L)
-    return guided(model.lm_head(x[:, head[0]:head[1]]), config)  # (B, K, V)
+        x = dllm_layer(block, cache, x, cos, sin, key_mask, plan.P, *plan.layer(i), plan.n_verify)
+    a, b = window.logits_range
+    return model.lm_head(x[:, a:b])  # (rows, K, V)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -761,11 +808,11 @@ class AdaBlock:
     The block's first forward (a full one: it also refreshes any cache) predicts every position
     of a look-ahead window, the next min(window_fraction * G, remaining) positions. Among those
     whose prediction (the argmax; a sample at temperature > 0, as the step's proposals) is a
-    delimiter, take the most confident (the first on ties); if its
-    probability reaches delimiter_threshold the block ends on it, inclusive, else the block has
-    the default length min(block_length, remaining). No other clamp: a block may be one token
-    long, or longer than block_length. Rows choose their own ends; the batch waits for its
-    slowest row's block (see query_window for how rows with different blocks share a forward).
+    delimiter, take the most confident (the first on ties); if its probability reaches
+    delimiter_threshold the block ends on it, inclusive, else the block has the default length
+    min(block_length, remaining). No other clamp: a block may be one token long, or longer than
+    block_length. Rows choose their own ends; the batch waits for its slowest row's block (see
+    query_window for how rows with different blocks share a forward).
     """
 
     def __init__(self, config: DecodeConfig):
@@ -779,10 +826,10 @@ class AdaBlock:
         # Provisional: the first forward's logits must cover the block and the look-ahead window.
         return (state.start + max(self.block_length, self.window)).clamp(max=state.L)
 
-    def adapt(self, state: DecodeState, logits: torch.Tensor, lpos: torch.Tensor, noise: Noise) -> None:
+    def adapt(self, state: DecodeState, logits: torch.Tensor, positions: torch.Tensor, noise: Noise) -> None:
         remaining = state.L - state.start  # (B,)
         window = remaining.clamp(max=self.window)  # (B,)
-        offset = lpos - state.start[:, None]  # (B, K) distance from each row's block start
+        offset = positions - state.start[:, None]  # (B, K) distance from each row's block start
         in_window = (offset >= 0) & (offset < window[:, None])  # (B, K)
         # 1) The most confident delimiter prediction of each row's window. The predictions are the
         #    step's proposals (samples at temperature > 0, with the step's noise, as the original
@@ -794,13 +841,14 @@ class AdaBlock:
         best = score.argmax(dim=1)  # (B,) the first index among equal maxima
         best_p = score.gather(1, best[:, None]).squeeze(1)  # (B,)
         # 2) End on it (inclusive) when confident enough, else the default length.
-        on_delimiter = lpos.gather(1, best[:, None]).squeeze(1) + 1  # (B,)
+        on_delimiter = positions.gather(1, best[:, None]).squeeze(1) + 1  # (B,)
         default = state.start + remaining.clamp(max=self.block_length)  # (B,)
         state.end = torch.where(best_p >= self.threshold, on_delimiter, default)
         state.end = torch.where(remaining > 0, state.end, state.start)  # finished rows stay empty
-        # 3) Record each unfinished row's chosen length.
+        # 3) Record each unfinished row's chosen length; the schedule counts the real block.
         state.bounds = (state.start.tolist(), state.end.tolist())  # the block's real ends, on the host
-        lengths = state.extras.setdefault("block_lengths", [[] for _ in range(state.x.shape[0])])
+        state.to_commit = masked_in_block(state, self.config.mask_id).sum(1)
+        lengths = state.extras.setdefault("block_lengths", [[] for _ in range(state.slots.shape[0])])
         for row, (s, e) in enumerate(zip(*state.bounds)):
             if s < state.L:
                 lengths[row].append(e - s)
@@ -811,19 +859,105 @@ class AdaBlock:
 # ---------------------------------------------------------------------------------------------
 
 
-def measuring_drift(forward):
+def measuring_drift(forward, state: DecodeState, config: DecodeConfig):
     """Wrap a forward so that every cached step also runs an exact full forward (no cache) and
     records the largest |cached - exact| block logit in state.extras['max_drift']."""
 
-    def wrapped(model, state, config, positions, head):
-        logits = forward(model, state, config, positions, head)  # (B, K, V)
+    def wrapped(model, tokens, window, cache, key_mask):
+        logits = forward(model, tokens, window, cache, key_mask)  # (rows, K, V)
         drift = state.extras.setdefault("max_drift", 0.0)
-        if config.cache == "dllm" or not state.full:  # a step that reads stale features
-            exact_state = DecodeState(x=state.x, P=state.P, start=state.start, end=state.end, key_mask=state.key_mask)
-            exact = model_forward(model, exact_state, config, torch.arange(state.L, device=state.x.device), (0, state.L))
-            lpos = positions[..., head[0]:head[1]].clamp(max=state.L - 1).expand(exact.shape[0], -1)  # (B, K)
-            exact = exact.gather(1, lpos[..., None].expand(-1, -1, exact.shape[-1]))  # (B, K, V)
+        if window.refresh is not None or not window.full:  # a step that read stale features
+            everything = Window(torch.arange(state.L, device=tokens.device), (0, state.L), True)
+            exact = model_forward(model, query_tokens(state, config, everything.positions)[0], everything,
+                                  None, key_mask)  # (rows, L, V)
+            a, b = window.logits_range
+            at = window.positions[..., a:b].clamp(max=state.L - 1).expand(exact.shape[0], -1)  # (rows, K)
+            exact = exact.gather(1, at[..., None].expand(-1, -1, exact.shape[-1]))  # (rows, K, V)
             state.extras["max_drift"] = max(drift, float((exact - logits).abs().max()))
         return logits
 
     return wrapped
+
+
+# ---------------------------------------------------------------------------------------------
+# The originals' quirks: what their code does that their papers do not say
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Quirks:
+    """The original implementations' deviations from their papers, each reproduced behind one
+    flag so that parity with their code stays exact. All off by default (the papers' rules);
+    `DecodeConfig(quirks=True)` and `BlockBatchConfig(quirks=True)` turn on every one. The loop
+    and the methods ask the methods below, so no quirk branch stands anywhere else."""
+
+    # Fast-dLLM (NVlabs/Fast-dLLM)
+    factor_off_by_one: bool = False  # factor rule: when only the last rank fails its bound, all commit
+    dual_cache_step_cap: bool = False  # DualCache: at most steps / num_blocks forwards per block (masks
+    #   can remain; a later full forward makes them eligible again)
+    prefix_cache_noise_twice: bool = False  # prefix cache: Gumbel noise is drawn twice per cached step
+    # LLaDA (ML-GSAI/LLaDA)
+    gumbel_exp_form: bool = False  # samples argmax(exp(logits) / g^T) in float64: the same law, other rounding
+    eos_eot_aliasing: bool = False  # confidence_eos_eot_inf also hides EOS only at temperature 0 (the two
+    #   -inf writes alias one tensor there, two at T > 0)
+    # dLLM-Cache (maomaocun/dLLM-cache)
+    dllm_fixed_steps: bool = False  # its sampler spends steps / num_blocks forwards on every block
+    dllm_layer0_refresh: bool = False  # layer 0 recomputes prompt and response at every step
+    # BlockBatch (Laurence-Wu/BlockBatch)
+    blockbatch_smallest_wins: bool = False  # a natural exit returns the smallest block size's branch
+    #   (the original takes max(progress), and every branch has progress G), not the leader
+    blockbatch_eos_prob_last_forward: bool = False  # the EOS exit compares P(EOS) read from the last
+    #   forward (in bfloat16), not the confidence the EOS was committed with
+    blockbatch_float32_divergence: bool = False  # rms refresh test in float32 with its cancellation
+    blockbatch_masks_after_eos: bool = False  # an EOS exit returns masks after the EOS, not EOS
+
+    @classmethod
+    def original(cls) -> "Quirks":
+        """Every quirk on: the original code's behaviour."""
+        return cls(**{f.name: True for f in fields(cls)})
+
+    # -- What the loop asks (decode.py) ---------------------------------------------------------
+
+    def forward_budget(self, config: DecodeConfig) -> tuple[int, float]:
+        """(fewest, most) forwards a block may take; a block stops early only when it has no masks."""
+        if self.dllm_fixed_steps and config.cache == "dllm" and config.rule == "topk":
+            return config.steps_per_block, config.steps_per_block
+        if self.dual_cache_step_cap and config.cache == "dual" and config.delimiter_ids is None:
+            return 0, config.steps_per_block  # (AdaBlock's own DualCache loop has no cap)
+        return 0, math.inf
+
+    def masks_behind(self, config: DecodeConfig) -> bool:
+        """Whether masks can remain behind the current block (then every full forward makes the
+        positions from the prompt end on eligible, as the capped original does)."""
+        return self.forward_budget(config)[1] < math.inf
+
+    def noise_draws(self, config: DecodeConfig, full: bool) -> int:
+        """How many noise draws a step makes (the last is used)."""
+        twice = self.prefix_cache_noise_twice and config.cache == "prefix" and not full
+        return 2 if twice and config.delimiter_ids is None else 1  # (AdaBlock's prefix loop draws once)
+
+    def gumbel_scores(self, logits: torch.Tensor, temperature: float, gumbel: torch.Tensor) -> torch.Tensor:
+        """The Gumbel-max scores whose argmax is the sample; gumbel holds -log u (B, K, V) float64."""
+        if self.gumbel_exp_form:
+            scores = logits.to(torch.float64).exp() / gumbel ** temperature
+            if not torch.isinf(scores).any():  # exp overflows past logits of 709: then the log form
+                return scores
+        # logits + T * G with G = -log g standard Gumbel noise: argmax samples softmax(logits / T).
+        return logits.to(torch.float64) - temperature * gumbel.log()
+
+    def confidence_hidden(self, config: DecodeConfig) -> tuple:
+        """The token ids confidence_eos_eot_inf takes out of the confidence."""
+        if self.eos_eot_aliasing and config.temperature > 0:
+            return (config.eot_id,)
+        return (config.eos_id, config.eot_id)
+
+    def factor_count(self, n_accept: torch.Tensor, n_eligible: torch.Tensor) -> torch.Tensor:
+        """How many ranks the factor rule commits, (B,)."""
+        if self.factor_off_by_one:
+            return torch.where(n_accept >= n_eligible - 1, n_eligible, n_accept)
+        return n_accept
+
+    def dllm_busy(self, busy: list[bool]) -> list[bool]:
+        """Which rows a dLLM-Cache forward counts as a step of theirs: those with masks in their
+        block (with fixed steps, every row: the batch moves in lockstep)."""
+        return [True] * len(busy) if self.dllm_fixed_steps else busy

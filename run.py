@@ -118,11 +118,10 @@ def cache_map(state, config, n_layers: int, seen: dict) -> list[str]:
     """
     P, L = state.P, state.L
     if config.cache == "dllm":
-        rows = state.extras.get("recomputed_rows", {}).get("response", 0)
-        fresh = rows - seen.get("response", 0) == n_layers * (L - P)  # every layer, every response token
-        seen["response"] = rows
+        fresh = bool(state.window.refresh.response[0])  # row 0 recomputed its whole response, every layer
         return ["#" if fresh else "d"] * (L - P)
-    window = state.window if state.window.dim() == 1 else state.window[0]  # row 0's positions
+    window = state.window.positions
+    window = window if window.dim() == 1 else window[0]  # row 0's positions
     computed = torch.zeros(L + 1, dtype=torch.bool)  # one spare slot: the cache's trash index L
     computed[window.cpu()] = True
     return ["#" if c else "." for c in computed[P:L].tolist()]
@@ -174,11 +173,11 @@ class Display:
             self.draw(self.frame("step   0", [self.config.mask_id] * G, marks), 0.3)
 
     def on_step(self, state) -> None:
-        """decode.generate's callback, after every step: state.x is the canvas, state.window the
-        positions the step's forward computed."""
+        """decode.generate's callback, after every step: state.canvas is the canvas, state.window
+        what the step's forward computed."""
         t = time.perf_counter()
         marks = cache_map(state, self.config, self.n_layers, self.seen) if self.show_map else None
-        self.draw(self.frame(f"step {state.nfe:3d}", state.x[0, state.P:].tolist(), marks), 0.05)
+        self.draw(self.frame(f"step {state.nfe:3d}", state.canvas[0, state.P:].tolist(), marks), 0.05)
         self.seconds += time.perf_counter() - t
 
     def clear(self) -> None:

@@ -2,6 +2,8 @@
 properties the method rests on (a degenerate case equals DualCache, merges keep committed tokens,
 syncs bound the lag, the batched step equals each branch's forward alone)."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import golden_cases, needs_golden
@@ -11,7 +13,7 @@ from hypothesis import strategies as st
 import blockbatch as bbm
 from blockbatch import BlockBatchConfig, generate
 from cache import KVCache
-from decode import DecodeConfig
+from decode import DecodeConfig, Quirks
 from decode import generate as decode_generate
 
 # The float32 padded cases, and the small cases that have no bf16 (varlen) twin.
@@ -25,11 +27,13 @@ PARITY = [c for c in golden_cases(["bb_"]) if c.id.endswith("_fp32pad") or c.id 
 NEAR_TIE = {("bb_rms_4-8-16_g32_fp32pad", 0)}
 
 
-def config_for_case(case, model, **overrides):
+def config_for_case(case, model, **quirks_off):
+    """The original's kwargs and its quirks, less the ones named (as quirk=False)."""
     kwargs = {k: v for k, v in case["kwargs"].items() if k != "attn"}
     variant = "rms" if case["case"].startswith("bb_rms") else "bulk"
+    quirks = dataclasses.replace(Quirks.original(), **quirks_off)
     return BlockBatchConfig.for_model(model.config, mask_id=case["mask_id"], generator_variant=variant,
-                                      **kwargs, **overrides)
+                                      quirks=quirks, **kwargs)
 
 
 def check_run(out, run, sizes):
@@ -64,7 +68,7 @@ def test_rms_near_tie(tiny_model):
     no cancellation) takes the original's branch and matches it on any machine."""
     (case,) = [c.values[0] for c in PARITY if c.id == "bb_rms_4-8-16_g32_fp32pad"]
     run = case["runs"][0]
-    cfg = config_for_case(case, tiny_model, exact_divergence=True)
+    cfg = config_for_case(case, tiny_model, blockbatch_float32_divergence=False)
     check_run(generate(tiny_model, torch.tensor(run["prompt"]), cfg), run, cfg.block_sizes)
 
 
@@ -90,9 +94,12 @@ def test_single_branch_with_refresh_every_block_is_dualcache(random_model, promp
         random_model.config, gen_length=G, block_length=block, steps=G, threshold=threshold, cache="dual"))
     if out.extras["exit"] == "natural":
         assert torch.equal(out.ids, ref.ids) and out.nfe == ref.nfe
-    else:  # stopped at an EOS: what it decided is DualCache's, in no more forwards
-        decided = out.ids != cfg.mask_id
-        assert torch.equal(out.ids[decided], ref.ids[decided]) and out.nfe <= ref.nfe
+    else:  # stopped at an EOS: what it decided up to that EOS is DualCache's, in no more forwards
+        gen = out.generated[0].tolist()
+        cut = len(prompt) + gen.index(cfg.eos_id) + 1
+        decided = out.ids[:, :cut] != cfg.mask_id
+        assert torch.equal(out.ids[:, :cut][decided], ref.ids[:, :cut][decided]) and out.nfe <= ref.nfe
+        assert set(gen[cut - len(prompt):]) <= {cfg.eos_id}  # after it, EOS (the original leaves masks)
 
 
 @needs_golden
@@ -107,8 +114,8 @@ def test_single_branch_golden_case_is_dualcache(tiny_model):
 
 
 def traced(monkeypatch, name, check):
-    """Wrap blockbatch.<name> so that `check(bb, args, canvases before, result)` runs after each call."""
-    original = getattr(bbm, name)
+    """Wrap BlockBatch.<name> so that `check(bb, args, canvases before, result)` runs after each call."""
+    original = getattr(bbm.BlockBatch, name)
 
     def wrapped(bb, *args):
         before = bb.x.clone()
@@ -116,7 +123,7 @@ def traced(monkeypatch, name, check):
         check(bb, args, before, result)
         return result
 
-    monkeypatch.setattr(bbm, name, wrapped)
+    monkeypatch.setattr(bbm.BlockBatch, name, wrapped)
 
 
 @settings(max_examples=8)
@@ -160,10 +167,9 @@ def test_batched_block_step_equals_each_branch_alone(random_model, prompt, start
     model = random_model.to(dtype)
     try:
         cfg = BlockBatchConfig.for_model(model.config, gen_length=32, block_sizes=[2, 4, 8], threshold=0.5)
-        bb = bbm.init_branches(model, torch.tensor([prompt]), cfg)
-        counter = bbm.Counter()
+        bb = bbm.BlockBatch(model, torch.tensor([prompt]), cfg)
         with torch.no_grad():
-            bbm.full_forward(model, bb, [0, 1, 2], cfg, cfg.decode_config(), None, counter, init=True)
+            bb.full_forward([0, 1, 2], init=True)
         # Put the branches on different blocks of their grids, with different commits.
         for i, s in enumerate(starts):
             b = bb.sizes[i]
@@ -178,10 +184,9 @@ def test_batched_block_step_equals_each_branch_alone(random_model, prompt, start
             s, e = bb.start[i], bb.end[i]
             with torch.no_grad():
                 alone.append(model(bb.x[i:i + 1, s:e], positions=torch.arange(s, e), cache=one)[0])  # (K_i, V)
-        positions = bbm.block_positions(bb, [0, 1, 2])  # (3, Q)
+        positions = bb.block_positions([0, 1, 2])  # (3, Q)
         with torch.no_grad():
-            batched = bbm.run_forward(model, bb.x, bb.cache, positions, (0, positions.shape[1]), cfg.decode_config(),
-                                      counter, real_tokens=14)  # (3, Q, V)
+            batched = bb.forward([0, 1, 2], positions, (0, positions.shape[1]), real_tokens=14)  # (3, Q, V)
         for i in range(3):
             ref = alone[i]
             tol = (1e-5 if dtype == torch.float32 else 1e-12) * max(1.0, float(ref.abs().max()))
@@ -228,28 +233,30 @@ def test_left_padding_is_dropped(random_model):
 
 
 @needs_golden
-def test_eos_exit_flags(tiny_model):
-    """The golden EOS exit returns masks after the EOS; fill_after_eos turns them into EOS, and
-    the branch choice by commit confidence still returns a branch with a complete EOS block."""
+def test_eos_exit_quirks(tiny_model):
+    """The golden EOS exit returns masks after the EOS (the original's quirk); without it they
+    become EOS, and the branch choice by commit confidence still returns a branch with a
+    complete EOS block."""
     (case,) = [c.values[0] for c in PARITY if c.id == "bb_bulk_4-8-16_g64_fp32pad"]
     run = case["runs"][0]
     assert run["masks_left"] > 0
-    out = generate(tiny_model, torch.tensor(run["prompt"]), config_for_case(case, tiny_model, fill_after_eos=True))
+    out = generate(tiny_model, torch.tensor(run["prompt"]), config_for_case(case, tiny_model, blockbatch_masks_after_eos=False))
     assert out.masks_left == 0
     eos = case["runs"][0]["stats"]["final_eos_position"]
     assert out.ids[0, :eos + 1].tolist() == run["output_ids"][0][:eos + 1]
     assert (out.ids[0, eos:] == tiny_model.config.eos_token_id).all()
     alt = generate(tiny_model, torch.tensor(run["prompt"]),
-                   config_for_case(case, tiny_model, eos_prob_from_last_forward=False))
+                   config_for_case(case, tiny_model, blockbatch_eos_prob_last_forward=False))
     assert (alt.generated == tiny_model.config.eos_token_id).any()
 
 
-def test_natural_exit_flag(random_model):
-    """By default a natural exit returns the smallest block size; the flag returns the leader."""
-    cfg = BlockBatchConfig.for_model(random_model.config, gen_length=16, block_sizes=[2, 8], eos_id=0)
-    out = generate(random_model, torch.tensor([[5, 6, 7]]), cfg)
-    if out.masks_left == 0 and out.extras["winner_block_size"] == 2:
-        leader = generate(random_model, torch.tensor([[5, 6, 7]]),
-                          BlockBatchConfig.for_model(random_model.config, gen_length=16, block_sizes=[2, 8], eos_id=0,
-                                                     smallest_wins_natural_exit=False))
-        assert leader.extras["winner_block_size"] in (2, 8)
+def test_natural_exit_returns_the_leader(random_model):
+    """A natural exit returns the branch that decoded most itself; the original (quirk) returns
+    the smallest block size. eos_id 0 is never predicted here, so every run exits naturally."""
+    for prompt in ([5, 6, 7], [1, 2], [9, 8, 7, 6]):
+        outs = {q: generate(random_model, torch.tensor([prompt]), BlockBatchConfig.for_model(
+            random_model.config, gen_length=16, block_sizes=[2, 8], eos_id=0, quirks=q)) for q in (False, True)}
+        assert all(o.extras["exit"] == "natural" for o in outs.values())
+        assert outs[True].extras["winner_block_size"] == 2
+        decoded = [int((row[3:] != random_model.config.mask_token_id).sum()) for row in outs[False].extras["branch_ids"]]
+        assert outs[False].extras["winner_block_size"] in (2, 8)

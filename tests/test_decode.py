@@ -1,5 +1,6 @@
 """decode.py: token- and NFE-exact parity with the original samplers, and the loop's invariants."""
 
+import dataclasses
 import warnings
 
 import pytest
@@ -8,23 +9,28 @@ from conftest import golden_cases, needs_golden
 from hypothesis import given
 from hypothesis import strategies as st
 
-from decode import (DecodeConfig, Noise, draw_noise, generate, left_pad, num_transfer_tokens, propose,
-                    select_factor, select_threshold, select_topk)
+from decode import (DecodeConfig, Noise, Quirks, draw_noise, generate, left_pad, propose, select_factor,
+                    select_threshold, select_topk, transfer_count)
 
 # Which original function maps to which cache policy.
 CACHE_OF = {"generate": "none", "generate_with_prefix_cache": "prefix", "generate_with_dual_cache": "dual"}
 
 
 def config_for_case(case, model):
-    """Our DecodeConfig for a golden case: the original's kwargs, plus the original's quirks as flags."""
+    """Our DecodeConfig for a golden case: the original's kwargs, and the original code's quirks.
+    Fast-dLLM's first release (`jun_*`) did not yet cap DualCache's forwards per block."""
     cache = CACHE_OF[case.get("function", "generate")]
-    return DecodeConfig.for_model(
-        model.config, cache=cache, mask_id=case["mask_id"],
-        # Upstream Fast-dLLM caps DualCache at steps/num_blocks forwards per block.
-        cap_steps_per_block=case["impl"] == "fdl" and cache == "dual",
-        # The first release spends one more cached forward on a block finished by its first forward.
-        first_release_nfe=case["impl"] == "fdl_jun",
-        **case["kwargs"])
+    quirks = Quirks.original()
+    if case["impl"] == "fdl_jun":
+        quirks = dataclasses.replace(quirks, dual_cache_step_cap=False)
+    return DecodeConfig.for_model(model.config, cache=cache, mask_id=case["mask_id"], quirks=quirks, **case["kwargs"])
+
+
+def first_release_nfe(out, cfg):
+    """Fast-dLLM's first release counted one more cached forward for every block its block-start
+    forward already finished (its loop ran a forward before checking for masks): the same tokens,
+    that many more forwards."""
+    return out.nfe + (sum(n == 1 for n in out.nfe_per_block) if cfg.cache != "none" else 0)
 
 
 @needs_golden
@@ -39,18 +45,33 @@ def test_golden_parity(tiny_model, case):
             warnings.simplefilter("ignore")  # the capped edge case warns about the masks it leaves
             out = generate(tiny_model, torch.tensor(run["prompt"]), cfg)
         assert out.ids.tolist() == run["output_ids"]
-        assert out.nfe == run["forward_calls"]
+        assert (first_release_nfe(out, cfg) if case["impl"] == "fdl_jun" else out.nfe) == run["forward_calls"]
         assert out.masks_left == run["masks_left"]
+
+
+def no_quirk_applies(case) -> bool:
+    """Temperature 0, no factor rule and no DualCache cap in reach: the papers' rules and the code agree."""
+    return case["seed"] is None and "factor" not in case["kwargs"] and not any(r["masks_left"] for r in case["runs"])
+
+
+@needs_golden
+@pytest.mark.parametrize("case", [c for c in golden_cases(["llada_", "fdl_"]) if no_quirk_applies(c.values[0])])
+def test_golden_tokens_without_quirks_where_no_quirk_applies(tiny_model, case):
+    """With the papers' rules (no quirk), every golden case that no quirk touches still gives the
+    original's tokens."""
+    cfg = dataclasses.replace(config_for_case(case, tiny_model), quirks=Quirks())
+    for run in case["runs"]:
+        assert generate(tiny_model, torch.tensor(run["prompt"]), cfg).ids.tolist() == run["output_ids"]
 
 
 @needs_golden
 def test_capped_mode_warns_when_masks_are_left(tiny_model):
     cfg = DecodeConfig.for_model(tiny_model.config, gen_length=32, block_length=8, steps=4, threshold=0.9,
-                                 cache="dual", cap_steps_per_block=True)
+                                 cache="dual", quirks=Quirks(dual_cache_step_cap=True))
     with pytest.warns(UserWarning, match="masks left"):
         out = generate(tiny_model, torch.tensor([[83, 954, 722, 999, 851]]), cfg)
     assert out.masks_left > 0
-    # Uncapped (the default), the same settings finish every block.
+    # Uncapped (the papers' rule, the default), the same settings finish every block.
     out = generate(tiny_model, torch.tensor([[83, 954, 722, 999, 851]]), DecodeConfig.for_model(
         tiny_model.config, gen_length=32, block_length=8, steps=4, threshold=0.9, cache="dual"))
     assert out.masks_left == 0
@@ -110,7 +131,7 @@ def test_loop_invariants(random_model, s):
     cfg, prompt = build(random_model, s)
     mask_id, P = cfg.mask_id, prompt.shape[1]
     history = []
-    out = generate(random_model, prompt, cfg, on_step=lambda state: history.append(state.x.clone()))
+    out = generate(random_model, prompt, cfg, on_step=lambda state: history.append(state.canvas.clone()))
     assert out.nfe == len(history)
     prev = torch.cat([prompt, torch.full((prompt.shape[0], cfg.gen_length), mask_id)], dim=1)
     for x in history:
@@ -169,8 +190,8 @@ def test_drift_is_measured(tiny_model):
 
 
 def test_schedule_spreads_remainder_to_first_steps():
-    masks = torch.tensor([[True] * 7 + [False], [True] * 8])
-    assert num_transfer_tokens(masks, 3).tolist() == [[3, 2, 2], [3, 3, 2]]
+    masked = torch.tensor([7, 8])
+    assert [transfer_count(masked, 3, step).tolist() for step in range(4)] == [[3, 3], [2, 3], [2, 2], [1, 1]]
 
 
 def test_threshold_always_commits_the_best():
@@ -182,8 +203,8 @@ def test_factor_rule_and_its_off_by_one():
     # Sorted: 0.99, 0.3. Rank 2 needs >= 1 - 1/3; it fails, but it is the last rank: the original
     # commits both. The rule as stated commits one.
     conf = torch.tensor([[0.3, 0.99]], dtype=torch.float64)
-    assert select_factor(conf, 1.0, off_by_one=True).tolist() == [[True, True]]
-    assert select_factor(conf, 1.0, off_by_one=False).tolist() == [[False, True]]
+    assert select_factor(conf, 1.0, Quirks(factor_off_by_one=True)).tolist() == [[True, True]]
+    assert select_factor(conf, 1.0).tolist() == [[False, True]]
     # Three eligible, rank 2 fails: one committed either way.
     conf = torch.tensor([[0.99, 0.3, 0.2]], dtype=torch.float64)
     assert select_factor(conf, 1.0).sum() == 1
@@ -196,19 +217,23 @@ def test_topk_respects_per_row_counts():
     assert select_topk(conf, torch.tensor([2, 1])).tolist() == [[False, True, True], [False, False, True]]
 
 
-def test_eos_eot_confidence_flag_aliasing():
-    """LLaDA's flag: at T = 0 both EOS and EOT lose their confidence, at T > 0 only EOT does."""
+@pytest.mark.parametrize("quirks", [False, True])
+def test_eos_eot_confidence_flag(quirks):
+    """The flag takes EOS and EOT out of the confidence. LLaDA's code (the quirk) does that at
+    T = 0 but only for EOT at T > 0. propose leaves its input untouched."""
     eos, eot, mask_id = 1, 2, 3
     logits = torch.tensor([[[0.0, 5.0, 0.0, 0.0], [0.0, 0.0, 5.0, 0.0]]])  # proposals: EOS, EOT
     mask = torch.ones(1, 2, dtype=torch.bool)
-    for temperature, eos_suppressed in ((0.0, True), (0.5, False)):
+    for temperature in (0.0, 0.5):
         cfg = DecodeConfig(gen_length=2, block_length=2, steps=2, mask_id=mask_id, eos_id=eos, eot_id=eot,
-                           confidence_eos_eot_inf=True, temperature=temperature)
-        noise = draw_noise(cfg, torch.Generator().manual_seed(0), (1, 2, 4), (0, 2), extra_draw=False, device="cpu")
-        x0, conf = propose(logits.clone(), mask, cfg, noise)
+                           confidence_eos_eot_inf=True, temperature=temperature, quirks=quirks)
+        noise = draw_noise(cfg, torch.Generator().manual_seed(0), (1, 2, 4), (0, 2), device="cpu")
+        before = logits.clone()
+        x0, conf = propose(logits, mask, cfg, noise)
+        assert torch.equal(logits, before)
         assert x0.tolist() == [[eos, eot]]  # the proposals themselves are unchanged
         assert conf[0, 1] == 0  # EOT: suppressed in both cases
-        assert (conf[0, 0] == 0) == eos_suppressed
+        assert (conf[0, 0] == 0) == (not quirks or temperature == 0)
 
 
 def test_mask_token_is_never_proposed():
@@ -230,7 +255,13 @@ def test_mask_token_is_never_proposed():
     (dict(gen_length=8, block_length=8, steps=-8), "steps must be a positive integer"),
     (dict(gen_length=8, block_length=8, steps=8, remasking="top"), "unknown remasking"),
     (dict(gen_length=8, block_length=8, steps=8, cache="ring"), "unknown cache"),
-    (dict(gen_length=8, block_length=8, steps=8, threshold=0.9, factor=1.0), "not both"),
+    (dict(gen_length=8, block_length=8, steps=8, threshold=0.9, factor=1.0), "set one commit rule, not threshold and factor"),
+    (dict(gen_length=8, block_length=8, steps=16), r"steps must be in 1..gen_length \(8\), got 16"),
+    (dict(gen_length=8, block_length=8, steps=8, mask_id=True), "mask_id must be an integer"),
+    (dict(gen_length=8, block_length=8, steps=8, mask_id=76.0), "mask_id must be an integer"),
+    (dict(gen_length=8, block_length=8, steps=8, mask_id="76"), "mask_id must be an integer"),
+    (dict(gen_length=8, block_length=8, steps=8, stop_at_eos="no"), "stop_at_eos must be True or False"),
+    (dict(gen_length=8, block_length=8, steps=8, quirks="yes"), "quirks must be True, False"),
     (dict(gen_length=8, block_length=8, steps=8, temperature=-1.0), "temperature"),
     (dict(gen_length=8, block_length=8, steps=8, temperature=float("nan")), "temperature"),
     (dict(gen_length=8, block_length=8, steps=8, cfg_scale=float("inf")), "cfg_scale"),
@@ -288,7 +319,7 @@ def test_stop_at_eos_keeps_the_answer_and_saves_forwards(random_model, s):
 def test_rows_with_blocks_of_their_own_decode_as_alone(random_model):
     """The loop's pieces take any block rule: here each row has its own fixed block length, so
     rows of one batch have different block bounds at every step, and each gets what it gets alone."""
-    from decode import FixedBlocks, block_done, decode_step, masked_in_block, next_block, setup
+    from decode import FixedBlocks, block_done, decode_step, next_block, setup
 
     class RowBlocks(FixedBlocks):  # block_length per row
         def __init__(self, lengths):
@@ -301,11 +332,10 @@ def test_rows_with_blocks_of_their_own_decode_as_alone(random_model):
         cfg = DecodeConfig.for_model(random_model.config, gen_length=12, block_length=12, steps=12, cache=cache,
                                      threshold=0.7)
         state, rule = setup(random_model, prompt, cfg), RowBlocks(lengths)
-        while next_block(state, rule):  # generate's loop, with our own block rule
-            schedule = num_transfer_tokens(masked_in_block(state, cfg.mask_id), cfg.steps_per_block)
+        while next_block(state, rule, cfg):  # generate's loop, with our own block rule
             while not block_done(state, cfg):
-                decode_step(random_model, state, cfg, None, schedule, rule)
-        return state.x
+                decode_step(random_model, state, cfg, None, rule)
+        return state.canvas
 
     prompt = torch.randint(0, 47, (3, 4), generator=torch.Generator().manual_seed(0))
     lengths = [2, 3, 5]

@@ -1,5 +1,7 @@
 """dLLM-Cache (decode.py's 'dllm' cache policy): parity with the original, and its properties."""
 
+import os
+
 import pytest
 import torch
 from conftest import golden_cases, needs_golden, random_prompts
@@ -13,7 +15,7 @@ from decode import DecodeConfig, generate, left_pad
 def config_for_case(case, model):
     kw = dict(case["kwargs"])
     cache = "none" if case["case"].startswith("dcache_baseline") else "dllm"
-    return DecodeConfig.for_model(model.config, mask_id=case["mask_id"], cache=cache, **kw)
+    return DecodeConfig.for_model(model.config, mask_id=case["mask_id"], cache=cache, quirks=True, **kw)
 
 
 @needs_golden
@@ -105,19 +107,20 @@ def test_refresh_every_step_equals_no_cache(random_model, s):
     assert cached.extras["recomputed_fraction"] == 1.0
 
 
-@given(s=dllm_settings)
-def test_recomputed_rows_follow_the_schedule(random_model, s):
-    """Per step and layer: layer 0 and refresh steps recompute their whole region; between
-    response refreshes V-verify recomputes int(rho * G) response rows (rho = 1: all of them)."""
-    cfg = dllm_config(random_model, s)
+@given(s=dllm_settings, quirks=st.booleans())
+def test_recomputed_rows_follow_the_schedule(random_model, s, quirks):
+    """Per step and layer: refresh steps recompute their whole region (and layer 0 always, with
+    the original's quirk); between response refreshes V-verify recomputes int(rho * G) response
+    rows (rho = 1: all of them)."""
+    cfg = dllm_config(random_model, s, quirks=quirks)
     prompt = torch.tensor(random_prompts(s, 1))
     out = generate(random_model, prompt, cfg)
     P, G, N = prompt.shape[1], cfg.gen_length, random_model.config.n_layers
     expect = {"prompt": 0, "response": 0}
     for t in range(1, out.nfe + 1):
         for layer in range(N):
-            refresh_p = (t - 1) % cfg.prompt_interval_steps == 0 or layer == 0
-            refresh_r = (t - 1) % cfg.gen_interval_steps == 0 or layer == 0
+            refresh_p = (t - 1) % cfg.prompt_interval_steps == 0 or (quirks and layer == 0)
+            refresh_r = (t - 1) % cfg.gen_interval_steps == 0 or (quirks and layer == 0)
             expect["prompt"] += P if refresh_p else 0
             expect["response"] += G if refresh_r else int(cfg.transfer_ratio * G)
     assert out.extras["recomputed_rows"] == expect
@@ -128,22 +131,24 @@ def test_recomputed_rows_follow_the_schedule(random_model, s):
 def test_features_after_a_refresh_equal_a_fresh_computation(random_model, s):
     """After the first forward (t = 1 refreshes everything) the cached K/V, attention and MLP
     outputs of every layer equal the model's own pieces run on the same canvas."""
-    from decode import dllm_forward, setup
+    from decode import dllm_forward, query_window, setup
 
     cfg = dllm_config(random_model, s)
     prompt = torch.tensor(random_prompts(s, 2)[0:1])
     with torch.no_grad():
         state = setup(random_model, prompt, cfg)
         L = state.L
-        dllm_forward(random_model, state, cfg, torch.arange(L), (0, L))
+        state.bounds = ([state.P], [state.P + cfg.block_length])
+        dllm_forward(random_model, state.canvas, query_window(state, cfg), state.cache, None)
         fc = state.cache
         cos, sin, _ = random_model.rope_and_mask(torch.arange(L), None, 1)
-        x = random_model.embed(state.x)
+        x = random_model.embed(state.canvas)
         for i, block in enumerate(random_model.blocks):
             q, k, v = block.project(block.attn_norm(x), cos, sin)
             a = block.attend(q, k, v)
             m = block.mlp(block.ff_norm(x + a))
-            for cached, fresh in ((fc.k[i, :, :, :L], k), (fc.v[i, :, :, :L], v), (fc.attn[i], a), (fc.mlp[i], m)):
+            for cached, fresh in ((fc.k[i, :, :, :L], k), (fc.v[i, :, :, :L], v), (fc.attn[i, :, :L], a),
+                                  (fc.mlp[i, :, :L], m)):
                 assert torch.allclose(cached, fresh, atol=2e-5 * max(1.0, float(fresh.abs().max())), rtol=0)
             x = x + a + m
 
@@ -180,3 +185,25 @@ def test_dllm_settings_errors():
         DecodeConfig(gen_interval_steps=2.5, **base)
     with pytest.raises(ValueError, match="transfer_ratio"):
         DecodeConfig(transfer_ratio=1.5, **base)
+
+
+def test_threshold_batch_rows_follow_their_own_schedule():
+    """A row whose block is finished waits for the batch without stepping its own refresh
+    schedule or touching its features, so with the threshold rule (rows finish blocks at
+    different steps) every row of a batch gets the tokens it gets alone: here 8 same-length
+    prompts of the shipped `mix` checkpoint's long family."""
+    from conftest import ROOT
+    from model import load_model
+    from tools import task
+
+    model = load_model(os.path.join(ROOT, "checkpoints", "mix"), device="cpu")
+    problems = task.FAMILIES["long"].test_set(60)
+    length = max({len(p.prompt) for p in problems}, key=[len(p.prompt) for p in problems].count)
+    prompts = torch.tensor([task.encode(p.prompt) for p in problems if len(p.prompt) == length][:8])
+    assert len(prompts) == 8
+    cfg = DecodeConfig.for_model(model.config, gen_length=64, block_length=32, steps=64, cache="dllm", threshold=0.9,
+                                 prompt_interval_steps=3, gen_interval_steps=5)
+    batched = generate(model, prompts, cfg)
+    alone = [generate(model, prompts[i:i + 1], cfg) for i in range(8)]
+    assert [row.tolist() for row in batched.ids] == [a.ids[0].tolist() for a in alone]
+    assert len({a.nfe for a in alone}) > 1  # the rows do finish their blocks at different steps

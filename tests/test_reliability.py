@@ -219,23 +219,24 @@ def test_blockbatch_non_finite_logits_raise(real_models, variant):
        rule=st.sampled_from(["topk", "threshold", "factor"]),
        threshold=st.floats(0.01, 1.0), factor=st.floats(0.01, 50.0),
        blocks=st.sampled_from([(8, 8), (16, 4), (16, 8), (12, 3), (24, 8)]),
-       steps_mult=st.sampled_from([1, 2]),
+       fewer_steps=st.booleans(),
        temperature=st.sampled_from([0.0, 0.7, 1e6]),
        remasking=st.sampled_from(["low_confidence", "random"]),
        kind=st.sampled_from(["equal", "huge", "mask_on_top", "eos_on_top", "spiky", "random"]),
        adablock=st.booleans(), stop_at_eos=st.booleans(), cfg=st.sampled_from([0.0, 1.5]),
        seed=st.integers(0, 1000))
-def test_generate_always_terminates(cache, rule, threshold, factor, blocks, steps_mult, temperature, remasking,
+def test_generate_always_terminates(cache, rule, threshold, factor, blocks, fewer_steps, temperature, remasking,
                                     kind, adablock, stop_at_eos, cfg, seed):
     """Whatever the settings and however hostile the (finite) logits, generate returns with no
     mask left and at most one forward per generated token plus one per block; huge logits under
     guidance may instead overflow, which must be the clear FloatingPointError."""
     G, block = blocks
+    steps = (G // block) * max(1, block // 2) if fewer_steps else G  # top-k: 1 or 2 tokens per step
     if adablock and rule == "topk":
         rule = "threshold"  # AdaBlock decodes each block with the threshold or factor rule
     stub = StubModel(adversarial(kind, seed), limit=4 * G + 8)
     config = DecodeConfig.for_model(
-        SMALL, gen_length=G, block_length=block, steps=G * steps_mult, cache=cache, temperature=temperature,
+        SMALL, gen_length=G, block_length=block, steps=steps, cache=cache, temperature=temperature,
         remasking=remasking, cfg_scale=cfg, stop_at_eos=stop_at_eos,
         threshold=threshold if rule == "threshold" else None, factor=factor if rule == "factor" else None,
         delimiter_ids=(NEWLINE,) if adablock else None)
@@ -245,7 +246,7 @@ def test_generate_always_terminates(cache, rule, threshold, factor, blocks, step
         assert kind == "huge" and cfg > 0, err  # only guidance can turn finite logits into inf
         return
     assert out.masks_left == 0 and not (out.generated == MASK).any()
-    assert out.nfe <= G * steps_mult + G + 1  # top-k: the schedule; threshold/factor: >= 1 commit per step
+    assert out.nfe <= G + G // block  # top-k: the schedule; threshold/factor: >= 1 commit per step
 
 
 def test_adablock_prefix_rows_differ():
@@ -283,13 +284,15 @@ def test_dllm_cache_always_terminates(real_models, variant, rule, blocks, interv
 # ---------------------------------------------------------------------------------------------
 
 
-def test_huge_temperature_samples_every_token():
-    """At T = 1e6, exp(logits) / g^T overflows to inf or 0; the log-space fallback must still be
-    a uniform sample (softmax(logits / T) is flat), not an argmax that takes the lowest ids."""
+@pytest.mark.parametrize("quirks", [False, True])
+def test_huge_temperature_samples_every_token(quirks):
+    """At T = 1e6 the sample must be uniform (softmax(logits / T) is flat), not an argmax that
+    takes the lowest ids: in the log form, and in LLaDA's exp(logits) / g^T form (the quirk),
+    which overflows to inf or 0 there and falls back to the log form."""
     K = 4000
-    config = DecodeConfig(gen_length=8, block_length=8, steps=8, temperature=1e6, mask_id=MASK)
+    config = DecodeConfig(gen_length=8, block_length=8, steps=8, temperature=1e6, mask_id=MASK, quirks=quirks)
     logits = torch.randn((1, K, V), generator=torch.Generator().manual_seed(0)) * 5  # any logits: T flattens them
-    noise = draw_noise(config, torch.Generator().manual_seed(1), (1, K, V), (0, K), extra_draw=False, device="cpu")
+    noise = draw_noise(config, torch.Generator().manual_seed(1), (1, K, V), (0, K), device="cpu")
     x0, conf = propose(logits, torch.ones((1, K), dtype=torch.bool), config, noise)
     counts = torch.bincount(x0.flatten(), minlength=V)
     expected = K / (V - 1)  # every id but the mask token
@@ -322,7 +325,7 @@ def test_huge_temperature_generate_spreads():
     (torch.tensor([[1, 2, 3]]), [[1, 1, 1]], {}, r"attention_mask shape list != prompt shape"),
     (torch.tensor([[1, 2, 3]]), torch.tensor([[1, 2, 1]]), {}, "only 0 .padding. and 1"),
     (torch.tensor([[1, 2, 3]]), None, {"eos_id": 40}, r"eos_id 40 is outside the vocabulary \[0, 40\)"),
-    (torch.tensor([[1, 2, 3]]), None, {"eot_id": -1}, r"eot_id -1 is outside the vocabulary"),
+    (torch.tensor([[1, 2, 3]]), None, {"eot_id": 41}, r"eot_id 41 is outside the vocabulary"),
     (torch.tensor([[1, 2, 3]]), None, {"delimiter_ids": (99,), "threshold": 0.9}, r"delimiter_ids \[99\]"),
 ])
 def test_generate_input_errors(prompt, mask, overrides, message):
@@ -532,3 +535,26 @@ def test_bad_device_named(ckpt, device, message):
 def test_cuda_without_cuda_named(ckpt):
     with pytest.raises(ValueError, match="this torch build sees no CUDA device"):
         load_model(str(ckpt), device="cuda")
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual", "dllm"])
+def test_padded_positions_never_reach_the_embedding(cache):
+    """Left padding may hold any id (here -1, outside the vocabulary): the padded positions are
+    hidden by the mask and never embedded with their raw ids, so the row decodes as it does alone."""
+    stub_free = LLaDAModel(SMALL)
+    init_weights(stub_free, 0)
+    cfg = DecodeConfig.for_model(SMALL, gen_length=8, block_length=4, steps=8, cache=cache)
+    prompt = [5, 6, 7]
+    padded = generate(stub_free, torch.tensor([[-1, -1, -1] + prompt]), cfg,
+                      attention_mask=torch.tensor([[0, 0, 0, 1, 1, 1]]))
+    alone = generate(stub_free, torch.tensor([prompt]), cfg)
+    assert padded.generated.tolist() == alone.generated.tolist()
+
+
+def test_attention_mask_values_are_not_truncated():
+    """0.5 is neither padding nor a real token: refused, not truncated to 0 by a cast."""
+    cfg = DecodeConfig.for_model(SMALL, gen_length=8, block_length=8, steps=8)
+    for bad in (0.5, 1.5):
+        with pytest.raises(ValueError, match="only 0 .padding. and 1"):
+            generate(StubModel(adversarial("random", 0)), torch.tensor([[1, 2, 3]]), cfg,
+                     attention_mask=torch.tensor([[bad, 1.0, 1.0]]))
