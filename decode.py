@@ -131,6 +131,12 @@ class DecodeConfig:
             check_finite("threshold", self.threshold, low=0, high=1, low_open=True)
         if self.factor is not None:
             check_finite("factor", self.factor, low=0, low_open=True)
+        # AdaBlock's own settings are checked even without delimiter_ids: a bad value is a mistake
+        # whether or not it is used this time.
+        if isinstance(self.delimiter_threshold, bool) or not isinstance(self.delimiter_threshold, (int, float)) \
+                or math.isnan(self.delimiter_threshold) or self.delimiter_threshold < 0:
+            raise ValueError(f"delimiter_threshold must be >= 0 (inf = never adapt), got {self.delimiter_threshold!r}")
+        check_finite("window_fraction", self.window_fraction, low=0, high=1, low_open=True)
         if self.delimiter_ids is not None:
             self._check_adablock()
         else:  # fixed blocks: the grid and LLaDA's top-k schedule need whole blocks and steps
@@ -147,10 +153,6 @@ class DecodeConfig:
         if isinstance(ids, int) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids) or not ids:
             raise ValueError(f"delimiter_ids must be a non-empty list of token ids, got {ids!r}")
         self.delimiter_ids = tuple(ids)
-        if isinstance(self.delimiter_threshold, bool) or not isinstance(self.delimiter_threshold, (int, float)) \
-                or math.isnan(self.delimiter_threshold) or self.delimiter_threshold < 0:
-            raise ValueError(f"delimiter_threshold must be >= 0 (inf = never adapt), got {self.delimiter_threshold!r}")
-        check_finite("window_fraction", self.window_fraction, low=0, high=1, low_open=True)
         if self.rule == "topk":
             raise ValueError("AdaBlock (delimiter_ids) decodes each block until it has no masks with a "
                              f"confidence rule: set threshold (0.9 in the paper) or {', '.join(RULES[1:])}")

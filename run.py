@@ -23,42 +23,29 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import math
 import os
+import re
 import shutil
 import sys
 import time
-from dataclasses import fields
 
 import torch
 
-from decode import CACHES, REMASKING, DecodeConfig, generate
+from decode import CACHES, REMASKING, RULES, DecodeConfig, generate
+from tools.cli import add_dataclass_flags, flag_names
+from tools.task import MAX_SHOTS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = os.path.join(HERE, "checkpoints", "arith")
 # run.py's own defaults, where they differ from DecodeConfig's (vanilla) ones: a 64-token window in
-# two blocks (room for a worked answer and its EOS tail) and Fast-dLLM's DualCache + threshold 0.9,
-# which keeps the arith checkpoint's accuracy (98.5% at G = 64) at a few forwards per answer
-# (README, The task and the shipped checkpoints).
-RUN_DEFAULTS = dict(gen_length=64, block_length=32, steps=64, cache="dual", threshold=0.9)
+# two blocks (room for a worked answer and its EOS tail), Fast-dLLM's DualCache + threshold 0.9,
+# which keeps the arith checkpoint's accuracy (98.5% at G = 64) at a few forwards per answer, and
+# no forwards spent on the EOS padding once the answer has ended.
+RUN_DEFAULTS = dict(gen_length=64, block_length=32, steps=64, cache="dual", threshold=0.9, stop_at_eos=True)
 
 # ---------------------------------------------------------------------------------------------
 # Helpers: flags, the prompt, the delimiter, drawing the canvas and the cache map
 # ---------------------------------------------------------------------------------------------
-
-
-def threshold_arg(text: str) -> float | None:
-    """--threshold: a number in (0, 1]; 'none' (or any negative number) turns the rule off.
-    NaN is refused: it would compare false with every confidence and so silently mean 'off'."""
-    if text.strip().lower() in ("none", "off"):
-        return None
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1] or 'none', got {text!r}") from None
-    if math.isnan(value):
-        raise argparse.ArgumentTypeError("nan is not a threshold; give a number in (0, 1], or 'none' to turn it off")
-    return None if value < 0 else value
 
 
 def build_prompt(tokenizer, text: str, model_dir: str) -> str:
@@ -215,41 +202,27 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see --help)\n")
 
 
+# DecodeConfig fields that are not flags: the special ids come from the model, AdaBlock's
+# delimiters from the tokenizer (--adablock), and the drift probe belongs to the benchmark.
+NOT_FLAGS = ("mask_id", "eos_id", "eot_id", "delimiter_ids", "measure_drift")
+UNSET = object()  # a commit rule's flag the user did not give
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    d = DecodeConfig()
-    default = {f.name: RUN_DEFAULTS.get(f.name, getattr(d, f.name)) for f in fields(DecodeConfig)}
     ap = Parser(description="Generate with a LLaDA-format checkpoint.")
     ap.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory (config.json, *.safetensors, tokenizer)")
-    ap.add_argument("--prompt", default=None, help="prompt text (for the arithmetic checkpoints: a chain like '8-3+7', or '?+?=10' for any two digits with that sum); "
-                                                     "default: a held-out problem")
-    ap.add_argument("--gen-length", type=int, default=default["gen_length"], help="tokens to generate")
-    ap.add_argument("--block-length", type=int, default=default["block_length"],
-                    help="semi-autoregressive block length (with --adablock: the default length of a block)")
-    ap.add_argument("--steps", type=int, default=default["steps"], help="total steps of the top-k schedule")
-    ap.add_argument("--temperature", type=float, default=default["temperature"], help="0 = greedy; > 0 = Gumbel sampling")
-    ap.add_argument("--remasking", choices=REMASKING, default=default["remasking"], help="confidence used to pick commits")
-    ap.add_argument("--cfg-scale", type=float, default=default["cfg_scale"], help="classifier-free guidance scale (0 = off)")
-    ap.add_argument("--cache", choices=CACHES, default=default["cache"],
-                    help="cache policy: none, prefix or dual (Fast-dLLM's KV caches), dllm (dLLM-Cache's feature cache)")
-    ap.add_argument("--threshold", type=threshold_arg, default=default["threshold"],
-                    help="commit every proposal with confidence >= this, in (0, 1] (Fast-dLLM); "
-                         "'none' or a negative value turns it off (LLaDA's top-k schedule)")
-    ap.add_argument("--factor", type=float, default=default["factor"], help="Fast-dLLM factor rule (replaces --threshold)")
-    ap.add_argument("--prompt-interval-steps", type=int, default=default["prompt_interval_steps"],
-                    help="dLLM-Cache: recompute the prompt's features every this many steps (K_p)")
-    ap.add_argument("--gen-interval-steps", type=int, default=default["gen_interval_steps"],
-                    help="dLLM-Cache: recompute the whole response every this many steps (K_r)")
-    ap.add_argument("--transfer-ratio", type=float, default=default["transfer_ratio"],
-                    help="dLLM-Cache: between those, recompute this fraction of the response (rho, in [0, 1])")
+    ap.add_argument("--prompt", default=None, help="prompt text (for the arithmetic checkpoints: a chain like '8-3+7', "
+                                                     "or '?+?=10' for any two digits with that sum); default: a held-out problem")
+    ap.add_argument("--shots", type=int, default=0, help="solved examples of the task before the question "
+                                                          f"(0..{MAX_SHOTS}; the arithmetic checkpoints only)")
+    # Every decoding setting is a flag, read from DecodeConfig: its comment is the help, its
+    # default the default unless run.py's own (RUN_DEFAULTS) differs.
+    rules = {name: UNSET for name in RULES}  # so that a rule given on the command line replaces run.py's
+    add_dataclass_flags(ap, DecodeConfig, skip=NOT_FLAGS, defaults={**RUN_DEFAULTS, **rules},
+                        kinds={"cache": choice(CACHES), "remasking": choice(REMASKING)})
     ap.add_argument("--adablock", action="store_true",
                     help="AdaBlock: end each block on a confidently predicted newline instead of every --block-length "
-                         "tokens (needs --threshold or --factor)")
-    ap.add_argument("--delimiter-threshold", type=float, default=default["delimiter_threshold"],
-                    help="AdaBlock: end the block on a newline predicted with at least this probability")
-    ap.add_argument("--window-fraction", type=float, default=default["window_fraction"],
-                    help="AdaBlock: look for the newline in the next this fraction of --gen-length")
-    ap.add_argument("--stop-at-eos", action="store_true", default=default["stop_at_eos"],
-                    help="end the answer once EOS is committed with nothing masked before it (saves forwards)")
+                         "tokens (needs --threshold or another confidence rule)")
     ap.add_argument("--cache-map", action="store_true",
                     help="draw a second line under the canvas: '#' = the step's forward recomputed that position, "
                          "'.' = read from the cache (prefix/dual); with --cache dllm every position goes through "
@@ -257,19 +230,36 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "every step's two lines are printed")
     ap.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     ap.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
-    ap.add_argument("--seed", type=int, default=0, help="random seed for temperature > 0 or random remasking")
+    ap.add_argument("--seed", type=int, default=0, help=f"random seed for temperature > 0 or random remasking (0..{2**63 - 1})")
     ap.add_argument("--no-live", action="store_true", help="don't show the denoising live")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    # A commit rule given on the command line replaces run.py's default one; two given are an error
+    # (DecodeConfig says so).
+    given = [name for name in RULES if getattr(args, name) is not UNSET]
+    for name in RULES:
+        if getattr(args, name) is UNSET:
+            setattr(args, name, RUN_DEFAULTS.get(name) if not given else None)
+    if not 0 <= args.shots <= MAX_SHOTS:
+        ap.error(f"--shots must be in 0..{MAX_SHOTS}, got {args.shots}")
+    if not 0 <= args.seed < 2 ** 63:
+        ap.error(f"--seed must be in 0..{2 ** 63 - 1}, got {args.seed}")
+    if args.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        ap.error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    return args
+
+
+def choice(options):
+    """A flag parser that accepts one of `options`."""
+    def parse(text):
+        if text not in options:
+            raise argparse.ArgumentTypeError(f"invalid choice {text!r} (choose from {', '.join(options)})")
+        return text
+    return parse
 
 
 def settings(args) -> dict:
     """DecodeConfig's keyword arguments from the flags (the special ids come from the model)."""
-    return dict(gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
-                temperature=args.temperature, remasking=args.remasking, cfg_scale=args.cfg_scale, cache=args.cache,
-                threshold=args.threshold if args.factor is None else None, factor=args.factor,
-                prompt_interval_steps=args.prompt_interval_steps, gen_interval_steps=args.gen_interval_steps,
-                transfer_ratio=args.transfer_ratio, delimiter_threshold=args.delimiter_threshold,
-                window_fraction=args.window_fraction, stop_at_eos=args.stop_at_eos)
+    return {name: getattr(args, name) for name in flag_names(DecodeConfig, skip=NOT_FLAGS)}
 
 
 def run(argv=None) -> None:
@@ -282,7 +272,7 @@ def run(argv=None) -> None:
         except ValueError as err:
             fail(f"bad settings: {err}")
     if not os.path.isdir(args.model):
-        fail(f"no checkpoint at {args.model}: train one with `python train.py`, or pass --model DIR "
+        fail(f"no checkpoint at {args.model}: train one with `python -m tools.train`, or pass --model DIR "
              f"(an HF-style LLaDA directory: config.json, *.safetensors, tokenizer files)")
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -315,12 +305,20 @@ def run(argv=None) -> None:
     except ValueError as err:
         fail(f"bad settings: {err}")
 
-    # 3) The prompt: the user's, or the checkpoint task's first held-out problem.
+    # 3) The prompt: the user's, or the checkpoint task's first held-out problem; with --shots,
+    #    after that many solved examples of its family (task.few_shot, as the benchmark builds them).
+    is_task = os.path.isfile(os.path.join(args.model, "task.json"))
     try:
         text = args.prompt if args.prompt is not None else task.test_set(1, **task.load_task(args.model))[0].prompt
     except (ValueError, TypeError) as err:
         fail(f"could not make a sample prompt from {args.model}/task.json ({err}); pass --prompt")
     prompt = build_prompt(tokenizer, text, args.model)
+    if args.shots:
+        if not is_task:
+            fail(f"--shots builds solved examples of this project's task; {args.model} has no task.json")
+        families = task.families_for(task.load_task(args.model))
+        question = task.Problem(task.family_of(prompt, families), prompt, "", 0)
+        prompt = task.few_shot(question, args.shots, families=families).prompt
     try:
         prompt_ids = torch.tensor([tokenizer(prompt, add_special_tokens=False).input_ids])
     except Exception as err:  # the character tokenizer rejects characters it has no id for
@@ -345,16 +343,20 @@ def run(argv=None) -> None:
     seconds = time.perf_counter() - start - display.seconds
     display.clear()
 
-    # 5) The answer, what the method chose or measured, and one line of figures.
-    print(tokenizer.decode(out.generated[0].tolist(), skip_special_tokens=True))
+    # 5) The answer (cut at its first EOS/EOT, as a scorer reads it: what follows is padding),
+    #    what the method chose or measured, and one line of figures.
+    generated = out.generated[0].tolist()
+    stops = {i for i in (cfg.eos_id, cfg.eot_id) if i is not None}
+    end = next((i for i, t in enumerate(generated) if t in stops), len(generated))
+    print(tokenizer.decode(generated[:end], skip_special_tokens=True))
     if "block_lengths" in out.extras:
         print(f"AdaBlock block lengths: {out.extras['block_lengths'][0]}")
     if "recomputed_fraction" in out.extras:
         print(f"dLLM-Cache recomputed {out.extras['recomputed_fraction']:.1%} of the token-layer rows "
               f"full forwards would have")
-    method = f"cache={cfg.cache}" + (f", threshold={cfg.threshold}" if cfg.threshold is not None else "") + \
-        (f", factor={cfg.factor}" if cfg.factor is not None else "") + (", adablock" if args.adablock else "") + \
-        (", stop-at-eos" if cfg.stop_at_eos else "")
+    method = f"cache={cfg.cache}" + ("" if cfg.rule == "topk" else f", {cfg.rule}={getattr(cfg, cfg.rule)}") + \
+        (", adablock" if args.adablock else "") + (", stop-at-eos" if cfg.stop_at_eos else "") + \
+        (", quirks" if args.quirks else "")
     print(f"NFE {out.nfe} | {cfg.gen_length / seconds:.1f} tokens/s | {seconds:.2f} s | "
           f"{cfg.gen_length / out.nfe:.1f} tokens per forward | {method} | {model.device.type}")
 

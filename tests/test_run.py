@@ -66,7 +66,7 @@ def test_cache_map_dual(capsys):
     recomputed a position and '.' where it read the cache. DualCache: the block alone after the
     block's first (full) forward."""
     code, out, err = main(["--no-live", "--cache-map", "--prompt", "8-3+7", "--threshold", "none",
-                           "--block-length", "8", "--steps", "16"], capsys)
+                           "--block-length", "8", "--steps", "16", "--no-stop-at-eos"], capsys)
     assert code == 0, err
     maps = [line[len("[cache   ] "):] for line in out.splitlines() if line.startswith("[cache   ]")]
     canvases = [line for line in out.splitlines() if line.startswith("[step")]
@@ -129,7 +129,8 @@ def test_live_view_draws_the_state(capsys, monkeypatch):
     """The live path (a TTY) draws from on_step(state): the canvas and the map are redrawn in place."""
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     monkeypatch.setattr(run.time, "sleep", lambda s: None)
-    code, out, err = main(["--cache-map", "--threshold", "none", "--block-length", "8", "--steps", "16"], capsys)
+    code, out, err = main(["--cache-map", "--threshold", "none", "--block-length", "8", "--steps", "16",
+                           "--no-stop-at-eos"], capsys)
     assert code == 0, err
     assert out.count("[step ") == 17 and out.count("[cache   ]") == 17  # the all-mask frame and 16 steps
     assert "\033[1A" in out and out.splitlines()[-1].startswith("NFE 16 ")
@@ -140,8 +141,9 @@ def test_live_view_draws_the_state(capsys, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_device_gpu(capsys):
-    one_line_error(capsys, ["--device", "gpu"], "unknown device 'gpu' (use cpu, cuda or cuda:N)")
+@pytest.mark.parametrize("device", ["gpu", "mps", "meta", "cuda:x"])
+def test_device_names(capsys, device):
+    one_line_error(capsys, ["--device", device], f"--device must be cpu, cuda or cuda:N, got '{device}'", code=2)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -183,27 +185,59 @@ def test_ctrl_c(capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--threshold", "nan"], "nan is not a threshold; give a number in (0, 1], or 'none' to turn it off"),
-    (["--threshold", "high"], "expected a number in (0, 1] or 'none', got 'high'"),
-    (["--cache", "ring"], "invalid choice: 'ring'"),
+    (["--threshold", "nan"], "argument --threshold: nan is not a valid value"),
+    (["--temperature", "nan"], "argument --temperature: nan is not a valid value"),
+    (["--threshold", "high"], "argument --threshold: expected a number, got 'high'"),
+    (["--cache", "ring"], "invalid choice 'ring' (choose from none, prefix, dual, dllm)"),
     (["--steps", "2.5"], "argument --steps: invalid int value: '2.5'"),
+    (["--seed", "99999999999999999999"], "--seed must be in 0..9223372036854775807, got 99999999999999999999"),
+    (["--shots", "9"], "--shots must be in 0..8, got 9"),
 ])
 def test_bad_flags(capsys, argv, message):
     """A flag argparse refuses: one line (not argparse's usage block) and exit status 2."""
     one_line_error(capsys, argv, message, code=2)
 
 
-@pytest.mark.parametrize("value", ["none", "-1"])
+@pytest.mark.parametrize("value", ["none", "off"])
 def test_threshold_can_be_turned_off(capsys, value):
     code, out, _ = main(["--no-live", "--threshold", value], capsys)
-    assert code == 0 and out.splitlines()[-1].split(" | ")[4] == "cache=dual"  # LLaDA's top-k schedule
+    assert code == 0 and out.splitlines()[-1].split(" | ")[4] == "cache=dual, stop-at-eos"  # LLaDA's top-k schedule
+
+
+def test_a_rule_flag_replaces_the_default_threshold(capsys):
+    """run.py's default rule is threshold 0.9; --factor replaces it (two rules would be an error)."""
+    code, out, _ = main(["--no-live", "--factor", "1.0"], capsys)
+    assert code == 0 and "cache=dual, factor=1.0" in out.splitlines()[-1]
+    one_line_error(capsys, ["--no-live", "--factor", "1.0", "--threshold", "0.9"],
+                   "bad settings: set one commit rule, not threshold and factor")
+
+
+@pytest.mark.parametrize("argv", [[], ["--no-stop-at-eos"], ["--no-stop-at-eos", "--cache", "none", "--threshold", "none"]])
+def test_the_answer_ends_at_the_first_eos(capsys, argv):
+    """What run.py prints is the response cut at its first EOS, as a scorer reads it: nothing a
+    model committed into the EOS padding after it (without stop-at-eos, the originals' way, it
+    may write digits there)."""
+    code, out, err = main(["--no-live", "--prompt", "2+2", *argv], capsys, pinned=False)
+    assert code == 0, err
+    answer = out.split("\n", 1)[1].rsplit("\nNFE ", 1)[0]
+    assert answer.splitlines()[-1] == "#### 4"
+
+
+def test_shots_put_solved_examples_before_the_question(capsys):
+    from tools import task
+
+    code, out, err = main(["--no-live", "--shots", "2", "--prompt", "3+4"], capsys)
+    assert code == 0, err
+    expected = task.few_shot(task.Problem("short", "Q: 3+4=?\n", "", 0), 2).prompt
+    assert out.startswith(expected) and expected.count("Q: ") == 3
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--threshold", "1.5"], "bad settings: threshold must be a finite number > 0 and <= 1, got 1.5"),
     (["--threshold", "inf"], "bad settings: threshold must be a finite number"),
     (["--cfg-scale", "inf"], "bad settings: cfg_scale must be a finite number >= 0, got inf"),
-    (["--temperature", "nan"], "bad settings: temperature must be a finite number"),
+    (["--threshold", "-1"], "bad settings: threshold must be a finite number > 0 and <= 1, got -1.0"),
+    (["--window-fraction", "0"], "bad settings: window_fraction must be a finite number > 0"),
     (["--transfer-ratio", "2"], "bad settings: transfer_ratio"),
     (["--adablock", "--threshold", "none"], "bad settings: AdaBlock"),
     (["--dtype", "float8"], "unknown dtype 'float8'"),

@@ -290,6 +290,19 @@ def with_shots(problem: Problem, shots: list[Problem]) -> Problem:
     return replace(problem, prompt=context + problem.prompt)
 
 
+def family_of(prompt: str, families: dict[str, Family] | None = None) -> str:
+    """The family whose format a question (e.g. a user's, as run.py builds it) has: `pair` for
+    'Q: ?+?=N', else the chain family whose operand counts fit (the first, if none does)."""
+    families = families or FAMILIES
+    expression = prompt.removeprefix("Q: ").split("=")[0]
+    if "?" in expression:
+        return next((name for name, f in families.items() if isinstance(f, Pair)), next(iter(families)))
+    operands = len(re.findall(r"\d+", expression))
+    chains = [name for name, f in families.items() if isinstance(f, Chain)]
+    fits = [name for name in chains if families[name].min_operands <= operands <= families[name].max_operands]
+    return (fits or chains or list(families))[0]
+
+
 def few_shot(problem: Problem, k: int, seed: int = 0, families: dict[str, Family] | None = None) -> Problem:
     """`problem` as a k-shot prompt. The examples come from its family's training distribution,
     never from a held-out set, and depend only on (seed, problem): every script, batch size and
