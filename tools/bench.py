@@ -2,13 +2,15 @@
 Benchmark the decoding methods on the project's trained checkpoint: accuracy per task family and speed.
 
 For each generation length and each method it decodes the same held-out problems of every task
-family (task.py: `short` and `long` arithmetic chains, `pair`) and reports accuracy per family and
-over all problems, agreement with vanilla's exact response (a method's damage shows here even
-where accuracy is modest), mean NFE, tokens per forward, query tokens pushed through the model per
-problem, wall seconds, tokens/s (generated-window tokens, EOS padding included, as Fast-dLLM counts
-throughput) and the speedup over vanilla, a ratio of wall times measured in this same run. The
-cached rows also report the largest logit difference between the cached forward and an exact
-recompute (measured on one extra, untimed decode). A family whose answers do not fit a window
+family (task.py: `short` and `long` arithmetic chains, `pair`), as k-shot prompts with --shots k
+(GSM8K's 5- and 8-shot regime, where the prompt is long and caching it pays), and reports the mean
+prompt length, accuracy per family and over all problems with 95% Wilson intervals, the accuracy
+difference from vanilla on the same problems with its 95% interval (Newcombe's score interval for
+paired proportions), agreement with vanilla's exact response, mean NFE, tokens per forward, query
+tokens per problem, wall seconds, tokens/s (generated-window tokens, EOS padding included, as
+Fast-dLLM counts throughput) and the speedup over vanilla, a ratio of wall times measured in this
+same run. Cached rows also report the largest logit difference between the cached forward and an
+exact recompute (on one extra, untimed decode). A family whose answers do not fit a window
 (`long` needs 64 tokens) is left out of that window's rows.
 
 `--sweep` traces accuracy against NFE instead (Fast-dLLM, arXiv 2505.22618, Fig. 3 and Sec. 3.2):
@@ -20,9 +22,9 @@ Methods are `METHODS`: name -> DecodeConfig overrides; `decode_all` decodes a li
 with one config. A new method is one more entry there.
 
 Usage:
-    python bench.py --lengths 64 --problems 20          # every method, per-family accuracy
-    python bench.py --lengths 256 --problems 20 --methods vanilla dual+thr0.9
-    python bench.py --sweep --problems 30               # accuracy vs NFE curves -> bench_results/sweep.svg
+    python -m tools.bench --lengths 64 --problems 20     # every method, per-family accuracy
+    python -m tools.bench --lengths 256 --shots 8 --problems 100 --batch-size 50 --methods vanilla dual+thr0.9
+    python -m tools.bench --sweep --problems 30          # accuracy vs NFE curves -> sweep.svg
 """
 
 from __future__ import annotations
@@ -32,20 +34,21 @@ import dataclasses
 import json
 import math
 import os
+import platform
 import sys
 import time
 
 import torch
 
-from tools import bench_scale
 import blockbatch
-from tools import task
 from cache import KVCache
 from decode import DecodeConfig, Noise, generate, left_pad, propose
 from model import load_model
+from tools import bench_scale, task
 
 HERE = os.path.dirname(os.path.abspath(__file__))  # tools/
 ROOT = os.path.dirname(HERE)  # the repository
+DEFAULT_MODEL = os.path.join(ROOT, "checkpoints", "mix")
 
 # name -> DecodeConfig overrides. "1 tok/step" rows use the top-k schedule with steps = gen_length.
 # NEWLINE stands for the tokenizer's newline id (AdaBlock's delimiter); `blockbatch` selects
@@ -105,19 +108,17 @@ def sweep_overrides(series: str, value, gen_length: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def method_config(model, name: str, gen_length: int, block_length: int):
+def method_config(model, name: str, gen_length: int, block_length: int, quirks: bool = False):
     """The settings of METHODS[name] at one generation length: a DecodeConfig, or a
-    blockbatch.BlockConfig for the BlockBatch rows."""
-    kw = dict(gen_length=gen_length, block_length=block_length, steps=gen_length)
+    blockbatch.BlockBatchConfig for the BlockBatch rows. quirks: the original code's."""
+    kw = dict(gen_length=gen_length, block_length=block_length, steps=gen_length, quirks=quirks)
     kw.update(METHODS[name])
     if "blockbatch" in kw:
         sizes = [b for b in (4, 8, 16, 32, 64, 128) if gen_length % b == 0]
         return blockbatch.BlockBatchConfig.for_model(model.config, gen_length=gen_length, block_sizes=sizes,
-                                                     threshold=0.9, generator_variant=kw["blockbatch"])
+                                                     threshold=0.9, generator_variant=kw["blockbatch"], quirks=quirks)
     if kw.get("delimiter_ids") == NEWLINE:
         kw["delimiter_ids"] = task.encode("\n")
-    if kw.get("cache") == "dllm" and kw.get("threshold") is None:
-        kw["steps"] = gen_length  # one token per step, as dLLM-Cache's paper runs it
     return DecodeConfig.for_model(model.config, **kw)
 
 
@@ -151,18 +152,63 @@ def decode_all(model, problems, cfg, batch_size, extras=None):
     return outputs, nfe, query, seconds
 
 
+def correct(problems, outputs, families) -> list[bool]:
+    """Whether each generated id list is right (cut at its first EOS, then scored by its family)."""
+    return [families[p.family].score(p, task.decode(o)) for p, o in zip(problems, outputs)]
+
+
 def score_by_family(problems, outputs, families) -> dict[str, float]:
-    """{family: accuracy} of generated id lists (each cut at its first EOS, then scored)."""
+    """{family: accuracy} of generated id lists."""
     right, total = {}, {}
-    for p, o in zip(problems, outputs):
+    for p, ok in zip(problems, correct(problems, outputs, families)):
         total[p.family] = total.get(p.family, 0) + 1
-        right[p.family] = right.get(p.family, 0) + families[p.family].score(p, task.decode(o))
+        right[p.family] = right.get(p.family, 0) + ok
     return {name: right[name] / total[name] for name in total}
 
 
-def problems_for(families, gen_length: int, n: int) -> list:
-    """Each family's first n held-out problems (pair has 13), for the families that fit the window."""
-    return [p for fam in families.values() if fam.gen_length <= gen_length for p in fam.test_set(n)]
+def problems_for(families, gen_length: int, n: int, shots: int = 0) -> list:
+    """Each family's first n held-out problems (pair has 13) as k-shot prompts, for the families
+    whose answers fit the window."""
+    return [task.few_shot(p, shots, families=families)
+            for fam in families.values() if fam.gen_length <= gen_length for p in fam.test_set(n)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Intervals: how far an accuracy over n problems can be trusted
+# ---------------------------------------------------------------------------------------------
+
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
+
+
+def wilson(right: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of a proportion right / n (Wilson, 1927): unlike p +- z*se it
+    stays inside [0, 1] and keeps its coverage at 0% and 100%, where the benchmark often is."""
+    if n == 0:
+        return 0.0, 1.0
+    p = right / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def paired_difference(a: list[bool], b: list[bool], z: float = Z95) -> tuple[float, float, float]:
+    """The accuracy difference mean(a) - mean(b) of two methods on the same problems, with the
+    95% interval of Newcombe's method for paired proportions ("Improved confidence intervals for
+    the difference between binomial proportions based on paired data", 1998, method 10): the
+    two Wilson intervals, combined with the correlation of the paired outcomes."""
+    n = len(a)
+    both = sum(x and y for x, y in zip(a, b))
+    only_a = sum(x and not y for x, y in zip(a, b))
+    only_b = sum(y and not x for x, y in zip(a, b))
+    neither = n - both - only_a - only_b
+    p1, p2 = (both + only_a) / n, (both + only_b) / n
+    (l1, u1), (l2, u2) = wilson(both + only_a, n, z), wilson(both + only_b, n, z)
+    spread = (both + only_a) * (neither + only_b) * (both + only_b) * (neither + only_a)
+    phi = (both * neither - only_a * only_b) / math.sqrt(spread) if spread else 0.0
+    d = p1 - p2
+    low = d - math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
+    high = d + math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
+    return d, max(-1.0, low), min(1.0, high)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,43 +216,60 @@ def problems_for(families, gen_length: int, n: int) -> list:
 # ---------------------------------------------------------------------------------------------
 
 
-def bench(args, model, families):
-    rows = []
+def problem_sets(args, families) -> dict[int, list]:
+    """The problems of each generation length, checked to fit the model before any decoding."""
+    sets = {}
     for G in args.lengths:
         n = args.problems if G <= 256 else args.problems_long
-        problems = problems_for(families, G, n)
+        problems = problems_for(families, G, n, args.shots)
         if not problems:
             raise ValueError(f"no family's answers fit a {G}-token window (need >= "
                              f"{min(f.gen_length for f in families.values())})")
+        longest = max(len(p.prompt) for p in problems)  # one token per character
+        if longest + G > args.max_sequence_length:
+            raise ValueError(f"--lengths {G}: the longest prompt ({longest} tokens at --shots {args.shots}) + {G} "
+                             f"exceeds the model's max_sequence_length {args.max_sequence_length}")
+        sets[G] = problems
+    return sets
+
+
+def bench(args, model, families, problem_sets):
+    rows = []
+    for G, problems in problem_sets.items():
         # Warm-up (allocator, kernels) so the first timed row is not penalised.
         decode_all(model, problems[:1], DecodeConfig.for_model(model.config, gen_length=args.block_length,
                                                                block_length=args.block_length,
                                                                steps=args.block_length), 1)
-        reference, vanilla_seconds = None, None
+        reference, vanilla_seconds, vanilla_right = None, None, None
         for name in args.methods:
-            cfg = method_config(model, name, G, args.block_length)
+            cfg = method_config(model, name, G, args.block_length, args.quirks)
             print(f"[G={G}] {name}: {len(problems)} problems ...", file=sys.stderr, flush=True)
             extras = []
             outputs, nfe, query, seconds = decode_all(model, problems, cfg, args.batch_size, extras)
-            per_family = score_by_family(problems, outputs, families)
+            right = correct(problems, outputs, families)
             if name == "vanilla":
-                reference, vanilla_seconds = outputs, seconds
+                reference, vanilla_seconds, vanilla_right = outputs, seconds, right
             drift = None
             if isinstance(cfg, DecodeConfig) and cfg.cache != "none":
                 drift_cfg = dataclasses.replace(cfg, measure_drift=True)
                 probe = torch.tensor([task.encode(problems[0].prompt)], device=model.device)
                 drift = generate(model, probe, drift_cfg).max_drift
             k = len(problems)
-            row = {
-                "gen_length": G, "method": name, "problems": k, "batch_size": args.batch_size,
-                "accuracy": sum(per_family[p.family] for p in problems) / k,  # pooled over all problems
-                **{f"acc_{fam}": per_family.get(fam) for fam in families},
+            row = {"gen_length": G, "method": name, "problems": k, "batch_size": args.batch_size, "shots": args.shots,
+                   "prompt_tokens": sum(len(p.prompt) for p in problems) / k,
+                   "accuracy": sum(right) / k, "accuracy_ci": wilson(sum(right), k)}  # pooled over all problems
+            for fam in families:
+                mine = [ok for p, ok in zip(problems, right) if p.family == fam]
+                row[f"acc_{fam}"] = sum(mine) / len(mine) if mine else None
+                row[f"acc_{fam}_ci"] = wilson(sum(mine), len(mine)) if mine else None
+            row.update({
+                "vs_vanilla": None if vanilla_right is None else paired_difference(right, vanilla_right),
                 "agreement": None if reference is None else sum(a == b for a, b in zip(outputs, reference)) / k,
                 "nfe": nfe / k, "tokens_per_forward": G * k / nfe, "query_tokens": query / k,
                 "seconds": seconds, "tokens_per_s": G * k / seconds,
                 "speedup": None if vanilla_seconds is None else vanilla_seconds / seconds,
                 "max_logit_drift": drift, "method_note": method_note(extras),
-            }
+            })
             rows.append(row)
             print("  " + format_row(row, families), file=sys.stderr, flush=True)
     return rows
@@ -229,16 +292,30 @@ def method_note(extras: list[dict]) -> str | None:
 
 def columns(families):
     """(row key, header) of the table, with one accuracy column per family."""
-    return ([("gen_length", "G"), ("method", "method"), ("problems", "n"), ("accuracy", "accuracy")]
+    return ([("gen_length", "G"), ("method", "method"), ("problems", "n"), ("prompt_tokens", "prompt tok"),
+             ("accuracy", "accuracy [95% CI]")]
             + [(f"acc_{f}", f) for f in families]
-            + [("agreement", "agree w/ vanilla"), ("nfe", "NFE"), ("tokens_per_forward", "tok/fwd"),
-               ("query_tokens", "query tok"), ("seconds", "wall s"), ("tokens_per_s", "tok/s"),
-               ("speedup", "speedup"), ("max_logit_drift", "max Δlogit"), ("method_note", "method's own")])
+            + [("vs_vanilla", "Δ vs vanilla [95% CI]"), ("agreement", "agree w/ vanilla"), ("nfe", "NFE"),
+               ("tokens_per_forward", "tok/fwd"), ("query_tokens", "query tok"), ("seconds", "wall s"),
+               ("tokens_per_s", "tok/s"), ("speedup", "speedup"), ("max_logit_drift", "max Δlogit"),
+               ("method_note", "method's own")])
+
+
+def cell(row, key) -> str:
+    """A table cell: an accuracy with its interval where the row has one."""
+    text = fmt(key, row[key])
+    interval = row.get(f"{key}_ci")
+    if interval is not None:
+        text += f" [{100 * interval[0]:.0f}–{100 * interval[1]:.0f}]"
+    return text
 
 
 def fmt(key, value) -> str:
     if value is None:
         return "–"
+    if key == "vs_vanilla":  # points, with the paired interval
+        d, low, high = (100 * v for v in value)
+        return f"{d:+.1f} [{low:+.1f}, {high:+.1f}]"
     if key in ("accuracy", "agreement") or key.startswith("acc_"):
         return f"{100 * value:.1f}%"
     if key == "speedup":
@@ -251,13 +328,13 @@ def fmt(key, value) -> str:
 
 
 def format_row(row, families) -> str:
-    return " | ".join(f"{h} {fmt(k, row[k])}" for k, h in columns(families))
+    return " | ".join(f"{h} {cell(row, k)}" for k, h in columns(families))
 
 
 def markdown(rows, header_note: str, families) -> str:
     cols = columns(families)
     lines = [header_note, "", "| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(k, r[k]) for k, _ in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(r, k) for k, _ in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -269,11 +346,12 @@ def markdown(rows, header_note: str, families) -> str:
 def sweep(args, model, families) -> list[dict]:
     """One row per (series, value, family): accuracy and mean NFE per problem."""
     G = args.lengths[0]
-    problems = problems_for(families, G, args.problems)
+    problems = problems_for(families, G, args.problems, args.shots)
     rows = []
     for series, values in SWEEP.items():
         for value in values:
-            settings = dict(gen_length=G, block_length=args.block_length, steps=G, cache=args.sweep_cache)
+            settings = dict(gen_length=G, block_length=args.block_length, steps=G, cache=args.sweep_cache,
+                            quirks=args.quirks)
             cfg = DecodeConfig.for_model(model.config, **{**settings, **sweep_overrides(series, value, G)})
             print(f"[G={G}] {series} {value}: {len(problems)} problems ...", file=sys.stderr, flush=True)
             for name in dict.fromkeys(p.family for p in problems):
@@ -381,9 +459,11 @@ def main(argv=None):
     if "--scale" in argv:  # per-forward cost at model scale: bench_scale.py, with flags of its own
         return bench_scale.main([a for a in argv if a != "--scale"], prog="bench.py --scale")
     ap = argparse.ArgumentParser(description="Benchmark decoding methods on the trained checkpoint.")
-    ap.add_argument("--model", default=os.path.join(ROOT, "checkpoints", "mix"), help="checkpoint directory")
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory")
     ap.add_argument("--lengths", type=int, nargs="+", default=None,
                     help="generation lengths (default: 64 256 1024; the sweep uses the first, default 64)")
+    ap.add_argument("--shots", type=int, default=0,
+                    help=f"solved examples before each question (0..{task.MAX_SHOTS}; GSM8K's evaluations use 5 and 8)")
     ap.add_argument("--problems", type=int, default=30,
                     help=f"held-out problems per family per row at lengths <= 256 (1..{task.HELD_OUT}; pair has 13)")
     ap.add_argument("--problems-long", type=int, default=4, help="held-out problems per family per row at lengths > 256")
@@ -391,6 +471,8 @@ def main(argv=None):
     ap.add_argument("--block-length", type=int, default=32, help="semi-autoregressive block length")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
                     help="methods to run (vanilla first: speedups and agreement are relative to it)")
+    ap.add_argument("--quirks", action="store_true", help="reproduce the original code's quirks (decode.Quirks) "
+                                                          "instead of the papers' rules")
     ap.add_argument("--sweep", action="store_true",
                     help="trace accuracy against NFE for thresholds, k per step and factors (writes sweep.svg)")
     ap.add_argument("--sweep-cache", default="none", choices=("none", "prefix", "dual"), help="cache used by the sweep")
@@ -407,10 +489,19 @@ def main(argv=None):
     for flag in ("batch_size", "block_length", "threads"):
         if getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if not 0 <= args.shots <= task.MAX_SHOTS:
+        ap.error(f"--shots must be in 0..{task.MAX_SHOTS}, got {args.shots}")
     args.lengths = args.lengths or ([64] if args.sweep else [64, 256, 1024])
     bad = [G for G in args.lengths if G < 1 or G % args.block_length]
     if bad:
         ap.error(f"--lengths {bad}: each must be a positive multiple of --block-length {args.block_length}")
+    try:  # an unwritable --out is found now, not after an hour of decoding
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, f".write-test-{os.getpid()}"), "w"):
+            pass
+        os.remove(os.path.join(args.out, f".write-test-{os.getpid()}"))
+    except OSError as err:
+        ap.error(f"--out {args.out} is not a writable directory ({err.strerror or err})")
     torch.set_num_threads(args.threads)
     try:
         model = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -420,20 +511,28 @@ def main(argv=None):
     if args.profile:
         print(profile_dual_step(model, args.lengths[0], args.block_length))
         return
-    device = torch.cuda.get_device_name() if model.device.type == "cuda" else f"CPU, {args.threads} threads"
-    note = (f"`python bench.py {' '.join(sys.argv[1:]) if argv is None else ' '.join(argv)}`".replace(" `", "`")
-            + f" — {device}, block length {args.block_length}, batch size {args.batch_size}, temperature 0")
-    os.makedirs(args.out, exist_ok=True)
+    args.max_sequence_length = model.config.max_sequence_length
+    try:
+        sets = problem_sets(args, families)
+    except ValueError as err:
+        ap.error(str(err))
+    device = torch.cuda.get_device_name() if model.device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}), {args.threads} thread{'s' * (args.threads > 1)}"
+    command = "python -m tools.bench " + " ".join(argv)
+    note = (f"`{command}` — checkpoint {os.path.relpath(args.model, ROOT)}, {args.shots}-shot, block length "
+            f"{args.block_length}, batch size {args.batch_size}, temperature 0, "
+            f"{'the original code (quirks on)' if args.quirks else 'the papers rules (quirks off)'}, {device}")
+    started = time.perf_counter()
     if args.sweep:
         rows = sweep(args, model, families)
         table = sweep_markdown(rows, note + f", G = {args.lengths[0]}, cache {args.sweep_cache}")
         files = {"sweep.json": json.dumps({"command": note, "rows": rows}, indent=1), "sweep.md": table,
                  "sweep.svg": sweep_svg(rows, args.lengths[0], f"Accuracy vs NFE, G = {args.lengths[0]}, "
-                                        f"block {args.block_length}, cache {args.sweep_cache}")}
+                                        f"block {args.block_length}, {args.shots}-shot, cache {args.sweep_cache}")}
     else:
         if "vanilla" in args.methods:
             args.methods = ["vanilla"] + [m for m in args.methods if m != "vanilla"]
-        rows = bench(args, model, families)
+        rows = bench(args, model, families, sets)
+        note += f"; the run took {(time.perf_counter() - started) / 60:.1f} min"
         table = markdown(rows, note, families)
         files = {"bench.json": json.dumps({"command": note, "rows": rows}, indent=1), "bench.md": table}
     print(table)
