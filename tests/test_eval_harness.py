@@ -1,7 +1,8 @@
-"""eval_harness.py: the lm-eval adapter gives bench.py's scores, alone or data-parallel, offline.
+"""tools/eval_harness.py: the lm-eval adapter gives bench.py's scores, alone or data-parallel, offline.
 
 The equivalences: lm-eval + dllm on a toy task == decode.generate + task.py's scorer on the same
-problems (bench.py's own decoding loop), per response; two torchrun CPU processes == one process;
+problems (bench.py's own decoding loop), per response, zero-shot and few-shot (lm-eval's
+--num_fewshot context == task.few_shot's prompt); two torchrun CPU processes == one process;
 the Monte-Carlo log-likelihood picks the right worked answer and tightens with more samples.
 Everything runs on the CPU from local files (the Hub is switched off).
 """
@@ -40,13 +41,19 @@ DECODE = dict(gen_length=32, block_length=32, steps=8, cache="dual")
 MODEL_ARGS = dict(pretrained=SHIPPED, **DECODE)
 
 
-def evaluate(tasks, limit, **model_args):
-    """lm-eval's simple_evaluate with dllm, indexing only our task files (fast)."""
-    from lm_eval import simple_evaluate
+def task_manager():
+    """lm-eval's task index of our task files only (fast: none of lm-eval's built-in folders)."""
     from lm_eval.tasks import TaskManager
 
-    return simple_evaluate(model="dllm", model_args=model_args, tasks=tasks, limit=limit, log_samples=True,
-                           task_manager=TaskManager(include_path=eh.TASK_DIR, include_defaults=False))
+    return TaskManager(include_path=eh.TASK_DIR, include_defaults=False)
+
+
+def evaluate(tasks, limit, num_fewshot=None, **model_args):
+    """lm-eval's simple_evaluate with dllm on our task files."""
+    from lm_eval import simple_evaluate
+
+    return simple_evaluate(model="dllm", model_args=model_args, tasks=tasks, limit=limit, num_fewshot=num_fewshot,
+                           log_samples=True, task_manager=task_manager())
 
 
 def bench_responses(problems, batch_size):
@@ -57,8 +64,12 @@ def bench_responses(problems, batch_size):
     return [task.decode(o) for o in outputs]
 
 
+def shipped_families():
+    return task.families_for(task.load_task(SHIPPED))
+
+
 def short_family():
-    return task.families_for(task.load_task(SHIPPED))["short"]
+    return shipped_families()["short"]
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +105,55 @@ def test_batched_generation_equals_bench_batches():
     requests = [Instance("generate_until", {}, (p.prompt, {"until": [], "max_gen_toks": 32}), i)
                 for i, p in enumerate(problems)]
     assert lm.generate_until(requests) == bench_responses(problems, batch_size=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Few-shot: lm-eval's --num_fewshot context is task.few_shot's prompt
+# ---------------------------------------------------------------------------------------------
+
+
+def lm_eval_requests(name, num_fewshot, limit):
+    """The requests lm-eval builds for a toy task at num_fewshot shots (contexts only, no model)."""
+    task_obj = task_manager().load([name])["tasks"][name]
+    task_obj.set_config(key="num_fewshot", value=num_fewshot)
+    task_obj.set_fewshot_seed(seed=1234)  # lm-eval's default few-shot seed: the toy shots must not depend on it
+    task_obj.build_all_requests(limit=limit)
+    return task_obj.instances
+
+
+@pytest.mark.parametrize("num_fewshot", [0, 1, 8])
+def test_few_shot_context_is_task_few_shot(num_fewshot):
+    """Every document's context, generation and multiple choice, is task.few_shot(problem, K).prompt."""
+    problems = short_family().test_set(6)
+    expected = [task.few_shot(p, num_fewshot, families=shipped_families()).prompt for p in problems]
+    generation = sorted(lm_eval_requests("toy_short", num_fewshot, len(problems)), key=lambda r: r.doc_id)
+    assert [r.args[0] for r in generation] == expected
+    choices = lm_eval_requests("toy_short_mc", num_fewshot, len(problems))
+    for p, context in zip(problems, expected):
+        mine = [r.args for r in choices if r.doc["prompt"] == p.prompt]
+        assert {ctx for ctx, _ in mine} == {context}  # the same context before every choice
+        assert p.answer in {continuation for _, continuation in mine}  # the choices themselves unchanged
+
+
+def test_too_many_shots_is_a_clear_error():
+    with pytest.raises(ValueError, match=rf"--num_fewshot 9: the toy tasks take 0..{task.MAX_SHOTS} shots"):
+        lm_eval_requests("toy_short", 9, 1)
+
+
+def test_few_shot_score_equals_bench():
+    """--num_fewshot 1: lm-eval's score and responses are bench.py's decoding of task.few_shot's prompts.
+    (The shipped checkpoint was trained without shots: most responses are empty, some are not.)"""
+    n, k = 8, 1
+    res = evaluate(["toy_short"], n, num_fewshot=k, **MODEL_ARGS)
+    problems = [task.few_shot(p, k, families=shipped_families()) for p in short_family().test_set(n)]
+    expected = bench_responses(problems, batch_size=1)
+    samples = sorted(res["samples"]["toy_short"], key=lambda s: s["doc_id"])
+    assert [s["arguments"][0][0] for s in samples] == [p.prompt for p in problems]
+    assert [s["resps"][0][0] for s in samples] == expected
+    assert any(expected), "every response empty: the comparison would be weak"
+    score = sum(short_family().score(p, r) for p, r in zip(problems, expected)) / n
+    assert res["results"]["toy_short"]["exact_match,none"] == pytest.approx(score)
+    assert res["n-shot"]["toy_short"] == k
 
 
 # Run under torchrun: what `python eval_harness.py --tasks toy_short ...` runs, minus the CLI's

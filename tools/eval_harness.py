@@ -1,30 +1,24 @@
 """
 Evaluate this project's model with lm-evaluation-harness, on one process or many.
 
-lm-evaluation-harness (EleutherAI, `lm-eval`) owns the benchmarks: it builds the prompts
-(few-shot, chat template), asks a model for generations or log-likelihoods, and scores them.
-This file is the model side only. It registers the project's LLaDA-compatible model with lm-eval
-as `dllm`, decodes with `decode.generate` (so every DecodeConfig setting, Fast-dLLM's caches and
-commit rules included, is a `--model_args` key), and estimates log-likelihoods the way LLaDA's
-own evaluation does (Nie et al., "Large Language Diffusion Models", arXiv 2502.09992): a
-Monte-Carlo estimate of the masked-diffusion lower bound on log p(continuation | context). Run
-as a script it *is* the `lm_eval` command, so every lm-eval flag works; under `accelerate
-launch` or `torchrun` each process takes its share of the documents and lm-eval gathers the
-scores, as LLaDA's evaluation does.
+lm-evaluation-harness (EleutherAI, `lm-eval`) owns the benchmarks: prompts, few-shot examples,
+scoring. This file is the model side: it registers the project's model as `dllm`, decodes with
+`decode.generate` (every DecodeConfig field is a `--model_args` key) and estimates log-likelihoods
+as LLaDA's evaluation does (Nie et al., "Large Language Diffusion Models", arXiv 2502.09992): a
+Monte-Carlo estimate of the masked-diffusion bound on log p(continuation | context). Run as a
+module it is the `lm_eval` command, adding `--model dllm --include_path tools/eval_tasks` unless
+given; under `accelerate launch -m` or `torchrun -m` each process takes a share of the documents.
 
-Differences from LLaDA's and Fast-dLLM's `eval_llada.py`: prompts are left-padded *with* an
-attention mask; a task's `max_gen_toks` sets the generation length unless `gen_length` is given;
-the chat template is applied only when lm-eval asks (`--apply_chat_template`), not whenever the
-checkpoint's name contains "instruct"; Monte-Carlo masking ratios are drawn independently per
-sample and seeded per request, so a score does not depend on how requests are split across ranks.
+Compared with LLaDA's and Fast-dLLM's `eval_llada.py`: prompts are left-padded with an attention
+mask; a task's `max_gen_toks` sets the generation length unless `gen_length` is given; the chat
+template is applied only under `--apply_chat_template`; Monte-Carlo masks are seeded per request,
+so a score does not depend on how requests are split across ranks. The toy tasks (tools/eval_tasks/,
+rebuilt by `--write-toy-tasks`) are task.py's held-out problems; `--num_fewshot K` gives each the
+K-shot prompt of task.few_shot (seed 0). Needs `pip install -r tools/requirements-eval.txt`.
 
-The toy tasks (eval_tasks/) are this project's held-out problems (task.py) as lm-eval task files;
-`python eval_harness.py --write-toy-tasks` rebuilds them.
-
-Usage:
-    python eval_harness.py --tasks toy_short --limit 50 \\
-        --model_args pretrained=checkpoints/arith,block_length=32,cache=dual,threshold=0.9
-    accelerate launch eval_harness.py --tasks gsm8k --num_fewshot 5 --model_args pretrained=DIR,...
+    python -m tools.eval_harness --tasks toy_short --limit 50 --num_fewshot 2 \\
+        --model_args block_length=32,cache=dual,threshold=0.9
+    accelerate launch -m tools.eval_harness --tasks gsm8k --num_fewshot 5 --model_args pretrained=DIR,...
 
 Shape legend: B batch (requests, or Monte-Carlo samples of one request), P prompt (context),
 N continuation, L = P + N, V vocabulary.
@@ -520,9 +514,20 @@ class DiffusionLM(LM):
 
 TOY_PROBLEMS = task.HELD_OUT  # problems per family in the task files (--limit takes a prefix)
 
+# Few-shot, the same in every toy task: --num_fewshot K puts task.few_shot's K solved examples
+# (seed 0) before the question, each written as prompt + answer + task.SHOT_SEPARATOR.
+FEW_SHOT_YAML = """\
+target_delimiter: ""
+fewshot_delimiter: {separator}
+fewshot_split: test  # only then does lm-eval show the sampler the question; the shots are not test problems
+fewshot_config:
+  sampler: !function utils.TaskShots
+"""
+
 GENERATE_YAML = """\
-# Written by `python eval_harness.py --write-toy-tasks` from {checkpoint}'s task spec: the first
-# held-out '{family}' problems of task.py, scored by task.py's own scorer for the family.
+# Written by `python -m tools.eval_harness --write-toy-tasks` from {checkpoint}'s task spec: the
+# first held-out '{family}' problems of task.py, scored by task.py's own scorer for the family;
+# --num_fewshot K gives each task.few_shot's K-shot prompt.
 task: toy_{family}
 tag: toy
 custom_dataset: !function utils.load_jsonl
@@ -532,7 +537,7 @@ output_type: generate_until
 test_split: test
 doc_to_text: !function utils.doc_to_text
 doc_to_target: answer
-process_results: !function utils.process_results
+{few_shot}process_results: !function utils.process_results
 metric_list:
   - metric: exact_match
     aggregation: mean
@@ -545,9 +550,9 @@ metadata:
 """
 
 MC_YAML = """\
-# Written by `python eval_harness.py --write-toy-tasks` from {checkpoint}'s task spec: the
+# Written by `python -m tools.eval_harness --write-toy-tasks` from {checkpoint}'s task spec: the
 # '{family}' problems as multiple choice, the worked answer against chains whose last result is
-# off by 1 or 2 (scored by log-likelihood).
+# off by 1 or 2 (scored by log-likelihood); --num_fewshot K as in toy_{family}.
 task: toy_{family}_mc
 tag: toy_mc
 custom_dataset: !function utils.load_jsonl
@@ -558,7 +563,8 @@ test_split: test
 doc_to_text: !function utils.doc_to_text
 doc_to_choice: choices
 doc_to_target: gold
-target_delimiter: ""
+{few_shot}  doc_to_target: answer  # a shot shows its worked answer: shots have no choices
+  doc_to_choice: null
 metric_list:
   - metric: acc
     aggregation: mean
@@ -586,11 +592,12 @@ def write_toy_tasks(out_dir: str = TASK_DIR, checkpoint: str = DEFAULT_CHECKPOIN
 
     Per family: toy_<family>.yaml/.jsonl (generation, the family's own window as max_gen_toks);
     for chain families also toy_<family>_mc.yaml/.jsonl (multiple choice). toy_spec.json keeps
-    the spec, so eval_tasks/utils.py scores with the same families. Other toy_* task files in
-    out_dir (families of a previous checkpoint) are removed.
+    the spec, so eval_tasks/utils.py scores and draws shots with the same families. Other toy_*
+    task files in out_dir (families of a previous checkpoint) are removed.
     """
     spec = task.load_task(checkpoint)
     name = os.path.relpath(checkpoint, ROOT) if os.path.abspath(checkpoint).startswith(ROOT) else checkpoint
+    few_shot = FEW_SHOT_YAML.format(separator=json.dumps(task.SHOT_SEPARATOR))
     written = []
 
     def write(file, text):
@@ -605,7 +612,8 @@ def write_toy_tasks(out_dir: str = TASK_DIR, checkpoint: str = DEFAULT_CHECKPOIN
     for family, fam in task.families_for(spec).items():
         problems = fam.test_set(n)  # pair has only 13 distinct problems
         write(f"toy_{family}.jsonl", jsonl(dataclasses.asdict(p) for p in problems))
-        write(f"toy_{family}.yaml", GENERATE_YAML.format(family=family, checkpoint=name, gen_length=fam.gen_length))
+        write(f"toy_{family}.yaml", GENERATE_YAML.format(family=family, checkpoint=name, gen_length=fam.gen_length,
+                                                         few_shot=few_shot))
         if not isinstance(fam, task.Chain):
             continue  # pair has several right answers: no single multiple-choice key
         rows = []
@@ -614,7 +622,7 @@ def write_toy_tasks(out_dir: str = TASK_DIR, checkpoint: str = DEFAULT_CHECKPOIN
             random.Random(i).shuffle(choices)  # the right answer's position varies, reproducibly
             rows.append(dict(dataclasses.asdict(p), choices=choices, gold=choices.index(p.answer)))
         write(f"toy_{family}_mc.jsonl", jsonl(rows))
-        write(f"toy_{family}_mc.yaml", MC_YAML.format(family=family, checkpoint=name))
+        write(f"toy_{family}_mc.yaml", MC_YAML.format(family=family, checkpoint=name, few_shot=few_shot))
     # Families the spec no longer has (another checkpoint's) leave no stale task behind.
     for file in os.listdir(out_dir):
         path = os.path.join(out_dir, file)
@@ -629,7 +637,7 @@ def write_toy_tasks(out_dir: str = TASK_DIR, checkpoint: str = DEFAULT_CHECKPOIN
 
 
 def with_defaults(argv: list[str]) -> list[str]:
-    """lm-eval's arguments, plus `--model dllm` and `--include_path eval_tasks` when not given."""
+    """lm-eval's arguments, plus `--model dllm` and `--include_path tools/eval_tasks` when not given."""
     argv = list(argv)
     subcommands = ("run", "ls", "validate")
     if argv and argv[0] in subcommands[1:] or any(a in ("-h", "--help") for a in argv[:1]):
@@ -654,7 +662,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] == "--write-toy-tasks":
         import argparse
 
-        ap = argparse.ArgumentParser(prog="eval_harness.py --write-toy-tasks",
+        ap = argparse.ArgumentParser(prog="python -m tools.eval_harness --write-toy-tasks",
                                      description="Write the toy lm-eval task files from task.py's held-out problems.")
         ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint whose task.json fixes the task")
         ap.add_argument("--problems", type=int, default=TOY_PROBLEMS, help="problems per family")
