@@ -16,8 +16,8 @@ import sys
 
 import pytest
 
-pytest.importorskip("lm_eval", reason="lm-eval is not installed: pip install -r requirements-eval.txt")
-pytest.importorskip("accelerate", reason="accelerate is not installed: pip install -r requirements-eval.txt")
+pytest.importorskip("lm_eval", reason="lm-eval is not installed: pip install -r tools/requirements-eval.txt")
+pytest.importorskip("accelerate", reason="accelerate is not installed: pip install -r tools/requirements-eval.txt")
 
 import torch  # noqa: E402
 from conftest import ROOT  # noqa: E402
@@ -277,10 +277,71 @@ def test_bad_model_args_are_clear_errors():
         eh.DiffusionLM(pretrained=SHIPPED, gen_length=48, block_length=32)
 
 
+@pytest.mark.parametrize("text, value", [("true", True), ("Yes", True), ("1", True), (1, True), (True, True),
+                                         ("FALSE", False), ("no", False), ("No", False), ("0", False), (0, False)])
+def test_bool_model_args(text, value):
+    assert eh.parse_model_args({"stop_at_eos": text})[1]["stop_at_eos"] is value
+
+
+@pytest.mark.parametrize("text", ["nope", "2", 2, "", "on", 1.5])
+def test_bool_model_args_refuse_anything_else(text):
+    with pytest.raises(ValueError, match=r"stop_at_eos=.*: expected a bool \(true/false, yes/no, 1/0\)"):
+        eh.parse_model_args({"stop_at_eos": text})
+
+
+def test_arg_string_parses_brackets_and_refuses_duplicates():
+    """lm-eval's simple_parse_args_string splits on every comma and lets the last key win."""
+    lm = eh.DiffusionLM.create_from_arg_string(f"pretrained={SHIPPED},delimiter_ids=[21,74],threshold=0.9")
+    assert lm.decode_config.delimiter_ids == (21, 74) and lm.decode_config.threshold == 0.9
+    assert eh.parse_arg_string(" a=[1, 2], b='x,y' ,c=(3,4)") == {"a": "[1, 2]", "b": "'x,y'", "c": "(3,4)"}
+    with pytest.raises(ValueError, match="model_args threshold given twice: 0.9, then 0.5"):
+        eh.DiffusionLM.create_from_arg_string("threshold=0.9,threshold=0.5")
+    with pytest.raises(ValueError, match="model_args: expected key=value, got 'threshold'"):
+        eh.parse_arg_string("threshold,cache=dual")
+    # The command line: lm-eval merges repeated keys with a warning; the adapter refuses them first.
+    with pytest.raises(SystemExit, match="threshold given twice"):
+        eh.main(["--tasks", "toy_short", "--model_args", "cache=dual,threshold=0.9", "threshold=0.5"])
+
+
+def test_explicit_none_is_kept():
+    """eos_id=none means no EOS id, from a string or from lm-eval's parsed None; it is not dropped."""
+    assert eh.DiffusionLM.create_from_arg_string(f"pretrained={SHIPPED},eos_id=none").decode_config.eos_id is None
+    lm = eh.DiffusionLM(pretrained=SHIPPED, eos_id=None)
+    assert lm.decode_config.eos_id is None and lm.stop_ids == {lm.decode_config.eot_id}
+    with pytest.raises(ValueError, match="cache: None is not allowed"):
+        eh.parse_model_args({"cache": None})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_cuda_without_cuda():
+    """An asked-for CUDA device is an error; lm-eval's own default --device (cuda:0) is not a request."""
+    for model_args, extra in (({"device": "cuda"}, {}), ({}, {"device": "cuda"}), ({"device": "cuda:0"}, {})):
+        with pytest.raises(ValueError, match="device='cuda.*' asked for, but .* no CUDA device"):
+            eh.DiffusionLM.create_from_arg_obj(dict(pretrained=SHIPPED, **model_args), extra)
+    lm = eh.DiffusionLM.create_from_arg_obj({"pretrained": SHIPPED}, {"device": eh.LM_EVAL_DEFAULT_DEVICE})
+    assert lm.device.type == "cpu" and lm.get_model_info()["device"] == "cpu"
+
+
+def test_max_gen_toks_and_prompts_are_checked():
+    from lm_eval.api.instance import Instance
+
+    lm = eh.DiffusionLM(pretrained=SHIPPED, block_length=32)
+    limit = (lm.model.config.max_sequence_length - 1) // 32 * 32  # whole blocks, room for one prompt token
+    assert lm.config_for({"max_gen_toks": str(limit)}).gen_length == limit
+    for bad in (10 ** 6, limit + 1, 0, "abc", 2.5):
+        with pytest.raises(ValueError, match=rf"max_gen_toks={bad!r}: expected an integer in 1..{limit} "):
+            lm.config_for({"max_gen_toks": bad})
+    with pytest.raises(ValueError, match=r"gen_length 2048 leaves no room for a prompt: it must be below .* 2048"):
+        eh.DiffusionLM(pretrained=SHIPPED, gen_length=2048)
+    emoji = Instance("generate_until", {}, ("Q: 1+1=?\U0001F600\n", {"until": [], "max_gen_toks": 32}), 0)
+    with pytest.raises(ValueError, match="cannot encode '\U0001F600' \\(U\\+1F600\\)"):
+        lm.generate_until([emoji])
+
+
 @given(st.sampled_from([8, 16, 32, 64]), st.integers(1, 8), st.integers(1, 4), st.integers(1, 600))
 def test_max_gen_toks_rounds_up_to_whole_blocks(block, blocks, steps_per_block, max_gen_toks):
     base = DecodeConfig(gen_length=block * blocks, block_length=block, steps=steps_per_block * blocks)
-    cfg = eh.fit_to_max_gen_toks(base, max_gen_toks)
+    cfg = eh.fit_to_max_gen_toks(base, max_gen_toks, max_length=4096)
     assert cfg.block_length == block and cfg.gen_length % block == 0
     assert max_gen_toks <= cfg.gen_length < max_gen_toks + block
     assert cfg.steps * base.gen_length == base.steps * cfg.gen_length  # steps per token kept
@@ -302,7 +363,8 @@ def test_toy_task_files_are_up_to_date(tmp_path):
     for path in eh.write_toy_tasks(str(tmp_path)):
         name = os.path.basename(path)
         with open(path) as new, open(os.path.join(eh.TASK_DIR, name)) as old:
-            assert new.read() == old.read(), f"eval_tasks/{name} is stale: run python eval_harness.py --write-toy-tasks"
+            assert new.read() == old.read(), \
+                f"tools/eval_tasks/{name} is stale: run python -m tools.eval_harness --write-toy-tasks"
 
 
 def test_toy_tasks_cover_every_family(tmp_path):

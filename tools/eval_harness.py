@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -50,13 +51,17 @@ try:
     import lm_eval.models  # noqa: F401  (registers lm-eval's own models lazily, so --model hf still works)
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
+    from lm_eval.config.evaluate_config import EvaluatorConfig
 except ImportError as err:  # the optional install is missing: say how to get it
-    raise ImportError("eval_harness.py needs lm-eval and accelerate: pip install -r requirements-eval.txt") from err
+    raise ImportError("tools/eval_harness.py needs lm-eval and accelerate: "
+                      "pip install -r tools/requirements-eval.txt") from err
 
 HERE = os.path.dirname(os.path.abspath(__file__))  # tools/
 ROOT = os.path.dirname(HERE)  # the repository
 DEFAULT_CHECKPOINT = os.path.join(ROOT, "checkpoints", "arith")
 TASK_DIR = os.path.join(HERE, "eval_tasks")
+# lm-eval's command line passes this --device when the user gives none: a default, not a request.
+LM_EVAL_DEFAULT_DEVICE = next(f.default for f in dataclasses.fields(EvaluatorConfig) if f.name == "device")
 
 log = logging.getLogger("lm_eval.dllm")  # under lm-eval's logger: its CLI sets the level and format
 
@@ -107,7 +112,7 @@ def _coerce(name: str, value, hint):
     if value is None or (optional and isinstance(value, str) and value.strip().lower() == "none"):
         if optional:
             return None
-        raise ValueError(f"model_args {name}: None is not allowed (expected {base.__name__})")
+        raise ValueError(f"{name}: None is not allowed (expected {base.__name__})")
     text = str(value).strip()
     if base is bool:
         if isinstance(value, bool):
@@ -116,6 +121,7 @@ def _coerce(name: str, value, hint):
             return True
         if text.lower() in ("false", "0", "no"):
             return False
+        raise ValueError(f"{name}={value!r}: expected a bool (true/false, yes/no, 1/0)")
     elif base is int and not isinstance(value, bool):
         try:
             number = float(text)
@@ -144,25 +150,56 @@ def _coerce(name: str, value, hint):
             return tuple(parsed) if typing.get_origin(base) is tuple else parsed
     else:
         return value
-    raise ValueError(f"model_args {name}={value!r}: expected {getattr(base, '__name__', base)}")
+    raise ValueError(f"{name}={value!r}: expected {getattr(base, '__name__', base)}")
+
+
+def parse_arg_string(text: str) -> dict[str, str]:
+    """'key=value,key=value' -> {key: value}, the values as written. Commas inside brackets or
+    quotes stay in their value (delimiter_ids=[21,74]), and a key given twice is an error: lm-eval's
+    simple_parse_args_string splits on every comma and lets the last of two keys win."""
+    items, depth, quote, start = [], 0, None, 0
+    for i, char in enumerate(text + ","):  # the appended comma ends the last item
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[({":
+            depth += 1
+        elif char in "])}":
+            depth = max(depth - 1, 0)
+        elif char == "," and depth == 0:
+            items.append(text[start:i].strip())
+            start = i + 1
+    out = {}
+    for item in filter(None, items):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ValueError(f"model_args: expected key=value, got {item!r}")
+        if key in out:
+            raise ValueError(f"model_args {key} given twice: {out[key]}, then {value.strip()}")
+        out[key] = value.strip()
+    return out
 
 
 def parse_model_args(model_args: dict) -> tuple[HarnessConfig, dict]:
     """Split and type-check model_args: (HarnessConfig, DecodeConfig keyword arguments).
 
     Keys are read from the two dataclasses' fields, so a field added to DecodeConfig later is a
-    valid key with no change here. lm-eval passes None for flags the user didn't set; those are
-    dropped so the defaults apply. When `gen_length` is given without `block_length` or `steps`,
-    those follow it (one block, one token per step), as DecodeConfig's defaults do.
+    valid key with no change here. An explicit None (or 'none') is kept: eos_id=none means no EOS
+    id, not the model's. When `gen_length` is given without `block_length` or `steps`, those
+    follow it (one block, one token per step), as DecodeConfig's defaults do.
     """
     valid = _settings()
-    given = {k: v for k, v in model_args.items() if v is not None}
-    unknown = sorted(set(given) - set(valid))
+    unknown = sorted(set(model_args) - set(valid))
     if unknown:
         raise ValueError(f"unknown model_args {unknown}; valid keys: {', '.join(sorted(valid))}")
-    if str(given.get("batch_size", "1")).startswith("auto"):
+    if str(model_args.get("batch_size", "1")).startswith("auto"):
         raise ValueError("batch_size 'auto' is not supported by dllm; give a number")
-    typed = {k: _coerce(k, v, valid[k][1]) for k, v in given.items()}
+    try:
+        typed = {k: _coerce(k, v, valid[k][1]) for k, v in model_args.items()}
+    except ValueError as err:
+        raise ValueError(f"model_args {err}") from None
     harness = HarnessConfig(**{k: v for k, v in typed.items() if valid[k][0] is HarnessConfig})
     decode_kwargs = {k: v for k, v in typed.items() if valid[k][0] is DecodeConfig}
     if "gen_length" in decode_kwargs:
@@ -171,15 +208,22 @@ def parse_model_args(model_args: dict) -> tuple[HarnessConfig, dict]:
     return harness, decode_kwargs
 
 
-def fit_to_max_gen_toks(config: DecodeConfig, max_gen_toks: int) -> DecodeConfig:
+def fit_to_max_gen_toks(config: DecodeConfig, max_gen_toks, max_length: int) -> DecodeConfig:
     """The config with gen_length = max_gen_toks rounded up to whole blocks.
 
     The block length stays; `steps` keeps its steps per block, so steps per token is unchanged
-    (e.g. 256/32/256 and max_gen_toks=100 -> gen_length 128, 4 blocks, 128 steps).
+    (e.g. 256/32/256 and max_gen_toks=100 -> gen_length 128, 4 blocks, 128 steps). The window
+    must leave at least one of the model's `max_length` positions to the prompt.
     """
-    if max_gen_toks < 1:
-        raise ValueError(f"max_gen_toks must be >= 1, got {max_gen_toks}")
-    blocks = math.ceil(max_gen_toks / config.block_length)
+    limit = (max_length - 1) // config.block_length * config.block_length
+    try:
+        tokens = _coerce("max_gen_toks", max_gen_toks, int)
+    except ValueError:
+        tokens = None
+    if tokens is None or not 1 <= tokens <= limit:
+        raise ValueError(f"max_gen_toks={max_gen_toks!r}: expected an integer in 1..{limit} (whole blocks of "
+                         f"{config.block_length} that leave the prompt room in the model's {max_length} positions)")
+    blocks = math.ceil(tokens / config.block_length)
     return dataclasses.replace(config, gen_length=blocks * config.block_length,
                                steps=blocks * config.steps_per_block)
 
@@ -269,10 +313,10 @@ class DiffusionLM(LM):
         # 1) Data parallelism. Accelerator() reads what `accelerate launch` / `torchrun` set and
         #    joins the process group (NCCL on GPUs; gloo on CPUs, which accelerate only picks
         #    when told the run is on CPU). One process: rank 0 of 1, nothing to join.
-        if cfg.device and cfg.device.startswith("cuda") and not torch.cuda.is_available():
-            # lm-eval's --device defaults to 'cuda'; on a machine without one, run on the CPU.
-            log.warning("device=%s: CUDA is not available, using the CPU", cfg.device)
-            cfg.device = "cpu"
+        if cfg.device and cfg.device.split(":")[0] == "cuda" and not torch.cuda.is_available():
+            # Checked here, not only by load_model: under a launcher the process's device replaces it.
+            raise ValueError(f"device={cfg.device!r} asked for, but this torch build sees no CUDA device "
+                             f"(torch {torch.__version__}); use device=cpu, or leave it out (CUDA when available)")
         on_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
         accelerator = Accelerator(cpu=on_cpu)
         self.accelerator = accelerator if accelerator.num_processes > 1 else None
@@ -301,6 +345,9 @@ class DiffusionLM(LM):
             self.decode_config = DecodeConfig.for_model(mcfg, **decode_kwargs)
         except ValueError as err:
             raise ValueError(f"bad decoding model_args: {err}") from None
+        if self.decode_config.gen_length >= mcfg.max_sequence_length:
+            raise ValueError(f"gen_length {self.decode_config.gen_length} leaves no room for a prompt: it must be "
+                             f"below the model's max_sequence_length {mcfg.max_sequence_length}")
         # A response ends at the first EOS or EOT token: what follows is padding.
         self.stop_ids = {i for i in (self.decode_config.eos_id, self.decode_config.eot_id) if i is not None}
         self.pad_id = mcfg.pad_token_id if mcfg.pad_token_id is not None else mcfg.eos_token_id
@@ -308,16 +355,17 @@ class DiffusionLM(LM):
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "DiffusionLM":
-        """lm-eval passes its own --batch_size, --max_batch_size and --device (with defaults) next to
-        model_args; a key given in model_args wins instead of colliding with them."""
-        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        """lm-eval passes its own --batch_size, --max_batch_size and --device next to model_args, None
+        where unset; a key given in model_args wins instead of colliding with them. The command
+        line's default device (cuda:0 when --device is not given) counts as unset, so a machine
+        without CUDA runs on its CPU; a device the user asks for must exist."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict
+                 and not (k == "device" and v == LM_EVAL_DEFAULT_DEVICE)}
         return cls(**arg_dict, **extra)
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "DiffusionLM":
-        from lm_eval.utils import simple_parse_args_string
-
-        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+        return cls.create_from_arg_obj(parse_arg_string(arg_string), additional_config)
 
     # -- What lm-eval's evaluator needs for data parallelism -----------------------------------
 
@@ -341,7 +389,7 @@ class DiffusionLM(LM):
 
     def get_model_info(self) -> dict:
         """Recorded in lm-eval's results['config'], so a score says how it was decoded."""
-        return {"pretrained": self.config.pretrained, "dtype": str(self.model.dtype),
+        return {"pretrained": self.config.pretrained, "device": str(self.device), "dtype": str(self.model.dtype),
                 "decode_config": dataclasses.asdict(self.decode_config),
                 "gen_length_from": "model_args" if self.explicit_gen_length else
                 "the task's max_gen_toks, rounded up to whole blocks (steps per block kept)",
@@ -373,7 +421,23 @@ class DiffusionLM(LM):
         """Token ids of `text`. The tokenizer's special tokens (LLaDA's BOS) are added unless the
         text already starts with BOS, as a chat-templated prompt does."""
         bos = self.tokenizer.bos_token
-        return self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos))).input_ids
+        try:
+            return self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos))).input_ids
+        except Exception:  # `tokenizers` raises a bare Exception for a character it has no token for
+            unknown = "".join(c for c in dict.fromkeys(text) if not self.can_encode(c))
+            if not unknown:
+                raise
+            codes = ", ".join(f"U+{ord(c):04X}" for c in unknown)
+            raise ValueError(f"the tokenizer in {self.config.pretrained} cannot encode {unknown!r} ({codes}) in "
+                             f"the prompt {text[-60:]!r}: its vocabulary has no token for it and no <unk>") from None
+
+    def can_encode(self, char: str) -> bool:
+        """Whether the tokenizer has a token for `char` (the toy one has none for an emoji, and no <unk>)."""
+        try:
+            self.tokenizer(char, add_special_tokens=False)
+            return True
+        except Exception:
+            return False
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """(context ids, continuation ids) that together are the tokens of context + continuation.
@@ -411,7 +475,7 @@ class DiffusionLM(LM):
         max_gen_toks = gen_kwargs.get("max_gen_toks")
         if max_gen_toks is None or self.explicit_gen_length:
             return self.decode_config
-        return fit_to_max_gen_toks(self.decode_config, int(max_gen_toks))
+        return fit_to_max_gen_toks(self.decode_config, max_gen_toks, self.model.config.max_sequence_length)
 
     def generate_until(self, requests) -> list[str]:
         """Decode every request with decode.generate; cut each response at its first stop string.
@@ -650,6 +714,19 @@ def with_defaults(argv: list[str]) -> list[str]:
     return argv
 
 
+def check_model_args(argv: list[str]) -> None:
+    """Refuse a key given twice in --model_args (lm-eval would warn and keep the last one)."""
+    words = []
+    for i, arg in enumerate(argv):
+        if arg in ("--model_args", "-a"):  # one or more 'k=v,k=v' words, up to the next flag
+            words += itertools.takewhile(lambda w: not w.startswith("-"), argv[i + 1:])
+        elif arg.startswith("--model_args="):
+            words.append(arg.split("=", 1)[1])
+    words = [w for w in words if not w.lstrip().startswith("{")]  # a JSON object has unique keys already
+    if words:
+        parse_arg_string(",".join(words))
+
+
 def close_process_group() -> None:
     """Leave the launcher's process group cleanly (torch warns at exit otherwise)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -676,9 +753,10 @@ def main(argv: list[str] | None = None) -> None:
 
     sys.argv = [sys.argv[0]] + with_defaults(argv)
     try:
+        check_model_args(argv)
         cli_evaluate()
     except (ValueError, NotImplementedError) as err:
-        sys.exit(f"eval_harness.py: error: {err}")
+        sys.exit(f"python -m tools.eval_harness: error: {err}")
     finally:
         close_process_group()
 
