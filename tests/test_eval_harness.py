@@ -1,7 +1,8 @@
-"""eval_harness.py: the lm-eval adapter gives bench.py's scores, alone or data-parallel, offline.
+"""tools/eval_harness.py: the lm-eval adapter gives bench.py's scores, alone or data-parallel, offline.
 
 The equivalences: lm-eval + dllm on a toy task == decode.generate + task.py's scorer on the same
-problems (bench.py's own decoding loop), per response; two torchrun CPU processes == one process;
+problems (bench.py's own decoding loop), per response, zero-shot and few-shot (lm-eval's
+--num_fewshot context == task.few_shot's prompt); two torchrun CPU processes == one process;
 the Monte-Carlo log-likelihood picks the right worked answer and tightens with more samples.
 Everything runs on the CPU from local files (the Hub is switched off).
 """
@@ -15,8 +16,8 @@ import sys
 
 import pytest
 
-pytest.importorskip("lm_eval", reason="lm-eval is not installed: pip install -r requirements-eval.txt")
-pytest.importorskip("accelerate", reason="accelerate is not installed: pip install -r requirements-eval.txt")
+pytest.importorskip("lm_eval", reason="lm-eval is not installed: pip install -r tools/requirements-eval.txt")
+pytest.importorskip("accelerate", reason="accelerate is not installed: pip install -r tools/requirements-eval.txt")
 
 import torch  # noqa: E402
 from conftest import ROOT  # noqa: E402
@@ -40,13 +41,19 @@ DECODE = dict(gen_length=32, block_length=32, steps=8, cache="dual")
 MODEL_ARGS = dict(pretrained=SHIPPED, **DECODE)
 
 
-def evaluate(tasks, limit, **model_args):
-    """lm-eval's simple_evaluate with dllm, indexing only our task files (fast)."""
-    from lm_eval import simple_evaluate
+def task_manager():
+    """lm-eval's task index of our task files only (fast: none of lm-eval's built-in folders)."""
     from lm_eval.tasks import TaskManager
 
-    return simple_evaluate(model="dllm", model_args=model_args, tasks=tasks, limit=limit, log_samples=True,
-                           task_manager=TaskManager(include_path=eh.TASK_DIR, include_defaults=False))
+    return TaskManager(include_path=eh.TASK_DIR, include_defaults=False)
+
+
+def evaluate(tasks, limit, num_fewshot=None, **model_args):
+    """lm-eval's simple_evaluate with dllm on our task files."""
+    from lm_eval import simple_evaluate
+
+    return simple_evaluate(model="dllm", model_args=model_args, tasks=tasks, limit=limit, num_fewshot=num_fewshot,
+                           log_samples=True, task_manager=task_manager())
 
 
 def bench_responses(problems, batch_size):
@@ -57,8 +64,12 @@ def bench_responses(problems, batch_size):
     return [task.decode(o) for o in outputs]
 
 
+def shipped_families():
+    return task.families_for(task.load_task(SHIPPED))
+
+
 def short_family():
-    return task.families_for(task.load_task(SHIPPED))["short"]
+    return shipped_families()["short"]
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +105,55 @@ def test_batched_generation_equals_bench_batches():
     requests = [Instance("generate_until", {}, (p.prompt, {"until": [], "max_gen_toks": 32}), i)
                 for i, p in enumerate(problems)]
     assert lm.generate_until(requests) == bench_responses(problems, batch_size=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Few-shot: lm-eval's --num_fewshot context is task.few_shot's prompt
+# ---------------------------------------------------------------------------------------------
+
+
+def lm_eval_requests(name, num_fewshot, limit):
+    """The requests lm-eval builds for a toy task at num_fewshot shots (contexts only, no model)."""
+    task_obj = task_manager().load([name])["tasks"][name]
+    task_obj.set_config(key="num_fewshot", value=num_fewshot)
+    task_obj.set_fewshot_seed(seed=1234)  # lm-eval's default few-shot seed: the toy shots must not depend on it
+    task_obj.build_all_requests(limit=limit)
+    return task_obj.instances
+
+
+@pytest.mark.parametrize("num_fewshot", [0, 1, 8])
+def test_few_shot_context_is_task_few_shot(num_fewshot):
+    """Every document's context, generation and multiple choice, is task.few_shot(problem, K).prompt."""
+    problems = short_family().test_set(6)
+    expected = [task.few_shot(p, num_fewshot, families=shipped_families()).prompt for p in problems]
+    generation = sorted(lm_eval_requests("toy_short", num_fewshot, len(problems)), key=lambda r: r.doc_id)
+    assert [r.args[0] for r in generation] == expected
+    choices = lm_eval_requests("toy_short_mc", num_fewshot, len(problems))
+    for p, context in zip(problems, expected):
+        mine = [r.args for r in choices if r.doc["prompt"] == p.prompt]
+        assert {ctx for ctx, _ in mine} == {context}  # the same context before every choice
+        assert p.answer in {continuation for _, continuation in mine}  # the choices themselves unchanged
+
+
+def test_too_many_shots_is_a_clear_error():
+    with pytest.raises(ValueError, match=rf"--num_fewshot 9: the toy tasks take 0..{task.MAX_SHOTS} shots"):
+        lm_eval_requests("toy_short", 9, 1)
+
+
+def test_few_shot_score_equals_bench():
+    """--num_fewshot 1: lm-eval's score and responses are bench.py's decoding of task.few_shot's prompts.
+    (The shipped checkpoint was trained without shots: most responses are empty, some are not.)"""
+    n, k = 8, 1
+    res = evaluate(["toy_short"], n, num_fewshot=k, **MODEL_ARGS)
+    problems = [task.few_shot(p, k, families=shipped_families()) for p in short_family().test_set(n)]
+    expected = bench_responses(problems, batch_size=1)
+    samples = sorted(res["samples"]["toy_short"], key=lambda s: s["doc_id"])
+    assert [s["arguments"][0][0] for s in samples] == [p.prompt for p in problems]
+    assert [s["resps"][0][0] for s in samples] == expected
+    assert any(expected), "every response empty: the comparison would be weak"
+    score = sum(short_family().score(p, r) for p, r in zip(problems, expected)) / n
+    assert res["results"]["toy_short"]["exact_match,none"] == pytest.approx(score)
+    assert res["n-shot"]["toy_short"] == k
 
 
 # Run under torchrun: what `python eval_harness.py --tasks toy_short ...` runs, minus the CLI's
@@ -217,10 +277,71 @@ def test_bad_model_args_are_clear_errors():
         eh.DiffusionLM(pretrained=SHIPPED, gen_length=48, block_length=32)
 
 
+@pytest.mark.parametrize("text, value", [("true", True), ("Yes", True), ("1", True), (1, True), (True, True),
+                                         ("FALSE", False), ("no", False), ("No", False), ("0", False), (0, False)])
+def test_bool_model_args(text, value):
+    assert eh.parse_model_args({"stop_at_eos": text})[1]["stop_at_eos"] is value
+
+
+@pytest.mark.parametrize("text", ["nope", "2", 2, "", "on", 1.5])
+def test_bool_model_args_refuse_anything_else(text):
+    with pytest.raises(ValueError, match=r"stop_at_eos=.*: expected a bool \(true/false, yes/no, 1/0\)"):
+        eh.parse_model_args({"stop_at_eos": text})
+
+
+def test_arg_string_parses_brackets_and_refuses_duplicates():
+    """lm-eval's simple_parse_args_string splits on every comma and lets the last key win."""
+    lm = eh.DiffusionLM.create_from_arg_string(f"pretrained={SHIPPED},delimiter_ids=[21,74],threshold=0.9")
+    assert lm.decode_config.delimiter_ids == (21, 74) and lm.decode_config.threshold == 0.9
+    assert eh.parse_arg_string(" a=[1, 2], b='x,y' ,c=(3,4)") == {"a": "[1, 2]", "b": "'x,y'", "c": "(3,4)"}
+    with pytest.raises(ValueError, match="model_args threshold given twice: 0.9, then 0.5"):
+        eh.DiffusionLM.create_from_arg_string("threshold=0.9,threshold=0.5")
+    with pytest.raises(ValueError, match="model_args: expected key=value, got 'threshold'"):
+        eh.parse_arg_string("threshold,cache=dual")
+    # The command line: lm-eval merges repeated keys with a warning; the adapter refuses them first.
+    with pytest.raises(SystemExit, match="threshold given twice"):
+        eh.main(["--tasks", "toy_short", "--model_args", "cache=dual,threshold=0.9", "threshold=0.5"])
+
+
+def test_explicit_none_is_kept():
+    """eos_id=none means no EOS id, from a string or from lm-eval's parsed None; it is not dropped."""
+    assert eh.DiffusionLM.create_from_arg_string(f"pretrained={SHIPPED},eos_id=none").decode_config.eos_id is None
+    lm = eh.DiffusionLM(pretrained=SHIPPED, eos_id=None)
+    assert lm.decode_config.eos_id is None and lm.stop_ids == {lm.decode_config.eot_id}
+    with pytest.raises(ValueError, match="cache: None is not allowed"):
+        eh.parse_model_args({"cache": None})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_cuda_without_cuda():
+    """An asked-for CUDA device is an error; lm-eval's own default --device (cuda:0) is not a request."""
+    for model_args, extra in (({"device": "cuda"}, {}), ({}, {"device": "cuda"}), ({"device": "cuda:0"}, {})):
+        with pytest.raises(ValueError, match="device='cuda.*' asked for, but .* no CUDA device"):
+            eh.DiffusionLM.create_from_arg_obj(dict(pretrained=SHIPPED, **model_args), extra)
+    lm = eh.DiffusionLM.create_from_arg_obj({"pretrained": SHIPPED}, {"device": eh.LM_EVAL_DEFAULT_DEVICE})
+    assert lm.device.type == "cpu" and lm.get_model_info()["device"] == "cpu"
+
+
+def test_max_gen_toks_and_prompts_are_checked():
+    from lm_eval.api.instance import Instance
+
+    lm = eh.DiffusionLM(pretrained=SHIPPED, block_length=32)
+    limit = (lm.model.config.max_sequence_length - 1) // 32 * 32  # whole blocks, room for one prompt token
+    assert lm.config_for({"max_gen_toks": str(limit)}).gen_length == limit
+    for bad in (10 ** 6, limit + 1, 0, "abc", 2.5):
+        with pytest.raises(ValueError, match=rf"max_gen_toks={bad!r}: expected an integer in 1..{limit} "):
+            lm.config_for({"max_gen_toks": bad})
+    with pytest.raises(ValueError, match=r"gen_length 2048 leaves no room for a prompt: it must be below .* 2048"):
+        eh.DiffusionLM(pretrained=SHIPPED, gen_length=2048)
+    emoji = Instance("generate_until", {}, ("Q: 1+1=?\U0001F600\n", {"until": [], "max_gen_toks": 32}), 0)
+    with pytest.raises(ValueError, match="cannot encode '\U0001F600' \\(U\\+1F600\\)"):
+        lm.generate_until([emoji])
+
+
 @given(st.sampled_from([8, 16, 32, 64]), st.integers(1, 8), st.integers(1, 4), st.integers(1, 600))
 def test_max_gen_toks_rounds_up_to_whole_blocks(block, blocks, steps_per_block, max_gen_toks):
     base = DecodeConfig(gen_length=block * blocks, block_length=block, steps=steps_per_block * blocks)
-    cfg = eh.fit_to_max_gen_toks(base, max_gen_toks)
+    cfg = eh.fit_to_max_gen_toks(base, max_gen_toks, max_length=4096)
     assert cfg.block_length == block and cfg.gen_length % block == 0
     assert max_gen_toks <= cfg.gen_length < max_gen_toks + block
     assert cfg.steps * base.gen_length == base.steps * cfg.gen_length  # steps per token kept
@@ -242,7 +363,8 @@ def test_toy_task_files_are_up_to_date(tmp_path):
     for path in eh.write_toy_tasks(str(tmp_path)):
         name = os.path.basename(path)
         with open(path) as new, open(os.path.join(eh.TASK_DIR, name)) as old:
-            assert new.read() == old.read(), f"eval_tasks/{name} is stale: run python eval_harness.py --write-toy-tasks"
+            assert new.read() == old.read(), \
+                f"tools/eval_tasks/{name} is stale: run python -m tools.eval_harness --write-toy-tasks"
 
 
 def test_toy_tasks_cover_every_family(tmp_path):

@@ -1,30 +1,24 @@
 """
 Evaluate this project's model with lm-evaluation-harness, on one process or many.
 
-lm-evaluation-harness (EleutherAI, `lm-eval`) owns the benchmarks: it builds the prompts
-(few-shot, chat template), asks a model for generations or log-likelihoods, and scores them.
-This file is the model side only. It registers the project's LLaDA-compatible model with lm-eval
-as `dllm`, decodes with `decode.generate` (so every DecodeConfig setting, Fast-dLLM's caches and
-commit rules included, is a `--model_args` key), and estimates log-likelihoods the way LLaDA's
-own evaluation does (Nie et al., "Large Language Diffusion Models", arXiv 2502.09992): a
-Monte-Carlo estimate of the masked-diffusion lower bound on log p(continuation | context). Run
-as a script it *is* the `lm_eval` command, so every lm-eval flag works; under `accelerate
-launch` or `torchrun` each process takes its share of the documents and lm-eval gathers the
-scores, as LLaDA's evaluation does.
+lm-evaluation-harness (EleutherAI, `lm-eval`) owns the benchmarks: prompts, few-shot examples,
+scoring. This file is the model side: it registers the project's model as `dllm`, decodes with
+`decode.generate` (every DecodeConfig field is a `--model_args` key) and estimates log-likelihoods
+as LLaDA's evaluation does (Nie et al., "Large Language Diffusion Models", arXiv 2502.09992): a
+Monte-Carlo estimate of the masked-diffusion bound on log p(continuation | context). Run as a
+module it is the `lm_eval` command, adding `--model dllm --include_path tools/eval_tasks` unless
+given; under `accelerate launch -m` or `torchrun -m` each process takes a share of the documents.
 
-Differences from LLaDA's and Fast-dLLM's `eval_llada.py`: prompts are left-padded *with* an
-attention mask; a task's `max_gen_toks` sets the generation length unless `gen_length` is given;
-the chat template is applied only when lm-eval asks (`--apply_chat_template`), not whenever the
-checkpoint's name contains "instruct"; Monte-Carlo masking ratios are drawn independently per
-sample and seeded per request, so a score does not depend on how requests are split across ranks.
+Compared with LLaDA's and Fast-dLLM's `eval_llada.py`: prompts are left-padded with an attention
+mask; a task's `max_gen_toks` sets the generation length unless `gen_length` is given; the chat
+template is applied only under `--apply_chat_template`; Monte-Carlo masks are seeded per request,
+so a score does not depend on how requests are split across ranks. The toy tasks (tools/eval_tasks/,
+rebuilt by `--write-toy-tasks`) are task.py's held-out problems; `--num_fewshot K` gives each the
+K-shot prompt of task.few_shot (seed 0). Needs `pip install -r tools/requirements-eval.txt`.
 
-The toy tasks (eval_tasks/) are this project's held-out problems (task.py) as lm-eval task files;
-`python eval_harness.py --write-toy-tasks` rebuilds them.
-
-Usage:
-    python eval_harness.py --tasks toy_short --limit 50 \\
-        --model_args pretrained=checkpoints/arith,block_length=32,cache=dual,threshold=0.9
-    accelerate launch eval_harness.py --tasks gsm8k --num_fewshot 5 --model_args pretrained=DIR,...
+    python -m tools.eval_harness --tasks toy_short --limit 50 --num_fewshot 2 \\
+        --model_args block_length=32,cache=dual,threshold=0.9
+    accelerate launch -m tools.eval_harness --tasks gsm8k --num_fewshot 5 --model_args pretrained=DIR,...
 
 Shape legend: B batch (requests, or Monte-Carlo samples of one request), P prompt (context),
 N continuation, L = P + N, V vocabulary.
@@ -34,6 +28,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -56,13 +51,17 @@ try:
     import lm_eval.models  # noqa: F401  (registers lm-eval's own models lazily, so --model hf still works)
     from lm_eval.api.model import LM
     from lm_eval.api.registry import register_model
+    from lm_eval.config.evaluate_config import EvaluatorConfig
 except ImportError as err:  # the optional install is missing: say how to get it
-    raise ImportError("eval_harness.py needs lm-eval and accelerate: pip install -r requirements-eval.txt") from err
+    raise ImportError("tools/eval_harness.py needs lm-eval and accelerate: "
+                      "pip install -r tools/requirements-eval.txt") from err
 
 HERE = os.path.dirname(os.path.abspath(__file__))  # tools/
 ROOT = os.path.dirname(HERE)  # the repository
 DEFAULT_CHECKPOINT = os.path.join(ROOT, "checkpoints", "arith")
 TASK_DIR = os.path.join(HERE, "eval_tasks")
+# lm-eval's command line passes this --device when the user gives none: a default, not a request.
+LM_EVAL_DEFAULT_DEVICE = next(f.default for f in dataclasses.fields(EvaluatorConfig) if f.name == "device")
 
 log = logging.getLogger("lm_eval.dllm")  # under lm-eval's logger: its CLI sets the level and format
 
@@ -113,7 +112,7 @@ def _coerce(name: str, value, hint):
     if value is None or (optional and isinstance(value, str) and value.strip().lower() == "none"):
         if optional:
             return None
-        raise ValueError(f"model_args {name}: None is not allowed (expected {base.__name__})")
+        raise ValueError(f"{name}: None is not allowed (expected {base.__name__})")
     text = str(value).strip()
     if base is bool:
         if isinstance(value, bool):
@@ -122,6 +121,7 @@ def _coerce(name: str, value, hint):
             return True
         if text.lower() in ("false", "0", "no"):
             return False
+        raise ValueError(f"{name}={value!r}: expected a bool (true/false, yes/no, 1/0)")
     elif base is int and not isinstance(value, bool):
         try:
             number = float(text)
@@ -150,25 +150,56 @@ def _coerce(name: str, value, hint):
             return tuple(parsed) if typing.get_origin(base) is tuple else parsed
     else:
         return value
-    raise ValueError(f"model_args {name}={value!r}: expected {getattr(base, '__name__', base)}")
+    raise ValueError(f"{name}={value!r}: expected {getattr(base, '__name__', base)}")
+
+
+def parse_arg_string(text: str) -> dict[str, str]:
+    """'key=value,key=value' -> {key: value}, the values as written. Commas inside brackets or
+    quotes stay in their value (delimiter_ids=[21,74]), and a key given twice is an error: lm-eval's
+    simple_parse_args_string splits on every comma and lets the last of two keys win."""
+    items, depth, quote, start = [], 0, None, 0
+    for i, char in enumerate(text + ","):  # the appended comma ends the last item
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[({":
+            depth += 1
+        elif char in "])}":
+            depth = max(depth - 1, 0)
+        elif char == "," and depth == 0:
+            items.append(text[start:i].strip())
+            start = i + 1
+    out = {}
+    for item in filter(None, items):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ValueError(f"model_args: expected key=value, got {item!r}")
+        if key in out:
+            raise ValueError(f"model_args {key} given twice: {out[key]}, then {value.strip()}")
+        out[key] = value.strip()
+    return out
 
 
 def parse_model_args(model_args: dict) -> tuple[HarnessConfig, dict]:
     """Split and type-check model_args: (HarnessConfig, DecodeConfig keyword arguments).
 
     Keys are read from the two dataclasses' fields, so a field added to DecodeConfig later is a
-    valid key with no change here. lm-eval passes None for flags the user didn't set; those are
-    dropped so the defaults apply. When `gen_length` is given without `block_length` or `steps`,
-    those follow it (one block, one token per step), as DecodeConfig's defaults do.
+    valid key with no change here. An explicit None (or 'none') is kept: eos_id=none means no EOS
+    id, not the model's. When `gen_length` is given without `block_length` or `steps`, those
+    follow it (one block, one token per step), as DecodeConfig's defaults do.
     """
     valid = _settings()
-    given = {k: v for k, v in model_args.items() if v is not None}
-    unknown = sorted(set(given) - set(valid))
+    unknown = sorted(set(model_args) - set(valid))
     if unknown:
         raise ValueError(f"unknown model_args {unknown}; valid keys: {', '.join(sorted(valid))}")
-    if str(given.get("batch_size", "1")).startswith("auto"):
+    if str(model_args.get("batch_size", "1")).startswith("auto"):
         raise ValueError("batch_size 'auto' is not supported by dllm; give a number")
-    typed = {k: _coerce(k, v, valid[k][1]) for k, v in given.items()}
+    try:
+        typed = {k: _coerce(k, v, valid[k][1]) for k, v in model_args.items()}
+    except ValueError as err:
+        raise ValueError(f"model_args {err}") from None
     harness = HarnessConfig(**{k: v for k, v in typed.items() if valid[k][0] is HarnessConfig})
     decode_kwargs = {k: v for k, v in typed.items() if valid[k][0] is DecodeConfig}
     if "gen_length" in decode_kwargs:
@@ -177,15 +208,22 @@ def parse_model_args(model_args: dict) -> tuple[HarnessConfig, dict]:
     return harness, decode_kwargs
 
 
-def fit_to_max_gen_toks(config: DecodeConfig, max_gen_toks: int) -> DecodeConfig:
+def fit_to_max_gen_toks(config: DecodeConfig, max_gen_toks, max_length: int) -> DecodeConfig:
     """The config with gen_length = max_gen_toks rounded up to whole blocks.
 
     The block length stays; `steps` keeps its steps per block, so steps per token is unchanged
-    (e.g. 256/32/256 and max_gen_toks=100 -> gen_length 128, 4 blocks, 128 steps).
+    (e.g. 256/32/256 and max_gen_toks=100 -> gen_length 128, 4 blocks, 128 steps). The window
+    must leave at least one of the model's `max_length` positions to the prompt.
     """
-    if max_gen_toks < 1:
-        raise ValueError(f"max_gen_toks must be >= 1, got {max_gen_toks}")
-    blocks = math.ceil(max_gen_toks / config.block_length)
+    limit = (max_length - 1) // config.block_length * config.block_length
+    try:
+        tokens = _coerce("max_gen_toks", max_gen_toks, int)
+    except ValueError:
+        tokens = None
+    if tokens is None or not 1 <= tokens <= limit:
+        raise ValueError(f"max_gen_toks={max_gen_toks!r}: expected an integer in 1..{limit} (whole blocks of "
+                         f"{config.block_length} that leave the prompt room in the model's {max_length} positions)")
+    blocks = math.ceil(tokens / config.block_length)
     return dataclasses.replace(config, gen_length=blocks * config.block_length,
                                steps=blocks * config.steps_per_block)
 
@@ -275,10 +313,10 @@ class DiffusionLM(LM):
         # 1) Data parallelism. Accelerator() reads what `accelerate launch` / `torchrun` set and
         #    joins the process group (NCCL on GPUs; gloo on CPUs, which accelerate only picks
         #    when told the run is on CPU). One process: rank 0 of 1, nothing to join.
-        if cfg.device and cfg.device.startswith("cuda") and not torch.cuda.is_available():
-            # lm-eval's --device defaults to 'cuda'; on a machine without one, run on the CPU.
-            log.warning("device=%s: CUDA is not available, using the CPU", cfg.device)
-            cfg.device = "cpu"
+        if cfg.device and cfg.device.split(":")[0] == "cuda" and not torch.cuda.is_available():
+            # Checked here, not only by load_model: under a launcher the process's device replaces it.
+            raise ValueError(f"device={cfg.device!r} asked for, but this torch build sees no CUDA device "
+                             f"(torch {torch.__version__}); use device=cpu, or leave it out (CUDA when available)")
         on_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
         accelerator = Accelerator(cpu=on_cpu)
         self.accelerator = accelerator if accelerator.num_processes > 1 else None
@@ -307,6 +345,9 @@ class DiffusionLM(LM):
             self.decode_config = DecodeConfig.for_model(mcfg, **decode_kwargs)
         except ValueError as err:
             raise ValueError(f"bad decoding model_args: {err}") from None
+        if self.decode_config.gen_length >= mcfg.max_sequence_length:
+            raise ValueError(f"gen_length {self.decode_config.gen_length} leaves no room for a prompt: it must be "
+                             f"below the model's max_sequence_length {mcfg.max_sequence_length}")
         # A response ends at the first EOS or EOT token: what follows is padding.
         self.stop_ids = {i for i in (self.decode_config.eos_id, self.decode_config.eot_id) if i is not None}
         self.pad_id = mcfg.pad_token_id if mcfg.pad_token_id is not None else mcfg.eos_token_id
@@ -314,16 +355,17 @@ class DiffusionLM(LM):
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "DiffusionLM":
-        """lm-eval passes its own --batch_size, --max_batch_size and --device (with defaults) next to
-        model_args; a key given in model_args wins instead of colliding with them."""
-        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict}
+        """lm-eval passes its own --batch_size, --max_batch_size and --device next to model_args, None
+        where unset; a key given in model_args wins instead of colliding with them. The command
+        line's default device (cuda:0 when --device is not given) counts as unset, so a machine
+        without CUDA runs on its CPU; a device the user asks for must exist."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None and k not in arg_dict
+                 and not (k == "device" and v == LM_EVAL_DEFAULT_DEVICE)}
         return cls(**arg_dict, **extra)
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "DiffusionLM":
-        from lm_eval.utils import simple_parse_args_string
-
-        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+        return cls.create_from_arg_obj(parse_arg_string(arg_string), additional_config)
 
     # -- What lm-eval's evaluator needs for data parallelism -----------------------------------
 
@@ -347,7 +389,7 @@ class DiffusionLM(LM):
 
     def get_model_info(self) -> dict:
         """Recorded in lm-eval's results['config'], so a score says how it was decoded."""
-        return {"pretrained": self.config.pretrained, "dtype": str(self.model.dtype),
+        return {"pretrained": self.config.pretrained, "device": str(self.device), "dtype": str(self.model.dtype),
                 "decode_config": dataclasses.asdict(self.decode_config),
                 "gen_length_from": "model_args" if self.explicit_gen_length else
                 "the task's max_gen_toks, rounded up to whole blocks (steps per block kept)",
@@ -379,7 +421,23 @@ class DiffusionLM(LM):
         """Token ids of `text`. The tokenizer's special tokens (LLaDA's BOS) are added unless the
         text already starts with BOS, as a chat-templated prompt does."""
         bos = self.tokenizer.bos_token
-        return self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos))).input_ids
+        try:
+            return self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos))).input_ids
+        except Exception:  # `tokenizers` raises a bare Exception for a character it has no token for
+            unknown = "".join(c for c in dict.fromkeys(text) if not self.can_encode(c))
+            if not unknown:
+                raise
+            codes = ", ".join(f"U+{ord(c):04X}" for c in unknown)
+            raise ValueError(f"the tokenizer in {self.config.pretrained} cannot encode {unknown!r} ({codes}) in "
+                             f"the prompt {text[-60:]!r}: its vocabulary has no token for it and no <unk>") from None
+
+    def can_encode(self, char: str) -> bool:
+        """Whether the tokenizer has a token for `char` (the toy one has none for an emoji, and no <unk>)."""
+        try:
+            self.tokenizer(char, add_special_tokens=False)
+            return True
+        except Exception:
+            return False
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         """(context ids, continuation ids) that together are the tokens of context + continuation.
@@ -417,7 +475,7 @@ class DiffusionLM(LM):
         max_gen_toks = gen_kwargs.get("max_gen_toks")
         if max_gen_toks is None or self.explicit_gen_length:
             return self.decode_config
-        return fit_to_max_gen_toks(self.decode_config, int(max_gen_toks))
+        return fit_to_max_gen_toks(self.decode_config, max_gen_toks, self.model.config.max_sequence_length)
 
     def generate_until(self, requests) -> list[str]:
         """Decode every request with decode.generate; cut each response at its first stop string.
@@ -520,9 +578,20 @@ class DiffusionLM(LM):
 
 TOY_PROBLEMS = task.HELD_OUT  # problems per family in the task files (--limit takes a prefix)
 
+# Few-shot, the same in every toy task: --num_fewshot K puts task.few_shot's K solved examples
+# (seed 0) before the question, each written as prompt + answer + task.SHOT_SEPARATOR.
+FEW_SHOT_YAML = """\
+target_delimiter: ""
+fewshot_delimiter: {separator}
+fewshot_split: test  # only then does lm-eval show the sampler the question; the shots are not test problems
+fewshot_config:
+  sampler: !function utils.TaskShots
+"""
+
 GENERATE_YAML = """\
-# Written by `python eval_harness.py --write-toy-tasks` from {checkpoint}'s task spec: the first
-# held-out '{family}' problems of task.py, scored by task.py's own scorer for the family.
+# Written by `python -m tools.eval_harness --write-toy-tasks` from {checkpoint}'s task spec: the
+# first held-out '{family}' problems of task.py, scored by task.py's own scorer for the family;
+# --num_fewshot K gives each task.few_shot's K-shot prompt.
 task: toy_{family}
 tag: toy
 custom_dataset: !function utils.load_jsonl
@@ -532,7 +601,7 @@ output_type: generate_until
 test_split: test
 doc_to_text: !function utils.doc_to_text
 doc_to_target: answer
-process_results: !function utils.process_results
+{few_shot}process_results: !function utils.process_results
 metric_list:
   - metric: exact_match
     aggregation: mean
@@ -545,9 +614,9 @@ metadata:
 """
 
 MC_YAML = """\
-# Written by `python eval_harness.py --write-toy-tasks` from {checkpoint}'s task spec: the
+# Written by `python -m tools.eval_harness --write-toy-tasks` from {checkpoint}'s task spec: the
 # '{family}' problems as multiple choice, the worked answer against chains whose last result is
-# off by 1 or 2 (scored by log-likelihood).
+# off by 1 or 2 (scored by log-likelihood); --num_fewshot K as in toy_{family}.
 task: toy_{family}_mc
 tag: toy_mc
 custom_dataset: !function utils.load_jsonl
@@ -558,7 +627,8 @@ test_split: test
 doc_to_text: !function utils.doc_to_text
 doc_to_choice: choices
 doc_to_target: gold
-target_delimiter: ""
+{few_shot}  doc_to_target: answer  # a shot shows its worked answer: shots have no choices
+  doc_to_choice: null
 metric_list:
   - metric: acc
     aggregation: mean
@@ -586,11 +656,12 @@ def write_toy_tasks(out_dir: str = TASK_DIR, checkpoint: str = DEFAULT_CHECKPOIN
 
     Per family: toy_<family>.yaml/.jsonl (generation, the family's own window as max_gen_toks);
     for chain families also toy_<family>_mc.yaml/.jsonl (multiple choice). toy_spec.json keeps
-    the spec, so eval_tasks/utils.py scores with the same families. Other toy_* task files in
-    out_dir (families of a previous checkpoint) are removed.
+    the spec, so eval_tasks/utils.py scores and draws shots with the same families. Other toy_*
+    task files in out_dir (families of a previous checkpoint) are removed.
     """
     spec = task.load_task(checkpoint)
     name = os.path.relpath(checkpoint, ROOT) if os.path.abspath(checkpoint).startswith(ROOT) else checkpoint
+    few_shot = FEW_SHOT_YAML.format(separator=json.dumps(task.SHOT_SEPARATOR))
     written = []
 
     def write(file, text):
@@ -605,7 +676,8 @@ def write_toy_tasks(out_dir: str = TASK_DIR, checkpoint: str = DEFAULT_CHECKPOIN
     for family, fam in task.families_for(spec).items():
         problems = fam.test_set(n)  # pair has only 13 distinct problems
         write(f"toy_{family}.jsonl", jsonl(dataclasses.asdict(p) for p in problems))
-        write(f"toy_{family}.yaml", GENERATE_YAML.format(family=family, checkpoint=name, gen_length=fam.gen_length))
+        write(f"toy_{family}.yaml", GENERATE_YAML.format(family=family, checkpoint=name, gen_length=fam.gen_length,
+                                                         few_shot=few_shot))
         if not isinstance(fam, task.Chain):
             continue  # pair has several right answers: no single multiple-choice key
         rows = []
@@ -614,7 +686,7 @@ def write_toy_tasks(out_dir: str = TASK_DIR, checkpoint: str = DEFAULT_CHECKPOIN
             random.Random(i).shuffle(choices)  # the right answer's position varies, reproducibly
             rows.append(dict(dataclasses.asdict(p), choices=choices, gold=choices.index(p.answer)))
         write(f"toy_{family}_mc.jsonl", jsonl(rows))
-        write(f"toy_{family}_mc.yaml", MC_YAML.format(family=family, checkpoint=name))
+        write(f"toy_{family}_mc.yaml", MC_YAML.format(family=family, checkpoint=name, few_shot=few_shot))
     # Families the spec no longer has (another checkpoint's) leave no stale task behind.
     for file in os.listdir(out_dir):
         path = os.path.join(out_dir, file)
@@ -629,7 +701,7 @@ def write_toy_tasks(out_dir: str = TASK_DIR, checkpoint: str = DEFAULT_CHECKPOIN
 
 
 def with_defaults(argv: list[str]) -> list[str]:
-    """lm-eval's arguments, plus `--model dllm` and `--include_path eval_tasks` when not given."""
+    """lm-eval's arguments, plus `--model dllm` and `--include_path tools/eval_tasks` when not given."""
     argv = list(argv)
     subcommands = ("run", "ls", "validate")
     if argv and argv[0] in subcommands[1:] or any(a in ("-h", "--help") for a in argv[:1]):
@@ -640,6 +712,19 @@ def with_defaults(argv: list[str]) -> list[str]:
     if "--include_path" not in flags:
         argv += ["--include_path", TASK_DIR]
     return argv
+
+
+def check_model_args(argv: list[str]) -> None:
+    """Refuse a key given twice in --model_args (lm-eval would warn and keep the last one)."""
+    words = []
+    for i, arg in enumerate(argv):
+        if arg in ("--model_args", "-a"):  # one or more 'k=v,k=v' words, up to the next flag
+            words += itertools.takewhile(lambda w: not w.startswith("-"), argv[i + 1:])
+        elif arg.startswith("--model_args="):
+            words.append(arg.split("=", 1)[1])
+    words = [w for w in words if not w.lstrip().startswith("{")]  # a JSON object has unique keys already
+    if words:
+        parse_arg_string(",".join(words))
 
 
 def close_process_group() -> None:
@@ -654,7 +739,7 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] == "--write-toy-tasks":
         import argparse
 
-        ap = argparse.ArgumentParser(prog="eval_harness.py --write-toy-tasks",
+        ap = argparse.ArgumentParser(prog="python -m tools.eval_harness --write-toy-tasks",
                                      description="Write the toy lm-eval task files from task.py's held-out problems.")
         ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint whose task.json fixes the task")
         ap.add_argument("--problems", type=int, default=TOY_PROBLEMS, help="problems per family")
@@ -668,9 +753,10 @@ def main(argv: list[str] | None = None) -> None:
 
     sys.argv = [sys.argv[0]] + with_defaults(argv)
     try:
+        check_model_args(argv)
         cli_evaluate()
     except (ValueError, NotImplementedError) as err:
-        sys.exit(f"eval_harness.py: error: {err}")
+        sys.exit(f"python -m tools.eval_harness: error: {err}")
     finally:
         close_process_group()
 
