@@ -240,9 +240,8 @@ def test_greedy_check_and_rolling_error():
 
 def test_every_decode_config_field_is_a_model_arg():
     """Read from the dataclass: a field added to DecodeConfig later needs no change here."""
-    defaults = DecodeConfig()
     for f in dataclasses.fields(DecodeConfig):
-        value = getattr(defaults, f.name)
+        value = f.default  # as declared (quirks=False becomes a Quirks() only inside DecodeConfig)
         if value is None:
             continue
         _, kwargs = eh.parse_model_args({f.name: str(value)})  # as typed on the command line
@@ -252,6 +251,9 @@ def test_every_decode_config_field_is_a_model_arg():
         if "tuple[int" in str(hint):
             assert eh.parse_model_args({name: "[21, 74]"})[1][name] == (21, 74)
             assert eh.parse_model_args({name: [21]})[1][name] == (21,)
+    from decode import Quirks
+
+    assert DecodeConfig(**eh.parse_model_args({"quirks": "true"})[1]).quirks == Quirks.original()  # the one switch
     harness, kwargs = eh.parse_model_args({"threshold": "0.9", "cache": "dual", "gen_length": 256, "mc_num": "8",
                                            "factor": "None", "check_greedy": "false"})
     assert kwargs == dict(threshold=0.9, cache="dual", gen_length=256, block_length=256, steps=256, factor=None)
