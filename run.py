@@ -94,7 +94,7 @@ def cells(tokenizer, ids, mask_id, eos_id, keep_eos: bool) -> list[str]:
     return out
 
 
-def cache_map(state, config, n_layers: int, seen: dict) -> list[str]:
+def cache_map(state, config) -> list[str]:
     """One character per generated position: what the step's forward did with it.
 
     '#' the forward recomputed it (its tokens were queries: fresh keys/values written to the
@@ -118,13 +118,12 @@ class Display:
     """The live view: the canvas (and the cache map) redrawn in place after every step; or, with
     --no-live and --cache-map, every step's lines printed one after another."""
 
-    def __init__(self, tokenizer, config, n_layers: int, live: bool, show_map: bool):
-        self.tokenizer, self.config, self.n_layers = tokenizer, config, n_layers
+    def __init__(self, tokenizer, config, live: bool, show_map: bool):
+        self.tokenizer, self.config = tokenizer, config
         self.live, self.show_map = live, show_map
         self.width = max(20, shutil.get_terminal_size((160, 24)).columns - 12)  # keep lines from wrapping
         self.drawn = False  # whether a frame is on screen (to redraw over it, or end its line)
         self.seconds = 0.0  # time spent drawing, excluded from the figures
-        self.seen = {}  # dLLM-Cache's counters at the previous step
 
     def frame(self, label: str, gen_ids: list[int], marks: list[str] | None) -> list[str]:
         """The canvas line and, under it, the map line with each mark under its token's cell."""
@@ -163,7 +162,7 @@ class Display:
         """decode.generate's callback, after every step: state.canvas is the canvas, state.window
         what the step's forward computed."""
         t = time.perf_counter()
-        marks = cache_map(state, self.config, self.n_layers, self.seen) if self.show_map else None
+        marks = cache_map(state, self.config) if self.show_map else None
         self.draw(self.frame(f"step {state.nfe:3d}", state.canvas[0, state.P:].tolist(), marks), 0.05)
         self.seconds += time.perf_counter() - t
 
@@ -301,7 +300,7 @@ def run(argv=None) -> None:
         eot_id = tokenizer.convert_tokens_to_ids("<|eot_id|>")
     try:
         delimiter_ids = (newline_id(tokenizer),) if args.adablock else None
-        cfg = DecodeConfig.for_model(model.config, eot_id=eot_id, delimiter_ids=delimiter_ids, **settings(args))
+        config = DecodeConfig.for_model(model.config, eot_id=eot_id, delimiter_ids=delimiter_ids, **settings(args))
     except ValueError as err:
         fail(f"bad settings: {err}")
 
@@ -327,12 +326,12 @@ def run(argv=None) -> None:
 
     # 4) Generate, drawing the canvas after every step.
     live = not args.no_live and sys.stdout.isatty()
-    display = Display(tokenizer, cfg, model.config.n_layers, live, args.cache_map)
-    display.start(cfg.gen_length)
+    display = Display(tokenizer, config, live, args.cache_map)
+    display.start(config.gen_length)
     generator = torch.Generator(device=model.device).manual_seed(args.seed)
     start = time.perf_counter()
     try:
-        out = generate(model, prompt_ids.to(model.device), cfg, generator=generator,
+        out = generate(model, prompt_ids.to(model.device), config, generator=generator,
                        on_step=display.on_step if live or args.cache_map else None)
     except ValueError as err:
         fail(f"bad input: {err}", display)
@@ -346,7 +345,7 @@ def run(argv=None) -> None:
     # 5) The answer (cut at its first EOS/EOT, as a scorer reads it: what follows is padding),
     #    what the method chose or measured, and one line of figures.
     generated = out.generated[0].tolist()
-    stops = {i for i in (cfg.eos_id, cfg.eot_id) if i is not None}
+    stops = {i for i in (config.eos_id, config.eot_id) if i is not None}
     end = next((i for i, t in enumerate(generated) if t in stops), len(generated))
     print(tokenizer.decode(generated[:end], skip_special_tokens=True))
     if "block_lengths" in out.extras:
@@ -354,11 +353,11 @@ def run(argv=None) -> None:
     if "recomputed_fraction" in out.extras:
         print(f"dLLM-Cache recomputed {out.extras['recomputed_fraction']:.1%} of the token-layer rows "
               f"full forwards would have")
-    method = f"cache={cfg.cache}" + ("" if cfg.rule == "topk" else f", {cfg.rule}={getattr(cfg, cfg.rule)}") + \
-        (", adablock" if args.adablock else "") + (", stop-at-eos" if cfg.stop_at_eos else "") + \
+    method = f"cache={config.cache}" + ("" if config.rule == "topk" else f", {config.rule}={getattr(config, config.rule)}") + \
+        (", adablock" if args.adablock else "") + (", stop-at-eos" if config.stop_at_eos else "") + \
         (", quirks" if args.quirks else "")
-    print(f"NFE {out.nfe} | {cfg.gen_length / seconds:.1f} tokens/s | {seconds:.2f} s | "
-          f"{cfg.gen_length / out.nfe:.1f} tokens per forward | {method} | {model.device.type}")
+    print(f"NFE {out.nfe} | {config.gen_length / seconds:.1f} tokens/s | {seconds:.2f} s | "
+          f"{config.gen_length / out.nfe:.1f} tokens per forward | {method} | {model.device.type}")
 
 
 def main(argv=None):

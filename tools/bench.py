@@ -122,7 +122,7 @@ def method_config(model, name: str, gen_length: int, block_length: int, quirks: 
     return DecodeConfig.for_model(model.config, **kw)
 
 
-def decode_all(model, problems, cfg, batch_size, extras=None):
+def decode_all(model, problems, config, batch_size, extras=None):
     """Decode `problems` in batches; returns (generated id lists, total NFE, query tokens, seconds).
 
     NFE is counted per problem: a batch's forwards count once for each of its rows (a batch runs
@@ -134,11 +134,11 @@ def decode_all(model, problems, cfg, batch_size, extras=None):
         ids, mask = left_pad([task.encode(p.prompt) for p in chunk], model.config.pad_token_id)
         mask = mask if len(chunk) > 1 else None  # a single row needs no padding mask
         start = time.perf_counter()
-        if isinstance(cfg, blockbatch.BlockBatchConfig):  # one request per call: its branches are the batch
-            outs = [blockbatch.generate(model, ids[r:r + 1, ids.shape[1] - len(task.encode(p.prompt)):].to(model.device), cfg)
+        if isinstance(config, blockbatch.BlockBatchConfig):  # one request per call: its branches are the batch
+            outs = [blockbatch.generate(model, ids[r:r + 1, ids.shape[1] - len(task.encode(p.prompt)):].to(model.device), config)
                     for r, p in enumerate(chunk)]
         else:
-            outs = [generate(model, ids.to(model.device), cfg,
+            outs = [generate(model, ids.to(model.device), config,
                              attention_mask=None if mask is None else mask.to(model.device))]
         if model.device.type == "cuda":
             torch.cuda.synchronize()
@@ -242,16 +242,16 @@ def bench(args, model, families, problem_sets):
                                                                steps=args.block_length), 1)
         reference, vanilla_seconds, vanilla_right = None, None, None
         for name in args.methods:
-            cfg = method_config(model, name, G, args.block_length, args.quirks)
+            config = method_config(model, name, G, args.block_length, args.quirks)
             print(f"[G={G}] {name}: {len(problems)} problems ...", file=sys.stderr, flush=True)
             extras = []
-            outputs, nfe, query, seconds = decode_all(model, problems, cfg, args.batch_size, extras)
+            outputs, nfe, query, seconds = decode_all(model, problems, config, args.batch_size, extras)
             right = correct(problems, outputs, families)
             if name == "vanilla":
                 reference, vanilla_seconds, vanilla_right = outputs, seconds, right
             drift = None
-            if isinstance(cfg, DecodeConfig) and cfg.cache != "none":
-                drift_cfg = dataclasses.replace(cfg, measure_drift=True)
+            if isinstance(config, DecodeConfig) and config.cache != "none":
+                drift_cfg = dataclasses.replace(config, measure_drift=True)
                 probe = torch.tensor([task.encode(problems[0].prompt)], device=model.device)
                 drift = generate(model, probe, drift_cfg).max_drift
             k = len(problems)
@@ -352,11 +352,11 @@ def sweep(args, model, families) -> list[dict]:
         for value in values:
             settings = dict(gen_length=G, block_length=args.block_length, steps=G, cache=args.sweep_cache,
                             quirks=args.quirks)
-            cfg = DecodeConfig.for_model(model.config, **{**settings, **sweep_overrides(series, value, G)})
+            config = DecodeConfig.for_model(model.config, **{**settings, **sweep_overrides(series, value, G)})
             print(f"[G={G}] {series} {value}: {len(problems)} problems ...", file=sys.stderr, flush=True)
             for name in dict.fromkeys(p.family for p in problems):
                 group = [p for p in problems if p.family == name]
-                outputs, nfe, _, seconds = decode_all(model, group, cfg, args.batch_size)
+                outputs, nfe, _, seconds = decode_all(model, group, config, args.batch_size)
                 rows.append({"series": series, "value": value, "family": name, "problems": len(group),
                              "accuracy": score_by_family(group, outputs, families)[name],
                              "nfe": nfe / len(group), "seconds": seconds,
@@ -432,11 +432,11 @@ def profile_dual_step(model, gen_length: int, block_length: int, repeats: int = 
     x[0, :P] = torch.tensor(prompt)
     cache = KVCache.for_model(model.config, batch=1, capacity=L, device=model.device, dtype=model.dtype)
     s, e = P, P + block_length
-    cfg = DecodeConfig.for_model(model.config, gen_length=gen_length, block_length=block_length, steps=gen_length)
+    config = DecodeConfig.for_model(model.config, gen_length=gen_length, block_length=block_length, steps=gen_length)
 
     def step():
         logits = model(x[:, s:e], positions=torch.arange(s, e, device=model.device), cache=cache)
-        return propose(logits, x[:, s:e] == cfg.mask_id, cfg, Noise())  # temperature 0: no noise
+        return propose(logits, x[:, s:e] == config.mask_id, config, Noise())  # temperature 0: no noise
 
     with torch.no_grad():
         model(x, positions=torch.arange(L, device=model.device), cache=cache)  # block-start refresh

@@ -1,7 +1,7 @@
 """
 The synthetic tasks the project's small model is trained and scored on, and its character tokenizer.
 
-Real LLaDA weights can't be downloaded here, so the project trains its own small model (train.py).
+Real LLaDA weights can't be downloaded here, so the project trains its own small model (tools/train.py).
 The tasks are chosen so that the decoding methods' trade-offs *show*: each family is a reason
 why committing several tokens per forward can go wrong (Fast-dLLM, arXiv 2505.22618, Sec. 3.2).
 
@@ -17,16 +17,15 @@ the response must be exactly `a+b` with digits a, b in 1..9 and a + b = N. A res
 its first EOS/EOT before scoring (`decode`), as evaluation harnesses cut at the stop token.
 
 Each family has a fixed held-out test set (the first `HELD_OUT` distinct draws of its own seeded
-stream) that training never draws, whatever size a script evaluates. `pair` has only 13 distinct
-prompts (N = 4..16), so its "test set" is those 13 and training necessarily sees the same prompts:
-it tests whether decoding keeps an answer consistent, not generalisation.
+stream) that training never draws. `pair` has only 13 prompts (N = 4..16), so its "test set" is
+those 13: it tests whether decoding keeps an answer consistent, not generalisation. A k-shot
+prompt (`few_shot`) puts k solved examples of the question's family, from its training stream,
+before the question, "\n\n" after each: GSM8K's 5- and 8-shot format, the regime the papers
+measure, shared by training, the benchmark, run.py and the lm-eval tasks.
 
-API (what other code, e.g. an evaluation-harness adapter, iterates over):
-    for name, fam in FAMILIES.items():       # 'short', 'long', 'pair'
-        for p in fam.test_set(50):           # [Problem]: p.prompt, p.answer (a reference), p.family
-            ok = fam.score(p, response_text) # bool; also task.score(p, text)
-    fam.gen_length                           # a window that fits every answer (tokens)
-    ids = encode(p.prompt); text = decode(generated_ids)
+    for p in FAMILIES["short"].test_set(50):     # Problem: p.prompt, p.answer (a reference), p.family
+        p8 = few_shot(p, 8)                      # the same problem as an 8-shot prompt
+        ok = score(p8, decode(generated_ids))    # the response is cut at its first EOS
 """
 
 from __future__ import annotations

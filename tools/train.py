@@ -10,10 +10,10 @@ answer length. The model is model.py's own class and the checkpoint is written i
 real LLaDA checkpoint does.
 
 Differences from the paper: no pre-training stage (the task families are all there is);
-generation windows of several lengths in one run (mostly short ones, sometimes up to 1024 tokens)
-so the model has seen the long EOS tails that the benchmark decodes; batches sized in tokens.
-Each example's family is drawn from --mix (e.g. "short:0.3,long:0.4,pair:0.3"); training never
-draws a problem of any family's held-out set (task.HELD_OUT problems, whatever --eval-problems).
+generation windows of several lengths in one run (--windows, up to 1024 tokens) so the model sees
+the long EOS tails the benchmark decodes; k-shot prompts (--shots, task.few_shot's format) in a
+share of the batches; batches sized in tokens, prompts included. Each example's family is drawn
+from --mix; training never draws a held-out problem, as question or as shot.
 
 Resumable and crash-safe: every --save-every steps the weights, the optimizer moments and the log
 go to --state-dir/step-NNNNNNNN/ (safetensors + JSON, nothing pickled), written in a temporary
@@ -27,9 +27,9 @@ bf16 training steps at the start and keeps the faster (on CPUs without bf16 unit
 times slower); the choice is printed and kept on resume.
 
 Usage:
-    python -m tools.train                    # the last stage of checkpoints/fewshot, into runs/model;
-                                             #   the README has both phases' commands
+    python -m tools.train                    # checkpoints/fewshot's last stage, into runs/model
     python -m tools.train --steps 50 --init '' --out /tmp/x --state-dir /tmp/x-state   # a smoke run
+(checkpoints/README.md has every shipped checkpoint's stages, with their commands.)
 """
 
 from __future__ import annotations
@@ -177,12 +177,12 @@ def parse_shares(flag: str, text: str, key, what: str, example: str) -> dict:
     return out
 
 
-def lr_at(cfg: TrainConfig, step: int) -> float:
+def lr_at(config: TrainConfig, step: int) -> float:
     """Linear warmup, then cosine decay from lr to min_lr."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    progress = min(1.0, (step - config.warmup) / max(1, config.steps - config.warmup))
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,27 +190,27 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def held_out_prompts(cfg: TrainConfig) -> set[str]:
+def held_out_prompts(config: TrainConfig) -> set[str]:
     """Every prompt any script may score on (task.HELD_OUT per family), whatever eval_problems is."""
-    return set().union(*(f.held_out_prompts() for f in task.families_for(cfg.task).values()))
+    return set().union(*(f.held_out_prompts() for f in task.families_for(config.task).values()))
 
 
-def make_batch(cfg: TrainConfig, step: int, held_out: set[str], eos_id: int):
+def make_batch(config: TrainConfig, step: int, held_out: set[str], eos_id: int):
     """The batch of step `step`: ids (B, L) and the answer-region mask (B, L). Deterministic.
 
     One window and one shot count k per batch; each example's k solved examples come from its
     own family's training stream (task.with_shots, the format decoding uses), never held out.
     """
-    rng = random.Random(cfg.seed * 1_000_003 + step)
-    windows = cfg.window_shares()
+    rng = random.Random(config.seed * 1_000_003 + step)
+    windows = config.window_shares()
     window = rng.choices(list(windows), list(windows.values()))[0]
     k = 0  # no draw without shots, so a zero-shot run's stream is the plain task's
-    if cfg.shots and rng.random() >= cfg.zero_shot_share:
-        k = rng.randint(1, cfg.shots)
-    families, weights = task.families_for(cfg.task), cfg.weights()
+    if config.shots and rng.random() >= config.zero_shot_share:
+        k = rng.randint(1, config.shots)
+    families, weights = task.families_for(config.task), config.weights()
     names, shares = list(weights), list(weights.values())
     problems = []
-    while len(problems) < max(1, cfg.batch_tokens // (window + 16 + k * SHOT_TOKENS)):
+    while len(problems) < max(1, config.batch_tokens // (window + 16 + k * SHOT_TOKENS)):
         # One family per example (no draw with a single family, so the stream is the plain task's).
         name = names[0] if len(names) == 1 else rng.choices(names, shares)[0]
         p = families[name].sample(rng)
@@ -272,11 +272,11 @@ def evaluate(model, problems, families=None, block_length=32, batch_size=200, ge
     for name in dict.fromkeys(p.family for p in problems):  # families in order of appearance
         group = [p for p in problems if p.family == name]
         G = gen_length or families[name].gen_length
-        cfg = DecodeConfig.for_model(model.config, gen_length=G, block_length=min(block_length, G), steps=G)
+        config = DecodeConfig.for_model(model.config, gen_length=G, block_length=min(block_length, G), steps=G)
         for i in range(0, len(group), batch_size):
             chunk = group[i:i + batch_size]
             ids, mask = left_pad([task.encode(p.prompt) for p in chunk], model.config.pad_token_id)
-            out = generate(model, ids.to(model.device), cfg, attention_mask=mask.to(model.device))
+            out = generate(model, ids.to(model.device), config, attention_mask=mask.to(model.device))
             for p, row in zip(chunk, out.generated.tolist()):
                 correct += families[name].score(p, task.decode(row))
     return correct / len(problems)
@@ -295,16 +295,16 @@ def evaluate_families(model, families, n: int, shots: int = 0) -> dict[str, floa
 SNAPSHOT = re.compile(r"step-(\d{8})")
 
 
-def snapshot_dir(cfg: TrainConfig, step: int) -> str:
-    return os.path.join(cfg.state_dir, f"step-{step:08d}")
+def snapshot_dir(config: TrainConfig, step: int) -> str:
+    return os.path.join(config.state_dir, f"step-{step:08d}")
 
 
-def save_state(cfg: TrainConfig, model, opt, step: int, log: list, precision: str) -> str:
+def save_state(config: TrainConfig, model, opt, step: int, log: list, precision: str) -> str:
     """Write the snapshot of `step` atomically: both files into a temporary directory, then one
     rename. A crash at any point leaves either the complete snapshot or none of it."""
     from safetensors.torch import save_file
 
-    final = snapshot_dir(cfg, step)
+    final = snapshot_dir(config, step)
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an earlier crash
     os.makedirs(tmp)
@@ -317,28 +317,28 @@ def save_state(cfg: TrainConfig, model, opt, step: int, log: list, precision: st
     # The step is stamped in both files too, so even a hand-assembled directory is checked.
     save_file(tensors, os.path.join(tmp, "state.safetensors"), metadata={"step": str(step)})
     with open(os.path.join(tmp, "state.json"), "w") as f:
-        json.dump({"step": step, "precision": precision, "config": asdict(cfg), "log": log}, f, indent=1)
+        json.dump({"step": step, "precision": precision, "config": asdict(config), "log": log}, f, indent=1)
     if os.path.isdir(final):  # re-saving a step (an export run): replace it
         shutil.rmtree(final)
     os.rename(tmp, final)
     return final
 
 
-def latest_snapshot(cfg: TrainConfig) -> str | None:
-    """The newest complete snapshot at or before cfg.steps (temporary directories are ignored)."""
-    if not os.path.isdir(cfg.state_dir):
+def latest_snapshot(config: TrainConfig) -> str | None:
+    """The newest complete snapshot at or before config.steps (temporary directories are ignored)."""
+    if not os.path.isdir(config.state_dir):
         return None
-    steps = [int(m[1]) for name in os.listdir(cfg.state_dir) if (m := SNAPSHOT.fullmatch(name))]
-    steps = [s for s in steps if s <= cfg.steps]
-    return snapshot_dir(cfg, max(steps)) if steps else None
+    steps = [int(m[1]) for name in os.listdir(config.state_dir) if (m := SNAPSHOT.fullmatch(name))]
+    steps = [s for s in steps if s <= config.steps]
+    return snapshot_dir(config, max(steps)) if steps else None
 
 
-def load_state(cfg: TrainConfig, model, opt) -> tuple[int, list, str | None]:
+def load_state(config: TrainConfig, model, opt) -> tuple[int, list, str | None]:
     """Restore the newest snapshot in --state-dir; returns (next step, log, saved precision)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file, safe_open
 
-    path = latest_snapshot(cfg)
+    path = latest_snapshot(config)
     if path is None:
         return 0, [], None
     remedy = (f"delete {path} to resume from the snapshot before it, or pass another --state-dir "
@@ -364,10 +364,10 @@ def load_state(cfg: TrainConfig, model, opt) -> tuple[int, list, str | None]:
                          f"{tensor_file} (step {stamped}) disagree; {remedy}")
     # Every setting that changes the data or the weights must match, or the run would silently drift.
     saved = {k: v for k, v in saved_cfg.items() if k not in RESUMABLE_CHANGES}
-    mine = {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES}
+    mine = {k: v for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES}
     if saved != mine:
         diff = {k: (saved.get(k), mine.get(k)) for k in saved.keys() | mine.keys() if saved.get(k) != mine.get(k)}
-        raise ValueError(f"{cfg.state_dir} holds a run with other settings (saved, now): {diff}; "
+        raise ValueError(f"{config.state_dir} holds a run with other settings (saved, now): {diff}; "
                          "use another --state-dir or the same settings")
     try:
         model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
@@ -386,23 +386,23 @@ def load_state(cfg: TrainConfig, model, opt) -> tuple[int, list, str | None]:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_model(cfg: TrainConfig, device) -> LLaDAModel:
-    """A fresh model of cfg's shape, with --init's weights when given."""
+def build_model(config: TrainConfig, device) -> LLaDAModel:
+    """A fresh model of config's shape, with --init's weights when given."""
     ids = task.special_ids()
-    mcfg = ModelConfig(d_model=cfg.d_model, n_heads=cfg.n_heads, n_layers=cfg.n_layers,
-                       mlp_hidden_size=cfg.mlp_hidden_size, vocab_size=len(task.vocabulary()),
+    model_config = ModelConfig(d_model=config.d_model, n_heads=config.n_heads, n_layers=config.n_layers,
+                       mlp_hidden_size=config.mlp_hidden_size, vocab_size=len(task.vocabulary()),
                        rope_theta=10000.0, max_sequence_length=2048, **ids)
-    model = init_weights(LLaDAModel(mcfg), cfg.seed).to(device)
-    if cfg.init:
+    model = init_weights(LLaDAModel(model_config), config.seed).to(device)
+    if config.init:
         try:
-            start = load_model(cfg.init, device=device, dtype=torch.float32)
+            start = load_model(config.init, device=device, dtype=torch.float32)
         except (ValueError, OSError) as err:
-            raise ValueError(f"--init {cfg.init}: cannot load it ({err}); pass --init '' to train from scratch") from None
+            raise ValueError(f"--init {config.init}: cannot load it ({err}); pass --init '' to train from scratch") from None
         theirs = {k: getattr(start.config, k) for k in ("d_model", "n_heads", "n_layers", "mlp_hidden_size",
                                                           "vocab_size", *ids)}
-        mine = {k: getattr(mcfg, k) for k in theirs}
+        mine = {k: getattr(model_config, k) for k in theirs}
         if theirs != mine:
-            raise ValueError(f"--init {cfg.init} has another shape or other token ids than these settings "
+            raise ValueError(f"--init {config.init} has another shape or other token ids than these settings "
                              f"(theirs, mine): { {k: (theirs[k], mine[k]) for k in mine if theirs[k] != mine[k]} }")
         model.load_state_dict(start.state_dict())
     return model
@@ -421,11 +421,11 @@ def check_writable(path: str, flag: str, what: str = "") -> None:
                          f"pass another {flag}") from None
 
 
-def choose_precision(cfg: TrainConfig, model, opt_free_batch, device, mask_id: int) -> str:
+def choose_precision(config: TrainConfig, model, opt_free_batch, device, mask_id: int) -> str:
     """'bf16' or 'fp32': --bf16 on/off as given; 'auto' times two training steps of each (after a
     warm-up step) on this machine and keeps bf16 only if it is at least 10% faster."""
-    if cfg.bf16 != "auto":
-        return "bf16" if cfg.bf16 == "on" else "fp32"
+    if config.bf16 != "auto":
+        return "bf16" if config.bf16 == "on" else "fp32"
     ids, region = opt_free_batch
 
     def seconds(enabled: bool, give_up_after: float = math.inf) -> float:
@@ -435,7 +435,7 @@ def choose_precision(cfg: TrainConfig, model, opt_free_batch, device, mask_id: i
         for i in range(3):
             start = time.perf_counter()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled):
-                loss, _ = diffusion_loss(model, ids, region, mask_id, cfg.eps, torch.Generator().manual_seed(i))
+                loss, _ = diffusion_loss(model, ids, region, mask_id, config.eps, torch.Generator().manual_seed(i))
             loss.backward()
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -452,29 +452,29 @@ def choose_precision(cfg: TrainConfig, model, opt_free_batch, device, mask_id: i
     return choice
 
 
-def check_output(cfg: TrainConfig) -> None:
+def check_output(config: TrainConfig) -> None:
     """--out must be new, or replaced on purpose: a shipped checkpoint is never overwritten by a
     run that forgot to name its own output. Checked before the first step."""
-    out = os.path.abspath(cfg.out)
+    out = os.path.abspath(config.out)
     if os.path.lexists(out) and not (os.path.isdir(out) and not os.listdir(out)):
         if not os.path.isdir(out):
-            raise ValueError(f"--out {cfg.out} exists and is not a directory; pass another --out")
-        if not cfg.overwrite:
-            raise ValueError(f"--out {cfg.out} already exists; pass another --out, or --overwrite to replace it")
-    check_writable(os.path.dirname(out), "--out", f"{cfg.out}: its folder")
+            raise ValueError(f"--out {config.out} exists and is not a directory; pass another --out")
+        if not config.overwrite:
+            raise ValueError(f"--out {config.out} already exists; pass another --out, or --overwrite to replace it")
+    check_writable(os.path.dirname(out), "--out", f"{config.out}: its folder")
 
 
-def write_checkpoint(cfg: TrainConfig, model, log: list, precision: str) -> None:
+def write_checkpoint(config: TrainConfig, model, log: list, precision: str) -> None:
     """The shipped artefact: model + tokenizer + task spec + training curve, written into a
     temporary sibling of --out and renamed into place, so a crash leaves the old one or the new."""
-    out = os.path.abspath(cfg.out)
+    out = os.path.abspath(config.out)
     tmp, old = f"{out}.tmp-{os.getpid()}", f"{out}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(model, tmp)
     task.build_tokenizer().save_pretrained(tmp)
-    task.save_task(tmp, cfg.task)
-    record = {"config": asdict(cfg), "precision": precision, "log": log}
-    earlier = os.path.join(cfg.init, "training_log.json") if cfg.init else ""
+    task.save_task(tmp, config.task)
+    record = {"config": asdict(config), "precision": precision, "log": log}
+    earlier = os.path.join(config.init, "training_log.json") if config.init else ""
     if os.path.isfile(earlier):  # the history of the weights training started from, nested
         with open(earlier) as f:
             record["init_log"] = json.load(f)
@@ -495,46 +495,46 @@ class Diverged(ValueError):
     """Training produced a non-finite loss or weights; nothing non-finite was saved."""
 
 
-def train(cfg: TrainConfig, state: dict | None = None) -> LLaDAModel:
-    """Train (or resume) per cfg and write the checkpoint. `state` gets the step reached and the
+def train(config: TrainConfig, state: dict | None = None) -> LLaDAModel:
+    """Train (or resume) per config and write the checkpoint. `state` gets the step reached and the
     newest snapshot as training goes, for the caller's report on an interrupt."""
     state = {} if state is None else state
-    torch.set_num_threads(cfg.threads)
-    if cfg.device == "cuda" and not torch.cuda.is_available():
+    torch.set_num_threads(config.threads)
+    if config.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: this torch build or machine has no CUDA device; use --device cpu")
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
-    check_output(cfg)  # before any step, so a typo costs seconds, not the run
-    check_writable(cfg.state_dir, "--state-dir")
-    model = build_model(cfg, device)
+    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if config.device == "auto" else config.device))
+    check_output(config)  # before any step, so a typo costs seconds, not the run
+    check_writable(config.state_dir, "--state-dir")
+    model = build_model(config, device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
-    start, log, precision = load_state(cfg, model, opt)
-    state.update(step=start, snapshot=latest_snapshot(cfg))
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.95))
+    start, log, precision = load_state(config, model, opt)
+    state.update(step=start, snapshot=latest_snapshot(config))
     if start:
-        print(f"resuming {snapshot_dir(cfg, start)} at step {start}")
-    families = task.families_for(cfg.task)
-    held_out = held_out_prompts(cfg)
+        print(f"resuming {snapshot_dir(config, start)} at step {start}")
+    families = task.families_for(config.task)
+    held_out = held_out_prompts(config)
     mask_id, eos_id = model.config.mask_token_id, model.config.eos_token_id
     if precision is None:  # a new run decides once; a resumed one keeps its choice (same numerics)
-        precision = choose_precision(cfg, model, make_batch(cfg, 0, held_out, eos_id), device, mask_id)
+        precision = choose_precision(config, model, make_batch(config, 0, held_out, eos_id), device, mask_id)
     else:
         print(f"precision: {precision} (kept from the snapshot)")
     elapsed0 = log[-1]["seconds"] if log else 0.0  # training time of earlier sessions
     t0, ema = time.time(), (log[-1]["loss"] if log else None)
-    for step in range(start, cfg.steps):
+    for step in range(start, config.steps):
         model.train()
         for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, step)
-        ids, region = make_batch(cfg, step, held_out, eos_id)
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + 7)
+            group["lr"] = lr_at(config, step)
+        ids, region = make_batch(config, step, held_out, eos_id)
+        gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step + 7)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss, _ = diffusion_loss(model, ids, region, mask_id, cfg.eps, gen)
+            loss, _ = diffusion_loss(model, ids, region, mask_id, config.eps, gen)
         value = loss.item()
         if not math.isfinite(value):  # diverged: stop before it reaches the weights or a snapshot
-            raise Diverged(f"the loss is {value} at step {step + 1} (lr {lr_at(cfg, step):.3g}); lower --lr. "
+            raise Diverged(f"the loss is {value} at step {step + 1} (lr {lr_at(config, step):.3g}); lower --lr. "
                            f"Newest snapshot: {state['snapshot'] or 'none'}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -546,27 +546,27 @@ def train(cfg: TrainConfig, state: dict | None = None) -> LLaDAModel:
         done = step + 1
         # A one-line progress report: step, loss, speed, time left.
         rate = (done - start) / max(1e-9, time.time() - t0)
-        if done % 10 == 0 or done == cfg.steps:
-            print(f"step {done}/{cfg.steps} loss {ema:.4f} lr {lr_at(cfg, step):.2e} {rate:.2f} it/s, "
-                  f"{(cfg.steps - done) / max(rate, 1e-9) / 60:.0f} min left", flush=True)
+        if done % 10 == 0 or done == config.steps:
+            print(f"step {done}/{config.steps} loss {ema:.4f} lr {lr_at(config, step):.2e} {rate:.2f} it/s, "
+                  f"{(config.steps - done) / max(rate, 1e-9) / 60:.0f} min left", flush=True)
         entry = {"step": done, "loss": round(ema, 5), "seconds": round(seconds, 1)}
-        if done % cfg.eval_every == 0 or done == cfg.steps:
+        if done % config.eval_every == 0 or done == config.steps:
             model.eval()
-            entry["accuracy"] = evaluate_families(model, families, cfg.eval_problems)
+            entry["accuracy"] = evaluate_families(model, families, config.eval_problems)
             print(f"step {done}: held-out vanilla accuracy {entry['accuracy']} ({seconds / 60:.1f} min)", flush=True)
-            if cfg.eval_shots:
-                entry["accuracy_shots"] = evaluate_families(model, families, cfg.eval_problems, cfg.eval_shots)
-                print(f"step {done}: {cfg.eval_shots}-shot {entry['accuracy_shots']}", flush=True)
+            if config.eval_shots:
+                entry["accuracy_shots"] = evaluate_families(model, families, config.eval_problems, config.eval_shots)
+                print(f"step {done}: {config.eval_shots}-shot {entry['accuracy_shots']}", flush=True)
         if done % 50 == 0 or "accuracy" in entry:
             log.append(entry)
-        if done % cfg.save_every == 0 or done == cfg.steps:
+        if done % config.save_every == 0 or done == config.steps:
             if not all(torch.isfinite(p).all() for p in model.parameters()):
                 raise Diverged(f"the weights are not finite after step {done}; lower --lr. "
                                f"Newest snapshot: {state['snapshot'] or 'none'}")
-            state["snapshot"] = save_state(cfg, model, opt, done, log, precision)
+            state["snapshot"] = save_state(config, model, opt, done, log, precision)
     model.eval()
-    write_checkpoint(cfg, model, log, precision)
-    print(f"wrote {cfg.out}")
+    write_checkpoint(config, model, log, precision)
+    print(f"wrote {config.out}")
     return model
 
 
@@ -616,10 +616,10 @@ def parse_args(argv=None) -> TrainConfig:
 
 
 def main(argv=None) -> None:
-    cfg = parse_args(argv)
+    config = parse_args(argv)
     progress = {}
     try:
-        train(cfg, progress)
+        train(config, progress)
     except ValueError as err:  # a user's mistake (paths, snapshots, settings) or divergence: one line
         sys.exit(f"train.py: error: {err}")
     except KeyboardInterrupt:  # Ctrl-C: one line; the same command resumes from the newest snapshot
