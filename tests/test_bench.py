@@ -58,3 +58,20 @@ def test_few_shot_problems_keep_their_family_and_answer():
     shot = bench.problems_for(families, 64, 5, shots=8)
     assert [(p.family, p.answer, p.value) for p in plain] == [(p.family, p.answer, p.value) for p in shot]
     assert all(s.prompt.endswith(p.prompt) and s.prompt.count("Q: ") == 9 for p, s in zip(plain, shot))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lengths", "4096"], "--lengths 4096: the longest prompt (17 tokens at --shots 0) + 4096 exceeds the model's "
+                            "max_sequence_length 2048"),
+    (["--lengths", "2048", "--shots", "8"], "exceeds the model's max_sequence_length 2048"),
+    (["--out", "/proc/no-such-dir"], "--out /proc/no-such-dir is not a writable directory"),
+    (["--shots", "-1"], "--shots must be in 0..8, got -1"),
+])
+def test_bad_runs_are_refused_before_decoding(argv, message, capsys, tmp_path):
+    """A run that cannot fit the model, or whose results could not be written, is refused at once
+    (one line, exit status 2), not after an hour of decoding."""
+    argv = ["--out", str(tmp_path), *argv] if "--out" not in argv else argv
+    with pytest.raises(SystemExit) as err:
+        bench.main(["--block-length", "32", "--methods", "vanilla", *argv])
+    assert err.value.code == 2
+    assert message in capsys.readouterr().err

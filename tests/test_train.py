@@ -297,3 +297,120 @@ def test_precision_probe_decides_and_says_so(tmp_path, capsys):
     assert all(p.grad is None for p in model.parameters())
     assert train.choose_precision(tiny_cfg(tmp_path, bf16="off"), model, None, None, 0) == "fp32"
     assert train.choose_precision(tiny_cfg(tmp_path, bf16="on"), model, None, None, 0) == "bf16"
+
+
+# ---------------------------------------------------------------------------------------------
+# What a careless run must not do: overwrite a checkpoint, train on after divergence, spin
+# ---------------------------------------------------------------------------------------------
+
+
+def test_an_existing_checkpoint_is_never_overwritten_without_the_flag(tmp_path):
+    """The default --out is a run directory, never a shipped checkpoint; an existing checkpoint at
+    --out is refused before any step unless --overwrite, which replaces it whole."""
+    assert not train.TrainConfig().out.startswith("checkpoints")
+    out = tmp_path / "ckpt"
+    train.train(tiny_cfg(tmp_path, steps=4, overwrite=False))
+    before = (out / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=r"--out .* already exists; pass another --out, or --overwrite"):
+        train.train(tiny_cfg(tmp_path, steps=8, overwrite=False))
+    assert (out / "model.safetensors").read_bytes() == before
+    train.train(tiny_cfg(tmp_path, steps=8, overwrite=True))
+    assert (out / "model.safetensors").read_bytes() != before
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "state"]  # no temporary or old copy left beside it
+
+
+def test_the_final_write_is_atomic(tmp_path, monkeypatch):
+    """A crash while the checkpoint is written leaves the previous one whole."""
+    train.train(tiny_cfg(tmp_path, steps=4, overwrite=False))
+    before = {f: (tmp_path / "ckpt" / f).read_bytes() for f in os.listdir(tmp_path / "ckpt")}
+
+    def dies(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.task, "save_task", dies)  # after the weights, before the task spec
+    with pytest.raises(KeyboardInterrupt):
+        train.train(tiny_cfg(tmp_path, steps=8))
+    assert {f: (tmp_path / "ckpt" / f).read_bytes() for f in os.listdir(tmp_path / "ckpt")} == before
+
+
+@pytest.mark.parametrize("over", [dict(lr=1.0, warmup=0, min_lr=1.0), dict(lr=1.0, warmup=0, min_lr=1.0, eps=0.5)])
+def test_divergence_stops_at_the_first_non_finite_loss(tmp_path, monkeypatch, over):
+    """A loss that turns non-finite ends the run with one line naming the step; no snapshot with
+    non-finite weights is ever written."""
+    real = train.diffusion_loss
+    calls = {"n": 0}
+
+    def blows_up(*args, **kwargs):  # step 6's loss is inf, as a diverging run's would be
+        calls["n"] += 1
+        loss, details = real(*args, **kwargs)
+        return (loss * float("inf") if calls["n"] == 6 else loss), details
+
+    monkeypatch.setattr(train, "diffusion_loss", blows_up)
+    with pytest.raises(train.Diverged, match=r"the loss is inf at step 6 .*lower --lr.*step-00000004"):
+        train.train(tiny_cfg(tmp_path, **over))
+    assert sorted(os.listdir(tmp_path / "state")) == ["step-00000004"]
+    with pytest.raises(SystemExit, match="train.py: error: the loss is"):
+        monkeypatch.setattr(train, "diffusion_loss", lambda *a, **k: (torch.tensor(float("nan"), requires_grad=True), {}))
+        train.main(["--out", str(tmp_path / "o2"), "--state-dir", str(tmp_path / "s2"), "--init", "", "--steps", "2",
+                    "--bf16", "off", "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--mlp-hidden-size", "64",
+                    "--batch-tokens", "256", "--shots", "0"])
+
+
+def test_huge_learning_rate_never_writes_a_non_finite_snapshot(tmp_path):
+    """lr 1 on this tiny model: whatever the loss does, every snapshot on disk holds finite weights."""
+    from safetensors.torch import load_file
+
+    try:
+        train.train(tiny_cfg(tmp_path, lr=1.0, min_lr=1.0, warmup=0))
+    except train.Diverged:
+        pass
+    for snap in os.listdir(tmp_path / "state"):
+        tensors = load_file(str(tmp_path / "state" / snap / "state.safetensors"))
+        assert all(torch.isfinite(t).all() for k, t in tensors.items() if k.startswith("model."))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "1e30"], "lr must be a finite number in (0, 1], got 1e+30"),
+    (["--lr", "inf"], "lr must be a finite number in (0, 1], got inf"),
+    (["--lr", "nan"], "lr must be a finite number in (0, 1], got nan"),
+    (["--weight-decay", "nan"], "weight_decay must be a finite number in [0, 1], got nan"),
+    (["--weight-decay", "inf"], "weight_decay must be a finite number in [0, 1], got inf"),
+    (["--weight-decay", "-5"], "weight_decay must be a finite number in [0, 1], got -5.0"),
+    (["--batch-tokens", "10000000000"], "batch_tokens must be in 1..1048576, got 10000000000"),
+    (["--threads", "100000"], "threads must be in 1.."),
+    (["--mix", "short:1,short:2"], "mix: 'short' appears twice in 'short:1,short:2'"),
+    (["--windows", "32:1,9999:1"], "windows: '9999' in '32:1,9999:1' is not a length in 1..1984"),
+    (["--shots", "9"], "shots must be in 0..8, got 9"),
+])
+def test_out_of_range_settings_are_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as err:
+        train.parse_args(argv)
+    assert err.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "make_batch", interrupted)
+    with pytest.raises(SystemExit) as err:
+        train.main(["--out", str(tmp_path / "o"), "--state-dir", str(tmp_path / "s"), "--init", "", "--steps", "2",
+                    "--bf16", "off", "--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--mlp-hidden-size", "64"])
+    assert err.value.code == 130
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines == ["train.py: interrupted at step 0; the same command resumes from the start (no snapshot yet)"]
+
+
+def test_shots_in_training_batches_are_the_decoding_format(tmp_path):
+    """With --shots, a batch's prompts are task.with_shots's k-shot prompts of one k, and no shot
+    or question is held out."""
+    cfg = tiny_cfg(tmp_path, shots=8, zero_shot_share=0.0, batch_tokens=2048)
+    held_out = train.held_out_prompts(cfg)
+    for step in range(3):
+        prompts = prompts_of(*train.make_batch(cfg, step, held_out, EOS))
+        ks = {p.count("Q: ") - 1 for p in prompts}
+        assert len(ks) == 1 and 1 <= ks.pop() <= 8
+        for p in prompts:
+            parts = p.split(task.SHOT_SEPARATOR)
+            assert all(part.split("\n")[0] + "\n" not in held_out for part in parts)
