@@ -109,7 +109,7 @@ def test_bench_smoke(tmp_path, capsys):
     assert vanilla["speedup"] == 1.0 and vanilla["agreement"] == 1.0 and vanilla["nfe"] == 64
     assert fast["nfe"] < vanilla["nfe"] and fast["max_logit_drift"] is not None
     assert all(r[f"acc_{f}"] is not None for r in rows for f in ("short", "long", "pair"))
-    assert "| G | method | n | prompt tok | accuracy [95% CI] | short | long | pair | Δ vs vanilla [95% CI] |" \
+    assert "| G | method | block | n | prompt tok | accuracy [95% CI] | short | long | pair | Δ vs vanilla [95% CI] |" \
         in capsys.readouterr().out
     assert (tmp_path / "bench.md").is_file()
 
