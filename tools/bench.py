@@ -394,7 +394,7 @@ def sweep_svg(rows, gen_length: int, title: str) -> str:
     x_max = math.log2(gen_length)
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{len(fams) * W + gap}" height="{H + 30}" '
            f'font-family="sans-serif" font-size="11">',
-           f'<rect width="100%" height="100%" fill="white"/>',
+           '<rect width="100%" height="100%" fill="white"/>',
            f'<text x="10" y="16" font-size="13">{title}</text>']
     for i, fam in enumerate(fams):
         ox, oy = left + i * W, top  # the panel's plot-area corner
