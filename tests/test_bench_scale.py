@@ -1,5 +1,6 @@
-"""bench_scale.py: FLOP and byte counts against hand-computed numbers, the forwards against
-decode.py's own model calls, the published peaks, and a whole run on a tiny preset."""
+"""roofline.py and bench_scale.py: FLOP and byte counts against hand-computed numbers and torch's
+FLOP counter, the recorded forwards against what generate ran, the published peaks, the flags
+that are refused, and a whole run on a tiny preset."""
 
 import json
 
@@ -9,12 +10,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
-from tools import bench_scale
-from tools.bench_scale import (POLICIES, Forward, ScaleSettings, build_model, forward_bytes, forward_flops,
-                         kv_bytes_read, param_count, preset_config, published_peak, representative, roofline,
-                         weight_bytes_read)
-from decode import DecodeConfig, generate
+import blockbatch
 from model import ModelConfig
+from tools import bench_scale
+from tools.bench_scale import POLICIES, ScaleSettings, build_model, recorder_config, replay, representative
+from tools.roofline import (Forward, Hardware, forward_bytes, forward_flops, kv_bytes_read, param_count,
+                            preset_config, published_peak, roofline, weight_bytes_read)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -26,13 +27,23 @@ def one_cpu_thread():
     torch.set_num_threads(saved)
 
 
+@pytest.fixture(scope="module")
+def recorder():
+    """The benchmark's own recorder: one layer, width 8."""
+    return build_model(recorder_config(4096))
+
+
 # A config small enough to count by hand: C 8, H 2, Hkv 1 (D 4), N 2, M 12, V 20.
 HAND = ModelConfig(d_model=8, n_heads=2, n_kv_heads=1, n_layers=2, mlp_hidden_size=12, vocab_size=20,
                    max_sequence_length=64, mask_token_id=19, eos_token_id=18, pad_token_id=18)
 
 
+def prompt_of(P, B=1, high=40):
+    return torch.randint(0, high, (B, P), generator=torch.Generator().manual_seed(0))
+
+
 # ---------------------------------------------------------------------------------------------
-# Counting parameters, FLOPs and bytes
+# Counting parameters, FLOPs and bytes (roofline.py)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -61,127 +72,188 @@ def test_param_count_matches_the_module(C, heads, N, M, V, tying, bias):
 
 
 def test_flops_by_hand():
-    """Q 5 query tokens against a cache of L 10 positions, LM head over a block of 3."""
-    fwd = Forward("dual step", 3, 8, 4, 7, cached=True)
+    """Q 5 query tokens against a cache of 10 positions, LM head over a block of 3."""
+    fwd = Forward("dual step", rows=1, q=5, keys=10, logits=3, cached=True)
     # Per layer: q and output projections 2·5·8·8 each, k and v 2·5·8·4 each   -> 1280 + 640 = 1920
     #            scores and values 2·(2·5·10·(2·4))                           -> 1600
     #            SwiGLU 3·(2·5·8·12)                                          -> 2880
     # Two layers: 2·6400 = 12800; LM head over 3 tokens: 2·3·8·20 = 960.
-    assert forward_flops(HAND, fwd, L=10) == 13760
+    assert forward_flops(HAND, fwd) == 13760
     # Without a cache the queries attend only to themselves: scores and values 2·(2·5·5·8) = 800.
-    alone = Forward("full", 3, 8, 4, 7, cached=False)
-    assert forward_flops(HAND, alone, L=10) == 2 * (1920 + 800 + 2880) + 960
-    assert forward_flops(HAND, fwd, L=10, batch=3) == 3 * 13760
+    alone = Forward("full", rows=1, q=5, keys=5, logits=3, cached=False)
+    assert forward_flops(HAND, alone) == 2 * (1920 + 800 + 2880) + 960
+    assert forward_flops(HAND, Forward("dual step", 3, 5, 10, 3, True)) == 3 * 13760  # three rows
 
 
 def test_bytes_by_hand():
-    fwd = Forward("dual step", 3, 8, 4, 7, cached=True)
+    fwd = Forward("dual step", rows=1, q=5, keys=10, logits=3, cached=True)
     # Parameters: embedding 20·8 = 160; per layer q 64, k 32, v 32, out 64, SwiGLU 3·96, norms 16
     # = 496, two layers 992; final norm 8; LM head 160. Total 1320.
     assert param_count(HAND) == 1320
     # A forward reads every weight but the embedding table, of which only its 5 rows: 1320 - 160 + 40.
     assert weight_bytes_read(HAND, fwd, elem=4) == 1200 * 4
     # Keys and values: 2 (k, v) · 2 layers · 1 kv head · head dim 4 · 10 positions, 2 bytes in bf16.
-    assert kv_bytes_read(HAND, fwd, L=10, elem=2) == 160 * 2
-    assert forward_bytes(HAND, fwd, L=10, elem=2) == 1200 * 2 + 160 * 2
+    assert kv_bytes_read(HAND, fwd, elem=2) == 160 * 2
+    assert forward_bytes(HAND, fwd, elem=2) == 1200 * 2 + 160 * 2
 
 
 def test_feature_caching_forward_by_hand():
-    """A dLLM-Cache V-verify forward over a canvas of 10: layer 0 recomputes all 10 tokens, layer 1
-    recomputes 2 and projects 6 response tokens to values; the LM head covers a block of 3."""
-    fwd = Forward("V-verify step", 0, 10, 4, 7, cached=True, recompute=2, verify=6, features=True)
+    """A dLLM-Cache forward over a canvas of 10 whose layer 0 recomputes all 10 tokens (the
+    original's quirk) and whose layer 1 recomputes 2 and projects 6 response tokens to values."""
+    fwd = Forward("V-verify step", 1, q=10, keys=10, logits=3, cached=True, recompute=(10, 2), verify=(0, 6))
     # Layer 0 (10 tokens over 10 keys): projections 2·10·8·(8+4+4+8) = 3840, attention
     # 4·10·10·8 = 3200, SwiGLU 6·10·8·12 = 5760 -> 12800. Layer 1 (2 tokens): 768 + 640 + 1152,
     # plus values of 6 tokens 2·6·8·4 = 384 -> 2944. LM head: 960.
-    assert forward_flops(HAND, fwd, L=10) == 12800 + 2944 + 960
+    assert forward_flops(HAND, fwd) == 12800 + 2944 + 960
     # Bytes at 1 byte each: weights 1320 - 160 + 10 embedding rows of 8, and layer 1's v_proj (8·4)
     # once more; K/V of 10 positions in both layers (2·2·4·10) and 6 cached values (6·4); cached
     # attention and MLP outputs of all 10 positions in both layers (2·2·10·8).
-    assert forward_bytes(HAND, fwd, L=10, elem=1) == (1240 + 32) + (160 + 24) + 320
+    assert forward_bytes(HAND, fwd, elem=1) == (1240 + 32) + (160 + 24) + 320
+
+
+def test_a_dllm_layer_that_recomputes_nothing_reads_no_weights():
+    """rho = 0 between refreshes: no layer computes anything; the forward reads the embedding rows,
+    the final norm, the LM head and every layer's cached features, and no K/V."""
+    fwd = Forward("reuse step", 1, q=10, keys=10, logits=3, cached=True, recompute=(0, 0), verify=(0, 0))
+    assert forward_flops(HAND, fwd) == 960  # the LM head alone
+    assert forward_bytes(HAND, fwd, elem=1) == (80 + 8 + 160) + 0 + 320
 
 
 def test_weight_tied_head_reads_the_whole_table():
     cfg = ModelConfig(**{**HAND.__dict__, "weight_tying": True})
-    fwd = Forward("full", 0, 5, 0, 5, cached=False)
+    fwd = Forward("full", 1, q=5, keys=5, logits=5, cached=False)
     assert weight_bytes_read(cfg, fwd, elem=1) == param_count(cfg) == 1320 - 160
 
 
 @pytest.mark.parametrize("policy", list(POLICIES))
-def test_flops_match_torch_counter(policy):
-    """torch's FlopCounterMode counts the matrix multiplies of the real forwards (not the SDPA
+def test_flops_match_torch_counter(recorder, policy):
+    """torch's FlopCounterMode counts the matrix multiplies of the replayed forwards (not the SDPA
     kernel on CPU): they equal our count without the attention term, for every kind."""
     cfg = preset_config("tiny")
-    model = build_model(cfg, device="cpu")
+    model = build_model(cfg)
     P, G, K = 12, 16, 8
-    L = P + G
-    x = torch.randint(0, cfg.mask_token_id, (1, L))
-    state, seen = {}, set()
-    for fwd in POLICIES[policy].schedule(P, G, K):
-        if fwd.kind in seen:
-            continue
-        seen.add(fwd.kind)
-        call = POLICIES[policy].runner(model, x, fwd, P, K, state)  # the call the benchmark times
+    recorded = POLICIES[policy].record(recorder, prompt_of(P, high=14), G, POLICIES[policy].block_length or K)
+    canvas, caches, kinds = torch.randint(0, cfg.mask_token_id, (8, P + G)), {}, {}
+    for rec in recorded:
+        kinds.setdefault(rec.forward.kind, rec)
+    for kind, rec in kinds.items():
+        fwd, call = rec.forward, replay(model, rec, canvas, caches)  # the call the benchmark times
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            call()
-        attention = 4 * (fwd.q + (cfg.n_layers - 1) * fwd.rows) * fwd.keys(L) * cfg.n_heads * cfg.head_dim * fwd.branches
-        assert counter.get_total_flops() == forward_flops(cfg, fwd, L) - attention, fwd.kind
+            call(model)
+        queries = fwd.layer(0)[0] + (cfg.n_layers - 1) * fwd.layer(1)[0]
+        attention = 4 * fwd.rows * queries * fwd.keys * cfg.n_heads * cfg.head_dim
+        assert counter.get_total_flops() == forward_flops(cfg, fwd) - attention, kind
 
 
 # ---------------------------------------------------------------------------------------------
-# The forwards are decode.py's forwards
+# The recorded forwards are the ones generate ran (bench_scale.py)
 # ---------------------------------------------------------------------------------------------
+
+
+class Trace:
+    """What the model really computed, forward by forward, read by module hooks: the embedding's
+    input (rows, Q), per layer the tokens through the MLP (recomputed) and through v_proj
+    (recomputed + only projected to values), and the LM head's input (logits per row)."""
+
+    def __init__(self, model):
+        self.calls, self.handles = [], []
+        t = model.model.transformer
+        self.hook(t.wte, lambda x: self.calls.append(dict(rows=x.shape[0], q=x.shape[1], mlp=[], v=[0] * len(t.blocks))))
+        for i, block in enumerate(t.blocks):
+            self.hook(block.ff_proj, lambda x: self.calls[-1]["mlp"].append(x.shape[1]))
+            self.hook(block.v_proj, lambda x, i=i: self.calls[-1]["v"].__setitem__(i, self.calls[-1]["v"][i] + x.shape[1]))
+        self.hook(t.ff_out, lambda x: self.calls[-1].__setitem__("logits", x.shape[1]))
+
+    def hook(self, module, fn):
+        self.handles.append(module.register_forward_pre_hook(lambda m, args: fn(args[0])))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+def expected(fwd: Forward, n_layers: int) -> dict:
+    layers = [fwd.layer(i) for i in range(n_layers)]
+    return dict(rows=fwd.rows, q=fwd.q, mlp=[r for r, _ in layers if r], v=[r + v for r, v in layers],
+                logits=fwd.logits)
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_recorded_forwards_are_what_generate_ran(random_model, policy):
+    """Every model call of the recorded run, as the hooks saw it, equals the recorded forward list,
+    in order: rows, query tokens, per-layer work (dLLM-Cache's refresh plan included), logits.
+    The dLLM-Cache run crosses a prompt refresh (step 51), response refreshes and V-verify steps;
+    this sharp random model's BlockBatch run commits several tokens per forward, merges and syncs."""
+    P, G = 5, 64
+    K = POLICIES[policy].block_length or 16
+    with Trace(random_model) as trace:
+        recorded = POLICIES[policy].record(random_model, prompt_of(P), G, K)
+    assert trace.calls == [expected(r.forward, random_model.config.n_layers) for r in recorded]
+    if policy == "dllm":
+        assert {r.forward.kind for r in recorded} == {"full refresh", "prompt refresh", "response refresh",
+                                                      "V-verify step"}
 
 
 @pytest.mark.parametrize("policy", ["none", "prefix", "dual"])
-@pytest.mark.parametrize("P, G, K", [(5, 16, 4), (3, 8, 8)])
-def test_schedule_is_what_generate_calls(random_model, policy, P, G, K):
-    """Record every model call of decode.generate at one token per step: the query windows,
-    logits ranges and cache use are exactly the benchmark's forwards, in order."""
+def test_recorded_windows_are_the_model_calls(random_model, policy):
+    """The windows themselves: positions, logits range and cache use of every model call."""
     calls = []
 
     def hook(module, args, kwargs):
-        pos = kwargs["positions"].reshape(-1)  # (Q,) today; a (B, Q) form holds the same at B = 1
-        calls.append((int(pos[0]), int(pos[-1]) + 1, tuple(kwargs["logits_range"]), kwargs["cache"] is not None))
+        pos = kwargs["positions"]
+        calls.append((pos.tolist(), tuple(kwargs["logits_range"]), kwargs["cache"] is not None))
 
     handle = random_model.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        cfg = DecodeConfig.for_model(random_model.config, gen_length=G, block_length=K, steps=G, cache=policy)
-        out = generate(random_model, torch.randint(0, 40, (1, P), generator=torch.Generator().manual_seed(0)), cfg)
+        recorded = POLICIES[policy].record(random_model, prompt_of(5), 16, 4)
     finally:
         handle.remove()
-    forwards = POLICIES[policy].schedule(P, G, K)
-    assert calls == [(f.q0, f.q1, (f.c0 - f.q0, f.e - f.q0), f.cached) for f in forwards]
-    assert out.nfe == len(forwards) == G
-    assert out.query_tokens == sum(f.q for f in forwards)
+    assert calls == [(r.window.positions.tolist(), r.window.logits_range, r.forward.cached) for r in recorded]
+    assert len(recorded) == 16  # one token per step
 
 
-@pytest.mark.skipif("dllm" not in POLICIES, reason="decode.py has no dLLM-Cache")
-def test_dllm_schedule_is_what_generate_recomputes(random_model):
-    """dLLM-Cache's forwards: one per step, and per layer the very rows decode.py recomputes
-    (it counts them), across a prompt refresh (t = 50), response refreshes and V-verify steps."""
-    P, G, K = 5, 64, 8
-    cfg = DecodeConfig.for_model(random_model.config, gen_length=G, block_length=K, steps=G, cache="dllm")
-    out = generate(random_model, torch.randint(0, 40, (1, P), generator=torch.Generator().manual_seed(0)), cfg)
-    forwards = POLICIES["dllm"].schedule(P, G, K)
-    assert out.nfe == len(forwards) == G
-    assert {f.kind for f in forwards} == {"full refresh", "prompt refresh", "response refresh", "V-verify step"}
-    rows = out.extras["recomputed_rows"]
-    N = random_model.config.n_layers
-    assert rows["prompt"] + rows["response"] == sum(f.q + (N - 1) * f.rows for f in forwards)
+@pytest.mark.parametrize("policy", ["none", "prefix", "dual", "dllm"])
+def test_top_k_windows_do_not_depend_on_the_model(recorder, random_model, policy):
+    """Under LLaDA's top-k schedule the recorder (1 layer, width 8, random) and a sharper 2-layer
+    model with another vocabulary make the very same forwards: the schedule is the settings'."""
+    P, G = 7, 64
+    K = POLICIES[policy].block_length or 16
+    runs = [POLICIES[policy].record(m, prompt_of(P, B=2, high=14), G, K) for m in (recorder, random_model)]
+    assert [r.forward for r in runs[0]] == [r.forward for r in runs[1]]
 
 
-def test_representative_has_the_mean_cost():
+def test_the_random_recorder_runs_blockbatch_one_token_per_forward(recorder, random_model):
+    """BlockBatch's schedule follows its commits: the recorder's confidences never reach 0.9, so each
+    forward commits one token per branch (G forwards: 1 init, block steps, refreshes every 32 tokens)
+    with no merge or sync; the sharp random model commits more and finishes in fewer."""
+    G = 64
+    recorded = POLICIES["blockbatch"].record(recorder, prompt_of(8, high=14), G, 0)
+    kinds = [r.forward.kind for r in recorded]
+    assert len(recorded) == G and kinds.count("batched refresh") == G // 32 - 1 and kinds[0] == "init forward"
+    config = blockbatch.BlockBatchConfig.for_model(recorder.config, gen_length=G, block_sizes=(4, 8, 16, 32, 64))
+    out = blockbatch.generate(recorder, prompt_of(8, high=14), config)  # the run the recording made
+    assert out.extras["merges"] == out.extras["syncs"] == 0 and out.extras["exit"] == "natural"
+    assert len(POLICIES["blockbatch"].record(random_model, prompt_of(8), G, 0)) < G
+
+
+def test_representative_has_the_mean_cost(recorder):
     """The prefix step's Q shrinks block by block; the timed forward has the mean Q, and since
     the cost is affine in Q its FLOPs equal the mean FLOPs over the request."""
     cfg = preset_config("tiny")
     P, G, K = 16, 64, 8
-    steps = [f for f in POLICIES["prefix"].schedule(P, G, K) if f.kind == "prefix step"]
+    recorded = POLICIES["prefix"].record(recorder, prompt_of(P, high=14), G, K)
+    steps = [r for r in recorded if r.forward.kind == "prefix step"]
     rep = representative(steps)
-    assert rep.q == (G + K) // 2 and rep.q1 == P + G and rep.logits == K and rep.cached
-    mean = sum(forward_flops(cfg, f, P + G) for f in steps) / len(steps)
-    assert forward_flops(cfg, rep, P + G) == mean
-    dual = [f for f in POLICIES["dual"].schedule(P, G, K) if f.kind == "dual step"]
-    assert representative(dual) in dual  # constant shape: one of the real forwards
+    assert rep.forward.q == (G + K) // 2 == rep.window.positions.shape[-1]
+    assert rep.window.positions[-1] == P + G - 1 and rep.forward.logits == K and rep.forward.cached
+    mean = sum(forward_flops(cfg, r.forward) for r in steps) / len(steps)
+    assert forward_flops(cfg, rep.forward) == mean
+    dual = [r for r in POLICIES["dual"].record(recorder, prompt_of(P, high=14), G, K)
+            if r.forward.kind == "dual step"]
+    assert any(representative(dual) is r for r in dual)  # constant shape: one of the real forwards
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,21 +281,21 @@ def test_published_peak_figures():
 
 
 def test_llada_8b_dual_step_bound_on_h100():
-    """The bound the README quotes: a DualCache step of LLaDA-8B in bf16 (32 query tokens against
-    512 + 256 cached positions) reads 15.4 GB and is bounded by bandwidth at 4.60 ms on an H100 SXM."""
+    """A DualCache step of LLaDA-8B in bf16 (32 query tokens against 512 + 256 cached positions)
+    reads 15.4 GB and is bounded by bandwidth at 4.60 ms on an H100 SXM."""
     cfg = preset_config("llada-8b")
-    L = 512 + 256
-    step = Forward("dual step", 512, 544, 512, 544, cached=True)
-    nbytes = forward_bytes(cfg, step, L, elem=2)
+    step = Forward("dual step", 1, q=32, keys=768, logits=32, cached=True)
+    nbytes = forward_bytes(cfg, step, elem=2)
     # Every weight but the embedding table (8,015,581,184 - 126464·4096) plus 32 of its rows, and
     # keys/values 2·32 layers·4096·768 positions, all at 2 bytes.
     assert nbytes == (8_015_581_184 - 126464 * 4096 + 32 * 4096) * 2 + 2 * 32 * 4096 * 768 * 2
-    bound, by = roofline(published_peak("NVIDIA H100 80GB HBM3", torch.bfloat16), forward_flops(cfg, step, L), nbytes)
+    h100 = published_peak("NVIDIA H100 80GB HBM3", torch.bfloat16)
+    bound, by = roofline(h100, forward_flops(cfg, step), nbytes)
     assert by == "memory" and 4.59e-3 < bound < 4.61e-3
     # The full refresh of the same request (768 tokens) is bounded by compute instead.
-    refresh = Forward("refresh", 0, L, 512, 544, cached=True)
-    assert roofline(published_peak("NVIDIA H100 80GB HBM3", torch.bfloat16), forward_flops(cfg, refresh, L),
-                    forward_bytes(cfg, refresh, L, elem=2))[1] == "compute"
+    refresh = Forward("refresh", 1, q=768, keys=768, logits=32, cached=True)
+    assert roofline(h100, forward_flops(cfg, refresh), forward_bytes(cfg, refresh, elem=2))[1] == "compute"
+    assert h100.ridge == pytest.approx(989.4 / 3.35)
 
 
 def test_measure_cpu_gives_positive_rates():
@@ -232,45 +304,118 @@ def test_measure_cpu_gives_positive_rates():
 
 
 # ---------------------------------------------------------------------------------------------
-# End to end
+# Refused before anything runs
 # ---------------------------------------------------------------------------------------------
 
 QUICK = ["--preset", "tiny", "--prompt-length", "16", "--lengths", "16", "32", "--block-length", "8", "--device", "cpu",
-         "--time-budget", "0.005", "--max-repeats", "2", "--peak-tflops", "1", "--peak-gbs", "10"]
+         "--time-budget", "0.005", "--max-repeats", "2"]
+PEAKS = ["--peak-tflops", "1", "--peak-gbs", "10"]
+
+
+def refused(argv, capsys) -> str:
+    """The one-line error main() exits with; nothing ran (no table was printed)."""
+    with pytest.raises(SystemExit) as exit_:
+        bench_scale.main(argv)
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and "### G" not in out
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("peaks, field", [
+    (["--peak-tflops", "0", "--peak-gbs", "10"], "peak_tflops"),
+    (["--peak-tflops", "nan", "--peak-gbs", "10"], "peak_tflops"),
+    (["--peak-tflops", "1", "--peak-gbs", "-1"], "peak_gbs"),
+    (["--peak-tflops", "1", "--peak-gbs", "inf"], "peak_gbs"),
+])
+def test_peaks_that_are_not_positive_numbers_are_refused(peaks, field, capsys):
+    """A peak of 0, nan, a negative one or inf would print tables of nan or zeros."""
+    assert f"{field} must be a finite number > 0, got" in refused(QUICK + peaks, capsys)
+
+
+def test_a_peak_without_its_partner_and_nothing_to_take_it_from_is_refused(capsys):
+    argv = ["--preset", "tiny", "--dry-run", "--peak-tflops", "100", "--lengths", "8", "--prompt-length", "8",
+            "--block-length", "8"]
+    assert "pass both --peak-tflops and --peak-gbs" in refused(argv, capsys)
+
+
+def test_hardware_refuses_a_zero_peak():
+    with pytest.raises(ValueError, match="peak FLOP/s must be a finite number > 0"):
+        Hardware("X", 0.0, 1e12, "")
+
+
+@pytest.mark.parametrize("where, why", [("missing/out.json", "does not exist"), (".", "is a directory")])
+def test_an_unwritable_json_path_is_refused_before_the_run(tmp_path, capsys, where, why):
+    line = refused(QUICK + PEAKS + ["--json", str(tmp_path / where)], capsys)
+    assert "cannot write --json" in line and why in line
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(preset="gpt-5"), "unknown preset"),
+    (dict(gen_lengths=[100]), "not a positive multiple"),
+    (dict(gen_lengths=[6], policies=["blockbatch"]), "divisible by none of BlockBatch's block sizes"),
+    (dict(policies=["quantum"]), "unknown policies"),
+    (dict(batch=0), "batch must be a positive integer"),
+    (dict(hardware="TPU"), "unknown hardware"),
+    (dict(time_budget=float("nan")), "time_budget must be a finite number > 0"),
+    (dict(dtype="float8"), "unknown dtype"),
+])
+def test_settings_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ScaleSettings(**kwargs)
+
+
+def test_a_model_larger_than_memory_is_refused_before_allocating():
+    with pytest.raises(ValueError, match="use a smaller preset or dtype, or --dry-run"):
+        bench_scale.check_fits(preset_config("llada-8b", n_layers=4000), elem=4, device=torch.device("cpu"))
+
+
+def test_blockbatch_is_one_request_per_call():
+    with pytest.raises(ValueError, match="BlockBatch decodes one request per call"):
+        ScaleSettings(policies=["blockbatch"], batch=2)
+    # Without --policies, a batched run leaves BlockBatch out instead of failing.
+    result = bench_scale.main(["--preset", "llada-8b", "--dry-run", "--hardware", "H100 SXM", "--lengths", "32",
+                               "--prompt-length", "32", "--batch", "8"])
+    assert "blockbatch" not in {r["policy"] for r in result["requests"]}
+    assert all(k["rows"] == 8 for k in result["kinds"])
+
+
+def test_request_longer_than_the_model_is_refused():
+    with pytest.raises(ValueError, match="exceeds max_sequence_length"):
+        bench_scale.run(ScaleSettings(preset="tiny", prompt_length=4000, gen_lengths=[256], device="cpu",
+                                      peak_tflops=1, peak_gbs=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end
+# ---------------------------------------------------------------------------------------------
 
 
 def test_runs_end_to_end_on_a_tiny_preset(tmp_path, capsys):
     out = tmp_path / "scale.json"
-    result = bench_scale.main(QUICK + ["--json", str(out)])
+    result = bench_scale.main(QUICK + PEAKS + ["--json", str(out)])
     text = capsys.readouterr().out
     assert "### G = 16" in text and "### G = 32" in text and "extrapolated" in text
-    # Per G: one row per kind of each policy (none: full; prefix and dual: refresh + step; ...).
-    kinds = {G: {(p, f.kind) for p, pol in POLICIES.items()
-                 for f in pol.schedule(16, G, pol.block_length or 8)} for G in (16, 32)}
-    assert len(result["kinds"]) == sum(len(k) for k in kinds.values())
+    assert "CPU ms" in text and "wall ms" in text  # one CPU thread: timed by this process's CPU time
     assert len(result["requests"]) == 2 * len(POLICIES)
     assert all(k["seconds"] > 0 and k["wall_seconds"] > 0 and k["bound_s"] > 0 for k in result["kinds"])
-    assert "CPU ms" in text and "wall ms" in text  # one CPU thread: timed by this process's CPU time
     for req in result["requests"]:
-        policy = POLICIES[req["policy"]]
-        forwards = policy.schedule(16, req["gen_length"], policy.block_length or 8)
-        assert req["forwards"] == len(forwards)
-        if req["policy"] != "blockbatch":
-            assert req["forwards"] == req["gen_length"]  # one token per step
         kinds = [k for k in result["kinds"] if k["policy"] == req["policy"] and k["gen_length"] == req["gen_length"]]
+        assert req["forwards"] == sum(k["count"] for k in kinds) == req["gen_length"]  # one token per forward
         assert req["seconds"] == pytest.approx(sum(k["count"] * k["seconds"] for k in kinds))
+    dual = [k for k in result["kinds"] if k["policy"] == "dual" and k["gen_length"] == 32]
+    assert [(k["kind"], k["count"]) for k in dual] == [("refresh", 4), ("dual step", 28)]
     assert json.loads(out.read_text())["params"] == param_count(preset_config("tiny"))
 
 
 def test_bench_py_scale_mode_echoes_its_own_command(capsys):
     """bench.py --scale hands its other flags to bench_scale.main with its own name."""
-    bench_scale.main(QUICK + ["--lengths", "8", "--policies", "dual"], prog="bench.py --scale")
+    bench_scale.main(QUICK + PEAKS + ["--lengths", "8", "--policies", "dual"], prog="bench.py --scale")
     assert capsys.readouterr().out.startswith("`python bench.py --scale --preset tiny")
 
 
 def test_shape_flags_override_the_preset(capsys):
-    result = bench_scale.main(QUICK + ["--d-model", "32", "--layers", "1", "--heads", "2", "--mlp", "40",
-                                       "--vocab", "100", "--lengths", "8", "--policies", "dual"])
+    result = bench_scale.main(QUICK + PEAKS + ["--d-model", "32", "--layers", "1", "--heads", "2", "--mlp", "40",
+                                               "--vocab", "100", "--lengths", "8", "--policies", "dual"])
     cfg = preset_config("tiny", d_model=32, n_layers=1, n_heads=2, mlp_hidden_size=40, vocab_size=100)
     assert cfg.n_kv_heads == 2 and cfg.mask_token_id == 99  # MHA for a new head count; ids in range
     assert result["params"] == param_count(cfg)
@@ -278,7 +423,8 @@ def test_shape_flags_override_the_preset(capsys):
 
 def test_dry_run_of_llada_8b_allocates_nothing(capsys):
     """The 8B preset on the meta device: counts and H100 bounds on any machine, in a blink."""
-    result = bench_scale.main(["--preset", "llada-8b", "--dry-run", "--hardware", "H100 SXM", "--lengths", "256"])
+    result = bench_scale.main(["--preset", "llada-8b", "--dry-run", "--hardware", "H100 SXM", "--lengths", "64",
+                               "--prompt-length", "64"])
     assert result["params"] == 8_015_581_184
     dual = next(k for k in result["kinds"] if k["kind"] == "dual step")
     assert dual["bound_by"] == "memory" and dual["seconds"] is None
@@ -292,41 +438,8 @@ def test_compile_failure_is_reported_cleanly(monkeypatch, capsys):
 
     monkeypatch.setattr(torch, "compile", broken)
     monkeypatch.setattr(bench_scale, "_COMPILED", {})
-    result = bench_scale.main(QUICK + ["--lengths", "8", "--compile"])
-    steps = [k for k in result["kinds"] if k["kind"] in ("prefix step", "dual step")]
-    assert len(steps) == 2 and all(k["compile_error"] == "RuntimeError: no C++ compiler found" for k in steps)
+    result = bench_scale.main(QUICK + PEAKS + ["--lengths", "8", "--compile"])
+    steps = [k for k in result["kinds"] if k["kind"] in ("prefix step", "dual step", "batched block step")]
+    assert len(steps) == 3 and all(k["compile_error"] == "RuntimeError: no C++ compiler found" for k in steps)
     assert all(k["compile_error"] is None for k in result["kinds"] if k not in steps)
     assert "torch.compile failed" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(preset="gpt-5"), "unknown preset"),
-    (dict(gen_lengths=[100]), "not a positive multiple"),
-    (dict(policies=["quantum"]), "unknown policies"),
-    (dict(batch=0), "batch must be positive"),
-    (dict(hardware="TPU"), "unknown hardware"),
-])
-def test_settings_errors(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        ScaleSettings(**kwargs)
-
-
-def test_a_model_larger_than_memory_is_refused_before_allocating():
-    with pytest.raises(ValueError, match="use a smaller preset or dtype, or --dry-run"):
-        bench_scale.check_fits(preset_config("llada-8b", n_layers=4000), elem=4, device=torch.device("cpu"))
-
-
-@pytest.mark.skipif("blockbatch" not in POLICIES, reason="no blockbatch.py")
-def test_blockbatch_is_one_request_per_call(capsys):
-    with pytest.raises(ValueError, match="BlockBatch decodes one request per call"):
-        ScaleSettings(policies=["blockbatch"], batch=2)
-    # Without --policies, a batched run leaves BlockBatch out instead of failing.
-    result = bench_scale.main(["--preset", "llada-8b", "--dry-run", "--hardware", "H100 SXM", "--lengths", "256",
-                               "--batch", "8"])
-    assert "blockbatch" not in {r["policy"] for r in result["requests"]}
-
-
-def test_request_longer_than_the_model_is_refused():
-    with pytest.raises(ValueError, match="exceeds max_sequence_length"):
-        bench_scale.run(ScaleSettings(preset="tiny", prompt_length=4000, gen_lengths=[256], device="cpu",
-                                      peak_tflops=1, peak_gbs=1))

@@ -287,11 +287,13 @@ def test_no_host_sync_inside_a_step(random_model, device):
 
 
 def test_scale_bench_on_device(device):
-    """The scale benchmark runs on the device in its default dtype; on CUDA peak memory is measured."""
+    """The scale benchmark records each method's forwards on the CPU and replays every kind on the
+    device in its default dtype (dLLM-Cache's refresh plans moved there too); peak memory is measured."""
     if device.type != "cuda":
         pytest.skip("the CPU run is tests/test_bench_scale.py")
     from tools import bench_scale
 
     result = bench_scale.main(["--preset", "tiny", "--prompt-length", "16", "--lengths", "16", "--block-length", "8",
                                "--device", "cuda", "--time-budget", "0.01", "--max-repeats", "3"])
+    assert {r["policy"] for r in result["requests"]} == set(bench_scale.POLICIES)
     assert all(k["seconds"] > 0 and k["peak_measured"] and k["peak_bytes"] > 0 for k in result["kinds"])
