@@ -408,9 +408,9 @@ def test_runs_end_to_end_on_a_tiny_preset(tmp_path, capsys):
 
 
 def test_bench_py_scale_mode_echoes_its_own_command(capsys):
-    """bench.py --scale hands its other flags to bench_scale.main with its own name."""
-    bench_scale.main(QUICK + PEAKS + ["--lengths", "8", "--policies", "dual"], prog="bench.py --scale")
-    assert capsys.readouterr().out.startswith("`python bench.py --scale --preset tiny")
+    """tools.bench --scale hands its other flags to bench_scale.main with its own name."""
+    bench_scale.main(QUICK + PEAKS + ["--lengths", "8", "--policies", "dual"], prog="-m tools.bench --scale")
+    assert capsys.readouterr().out.startswith("`python -m tools.bench --scale --preset tiny")
 
 
 def test_shape_flags_override_the_preset(capsys):

@@ -463,7 +463,7 @@ def profile_dual_step(model, gen_length: int, block_length: int, repeats: int = 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "--scale" in argv:  # per-forward cost at model scale: bench_scale.py, with flags of its own
-        return bench_scale.main([a for a in argv if a != "--scale"], prog="bench.py --scale")
+        return bench_scale.main([a for a in argv if a != "--scale"], prog="-m tools.bench --scale")
     ap = argparse.ArgumentParser(description="Benchmark decoding methods on the trained checkpoint.")
     ap.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory")
     ap.add_argument("--lengths", type=int, nargs="+", default=None,
