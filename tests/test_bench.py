@@ -64,12 +64,14 @@ def test_few_shot_problems_keep_their_family_and_answer():
     (["--lengths", "4096"], "--lengths 4096: the longest prompt (17 tokens at --shots 0) + 4096 exceeds the model's "
                             "max_sequence_length 2048"),
     (["--lengths", "2048", "--shots", "8"], "exceeds the model's max_sequence_length 2048"),
-    (["--out", "/proc/no-such-dir"], "--out /proc/no-such-dir is not a writable directory"),
+    (["--out", "UNWRITABLE"], "is not a writable directory"),
     (["--shots", "-1"], "--shots must be in 0..8, got -1"),
 ])
 def test_bad_runs_are_refused_before_decoding(argv, message, capsys, tmp_path):
     """A run that cannot fit the model, or whose results could not be written, is refused at once
     (one line, exit status 2), not after an hour of decoding."""
+    (tmp_path / "a_file").write_text("")  # a directory under a file cannot be created, on any OS
+    argv = [str(tmp_path / "a_file" / "out") if a == "UNWRITABLE" else a for a in argv]
     argv = ["--out", str(tmp_path), *argv] if "--out" not in argv else argv
     with pytest.raises(SystemExit) as err:
         bench.main(["--block-length", "32", "--methods", "vanilla", *argv])

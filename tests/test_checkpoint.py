@@ -132,9 +132,9 @@ def test_bench_sweep_smoke(tmp_path):
 def test_bench_refuses_zero(flag, capsys):
     from tools import bench
 
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as err:
         bench.main([flag, "0"])
-    assert f"{flag} must be" in capsys.readouterr().err
+    assert err.value.code == 2 and f"{flag} must be" in capsys.readouterr().err
 
 
 def test_bench_profile_of_a_dual_step(model):
