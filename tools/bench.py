@@ -460,6 +460,16 @@ def profile_dual_step(model, gen_length: int, block_length: int, repeats: int = 
 # ---------------------------------------------------------------------------------------------
 
 
+def cpu_name() -> str:
+    """The processor's model name where the OS says it (Linux), else its architecture."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        return names[0] if names else platform.machine()
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "--scale" in argv:  # per-forward cost at model scale: bench_scale.py, with flags of its own
@@ -523,11 +533,12 @@ def main(argv=None):
         sets = problem_sets(args, families)
     except ValueError as err:
         ap.error(str(err))
-    device = torch.cuda.get_device_name() if model.device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}), {args.threads} thread{'s' * (args.threads > 1)}"
+    device = torch.cuda.get_device_name() if model.device.type == "cuda" else \
+        f"CPU ({cpu_name()}), {args.threads} thread{'s' * (args.threads > 1)}"
     command = "python -m tools.bench " + " ".join(argv)
     note = (f"`{command}` — checkpoint {os.path.relpath(args.model, ROOT)}, {args.shots}-shot, block length "
             f"{args.block_length}, batch size {args.batch_size}, temperature 0, "
-            f"{'the original code (quirks on)' if args.quirks else 'the papers rules (quirks off)'}, {device}")
+            f"{'the original code (quirks on)' if args.quirks else 'the papers' + chr(39) + ' rules (quirks off)'}, {device}")
     started = time.perf_counter()
     if args.sweep:
         rows = sweep(args, model, families)
