@@ -1,20 +1,14 @@
 """
-A LLaDA-compatible masked-diffusion transformer, self-contained.
+A LLaDA-compatible masked-diffusion transformer and its checkpoint loader, self-contained.
 
 LLaDA ("Large Language Diffusion Models", Nie et al., arXiv 2502.09992) is a Llama-shaped
-transformer whose attention has no causal mask: every position sees every other, and the model
-is trained to predict the tokens hidden behind a special mask token. Generation starts from a
-canvas of masks and unmasks it over several steps (see decode.py). This file is only the network
-and its loader; it reproduces the reference model's logits on the original checkpoints, read
-with the checkpoint's own parameter names.
+transformer with no causal mask, trained to predict the tokens behind a mask token; decode.py
+generates with it. This file reproduces the reference logits on the original checkpoints, read
+under their own parameter names. Of the original `modeling_llada.py` (OLMo's code) it keeps the
+one configuration LLaDA-8B uses (pre-RMSNorm, RoPE, SwiGLU, no biases) and refuses the others; it
+adds explicit query positions, a KV cache (cache.py) and a key-padding mask for left padding.
 
-Compared with the original `modeling_llada.py` (which is OLMo's code with many options), this
-file keeps the one configuration LLaDA-8B uses (pre-RMSNorm, RoPE, SwiGLU, no biases) and
-rejects the others with a clear error. Two things are added: explicit query positions and an
-explicit KV cache (cache.py) for the fast decoders, and an optional key-padding mask. The
-original model has no padding mask: it lets left-padded prompts attend to their padding.
-
-Parameter names (LLaDA checkpoint -> usual name):
+Parameter names (LLaDA checkpoint -> usual name); LLaDA's `ff_out` is both MLP down projection and LM head:
     model.transformer.wte.weight               token embedding          (V, C)
     model.transformer.blocks.{i}.attn_norm     RMSNorm before attention (C,)
     model.transformer.blocks.{i}.q_proj/k_proj/v_proj                   (H*D or Hkv*D, C)
@@ -25,15 +19,10 @@ Parameter names (LLaDA checkpoint -> usual name):
     model.transformer.blocks.{i}.ff_out        MLP down projection      (C, M)
     model.transformer.ln_f.weight              final RMSNorm            (C,)
     model.transformer.ff_out.weight            LM head (untied)         (V, C)
-LLaDA's `ff_out` is both the per-block MLP down projection and, at the top level, the LM head.
-
-Usage:
-    model = load_model("path/to/LLaDA-8B-Instruct", device="cuda", dtype=torch.bfloat16)
-    logits = model(input_ids)                    # (B, L, V), bidirectional
-    block.project / block.attend / block.mlp     # the block's pieces, for feature caching
-
-Shape legend: B batch, L sequence, Q query tokens of a forward, S positions attention reads,
-H/Hkv heads, D head dim, C model dim, M MLP hidden dim, V vocabulary, N layers.
+Usage: model = load_model("path/to/LLaDA-8B-Instruct", device="cuda", dtype=torch.bfloat16)
+       logits = model(input_ids)  # (B, L, V), bidirectional
+Shapes: B batch, L sequence, Q query tokens of a forward, S positions attention reads, H/Hkv heads,
+D head dim, C model dim, M MLP hidden dim, V vocabulary, N layers.
 """
 
 from __future__ import annotations
