@@ -44,6 +44,12 @@ import torch.nn.functional as F
 # ---------------------------------------------------------------------------------------------
 
 
+def _shown(value) -> str:
+    """A wrong value as an error names it: its repr cut short (reprlib), however large or deeply
+    nested it is, and its type."""
+    return f"{reprlib.repr(value)} ({type(value).__name__})"
+
+
 @dataclass
 class ModelConfig:
     """The model's shape, read from a checkpoint's `config.json` (LLaDA's field names)."""
@@ -79,19 +85,18 @@ class ModelConfig:
         if self.embedding_size is None:
             self.embedding_size = self.vocab_size
         # 1) Types: ints are ints (bool is an int in Python, and refused), floats are finite numbers.
-        #    reprlib.repr names a wrong value in a short line, however large or nested it is.
         for name in self._INTS:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ValueError(f"config: {name} must be an integer, got {reprlib.repr(value)} ({type(value).__name__})")
+                raise ValueError(f"config: {name} must be an integer, got {_shown(value)}")
         for name in self._FLOATS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"config: {name} must be a finite number, got {reprlib.repr(value)} ({type(value).__name__})")
+                raise ValueError(f"config: {name} must be a finite number, got {_shown(value)}")
         for name in self._BOOLS:
             value = getattr(self, name)
             if not isinstance(value, bool):
-                raise ValueError(f"config: {name} must be true or false, got {reprlib.repr(value)} ({type(value).__name__})")
+                raise ValueError(f"config: {name} must be true or false, got {_shown(value)}")
         # 2) Ranges: positive sizes, a positive RoPE base (theta <= 0 gives NaN angles), an epsilon
         #    that cannot make RMSNorm divide by a negative or zero mean square.
         for name in ("d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_hidden_size",
@@ -403,7 +408,8 @@ def _shard_path(path: str, name, index: str) -> str:
     directory. The check is on the name as written (absolute, or with a '..' part), not on the
     resolved path: a Hugging Face cache directory holds symlinks into a blob store beside it."""
     if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
-        raise ValueError(f"{index} names the shard {reprlib.repr(name)}, which is not a file name inside {path}; refusing it")
+        raise ValueError(f"{index} names the shard {_shown(name)}, which is not a file name inside {path}; "
+                         "refusing it")
     return os.path.join(path, name)
 
 

@@ -6,7 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import pytest
 import torch
@@ -239,31 +239,28 @@ def other_end(fifo):
         proc.wait()
 
 
-@pytest.mark.parametrize("kind, message", [
-    pytest.param("fifo", r"is a named pipe \(FIFO\), not a regular file", id="fifo"),
-    pytest.param("dev-null", r"\(a symlink to /dev/null\) is a character device, not a regular file", id="dev-null"),
-    pytest.param("directory", "is a directory, not a regular file", id="directory"),
-])
-def test_weights_that_are_not_a_regular_file_refused(small_ckpt, kind, message):
-    weights = small_ckpt / "model.safetensors"
-    os.remove(weights)
-    {"fifo": os.mkfifo, "dev-null": lambda p: os.symlink(os.devnull, p), "directory": os.mkdir}[kind](weights)
-    with other_end(weights), pytest.raises(ValueError, match=r"model.safetensors.*" + message):
-        load_model(str(small_ckpt), device="cpu")
+MAKE = {"fifo": os.mkfifo, "dev-null": lambda path: os.symlink(os.devnull, path), "directory": os.mkdir}
 
 
-def test_config_that_is_a_fifo_refused(small_ckpt):
-    config = small_ckpt / "config.json"
-    os.remove(config)
-    os.mkfifo(config)
-    with other_end(config), pytest.raises(ValueError, match=r"config.json is a named pipe \(FIFO\), not a regular file"):
-        load_model(str(small_ckpt), device="cpu")
+@pytest.mark.parametrize("name, kind, message", [
+    ("model.safetensors", "fifo", "is a named pipe (FIFO), not a regular file"),
+    ("model.safetensors", "dev-null", "(a symlink to /dev/null) is a character device, not a regular file"),
+    ("model.safetensors", "directory", "is a directory, not a regular file"),
+    ("config.json", "fifo", "is a named pipe (FIFO), not a regular file"),
+], ids=["weights-fifo", "weights-dev-null", "weights-directory", "config-fifo"])
+def test_path_that_is_not_a_regular_file_refused(small_ckpt, name, kind, message):
+    path = small_ckpt / name
+    os.remove(path)
+    MAKE[kind](path)
+    with other_end(path) if kind == "fifo" else nullcontext():
+        with pytest.raises(ValueError, match=re.escape(f"{name} {message}")):
+            load_model(str(small_ckpt), device="cpu")
 
 
 @pytest.mark.parametrize("target, message", [
-    pytest.param("gone.safetensors", r"model.safetensors \(a symlink to .*gone.safetensors\) does not exist", id="dangling"),
-    pytest.param("model.safetensors", r"model.safetensors is a symlink loop", id="loop"),
-])
+    ("gone.safetensors", r"model.safetensors \(a symlink to .*gone.safetensors\) does not exist"),
+    ("model.safetensors", r"model.safetensors is a symlink loop"),
+], ids=["dangling", "loop"])
 def test_broken_symlink_refused(small_ckpt, target, message):
     os.remove(small_ckpt / "model.safetensors")
     os.symlink(small_ckpt / target, small_ckpt / "model.safetensors")
@@ -290,7 +287,8 @@ def test_unreadable_path_named(small_ckpt, which):
     try:
         if os.access(path, os.R_OK):
             pytest.skip("this user reads files whatever their mode (root): chmod 000 stops nothing to test")
-        with pytest.raises(ValueError, match=re.escape(f"{os.path.normpath(path)} is not readable (permission denied)")):
+        message = f"{os.path.normpath(path)} is not readable (permission denied)"
+        with pytest.raises(ValueError, match=re.escape(message)):
             load_model(str(small_ckpt), device="cpu")
     finally:
         os.chmod(path, 0o755)
@@ -308,7 +306,7 @@ def test_long_config_value_cut_in_the_error(small_ckpt):
     raw = json.loads((small_ckpt / "config.json").read_text())
     raw["d_model"] = [[[[[[[[1] * 10_000]]]]]]]
     (small_ckpt / "config.json").write_text(json.dumps(raw))
-    with pytest.raises(ValueError, match=r"d_model must be an integer, got \[\[\[\[\[\[\[\.\.\.\]\]\]\]\]\]\] \(list\)$"):
+    with pytest.raises(ValueError, match=re.escape("d_model must be an integer, got [[[[[[[...]]]]]]] (list)") + "$"):
         load_model(str(small_ckpt), device="cpu")
 
 
