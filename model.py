@@ -1,20 +1,14 @@
 """
-A LLaDA-compatible masked-diffusion transformer, self-contained.
+A LLaDA-compatible masked-diffusion transformer and its checkpoint loader, self-contained.
 
 LLaDA ("Large Language Diffusion Models", Nie et al., arXiv 2502.09992) is a Llama-shaped
-transformer whose attention has no causal mask: every position sees every other, and the model
-is trained to predict the tokens hidden behind a special mask token. Generation starts from a
-canvas of masks and unmasks it over several steps (see decode.py). This file is only the network
-and its loader; it reproduces the reference model's logits on the original checkpoints, read
-with the checkpoint's own parameter names.
+transformer with no causal mask, trained to predict the tokens behind a mask token; decode.py
+generates with it. This file reproduces the reference logits on the original checkpoints, read
+under their own parameter names. Of the original `modeling_llada.py` (OLMo's code) it keeps the
+one configuration LLaDA-8B uses (pre-RMSNorm, RoPE, SwiGLU, no biases) and refuses the others; it
+adds explicit query positions, a KV cache (cache.py) and a key-padding mask for left padding.
 
-Compared with the original `modeling_llada.py` (which is OLMo's code with many options), this
-file keeps the one configuration LLaDA-8B uses (pre-RMSNorm, RoPE, SwiGLU, no biases) and
-rejects the others with a clear error. Two things are added: explicit query positions and an
-explicit KV cache (cache.py) for the fast decoders, and an optional key-padding mask. The
-original model has no padding mask: it lets left-padded prompts attend to their padding.
-
-Parameter names (LLaDA checkpoint -> usual name):
+Parameter names (LLaDA checkpoint -> usual name); LLaDA's `ff_out` is both MLP down projection and LM head:
     model.transformer.wte.weight               token embedding          (V, C)
     model.transformer.blocks.{i}.attn_norm     RMSNorm before attention (C,)
     model.transformer.blocks.{i}.q_proj/k_proj/v_proj                   (H*D or Hkv*D, C)
@@ -25,22 +19,20 @@ Parameter names (LLaDA checkpoint -> usual name):
     model.transformer.blocks.{i}.ff_out        MLP down projection      (C, M)
     model.transformer.ln_f.weight              final RMSNorm            (C,)
     model.transformer.ff_out.weight            LM head (untied)         (V, C)
-LLaDA's `ff_out` is both the per-block MLP down projection and, at the top level, the LM head.
-
-Usage:
-    model = load_model("path/to/LLaDA-8B-Instruct", device="cuda", dtype=torch.bfloat16)
-    logits = model(input_ids)                    # (B, L, V), bidirectional
-    block.project / block.attend / block.mlp     # the block's pieces, for feature caching
-
-Shape legend: B batch, L sequence, Q query tokens of a forward, S positions attention reads,
-H/Hkv heads, D head dim, C model dim, M MLP hidden dim, V vocabulary, N layers.
+Usage: model = load_model("path/to/LLaDA-8B-Instruct", device="cuda", dtype=torch.bfloat16)
+       logits = model(input_ids)  # (B, L, V), bidirectional
+Shapes: B batch, L sequence, Q query tokens of a forward, S positions attention reads, H/Hkv heads,
+D head dim, C model dim, M MLP hidden dim, V vocabulary, N layers.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import reprlib
+import stat
 from dataclasses import dataclass, fields
 
 import torch
@@ -50,6 +42,12 @@ import torch.nn.functional as F
 # ---------------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------------
+
+
+def _shown(value) -> str:
+    """A wrong value as an error names it: its repr cut short (reprlib), however large or deeply
+    nested it is, and its type."""
+    return f"{reprlib.repr(value)} ({type(value).__name__})"
 
 
 @dataclass
@@ -90,15 +88,15 @@ class ModelConfig:
         for name in self._INTS:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ValueError(f"config: {name} must be an integer, got {value!r} ({type(value).__name__})")
+                raise ValueError(f"config: {name} must be an integer, got {_shown(value)}")
         for name in self._FLOATS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"config: {name} must be a finite number, got {value!r} ({type(value).__name__})")
+                raise ValueError(f"config: {name} must be a finite number, got {_shown(value)}")
         for name in self._BOOLS:
             value = getattr(self, name)
             if not isinstance(value, bool):
-                raise ValueError(f"config: {name} must be true or false, got {value!r} ({type(value).__name__})")
+                raise ValueError(f"config: {name} must be true or false, got {_shown(value)}")
         # 2) Ranges: positive sizes, a positive RoPE base (theta <= 0 gives NaN angles), an epsilon
         #    that cannot make RMSNorm divide by a negative or zero mean square.
         for name in ("d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_hidden_size",
@@ -122,6 +120,13 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None and not 0 <= value < self.embedding_size:
                 raise ValueError(f"config: {name} {value} is outside the vocabulary [0, {self.embedding_size})")
+        # 4) The mask is a token of its own: decoding unmasks every position that holds it, so a mask
+        #    that is also EOS, padding or end of turn would turn those tokens into holes to fill.
+        #    EOS may double as padding (LLaDA's own setup) and as end of turn: both only stop text.
+        for name in ("eos_token_id", "pad_token_id", "eot_token_id"):
+            if getattr(self, name) == self.mask_token_id:
+                raise ValueError(f"config: mask_token_id {self.mask_token_id} is also {name}; "
+                                 f"the mask must be a token of its own")
 
     @property
     def head_dim(self) -> int:
@@ -143,7 +148,7 @@ class ModelConfig:
             raise ValueError(f"config: expected a JSON object of settings, got a {type(raw).__name__}")
         for key, allowed in cls._REQUIRED.items():
             if key in raw and raw[key] not in allowed:
-                raise ValueError(f"config: {key}={raw[key]!r} is not supported (LLaDA uses {allowed[0]!r})")
+                raise ValueError(f"config: {key}={reprlib.repr(raw[key])} is not supported (LLaDA uses {allowed[0]!r})")
         known = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in raw.items() if k in known and v is not None}
         missing = [k for k in ("d_model", "n_heads", "n_layers", "mlp_hidden_size", "vocab_size") if k not in kwargs]
@@ -403,55 +408,95 @@ def _shard_path(path: str, name, index: str) -> str:
     directory. The check is on the name as written (absolute, or with a '..' part), not on the
     resolved path: a Hugging Face cache directory holds symlinks into a blob store beside it."""
     if not isinstance(name, str) or not name or os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
-        raise ValueError(f"{index} names the shard {name!r}, which is not a file name inside {path}; refusing it")
+        raise ValueError(f"{index} names the shard {_shown(name)}, which is not a file name inside {path}; "
+                         "refusing it")
     return os.path.join(path, name)
 
 
+# What os.stat calls each kind of path, for the errors below.
+_KINDS = {stat.S_IFREG: "a regular file", stat.S_IFDIR: "a directory", stat.S_IFIFO: "a named pipe (FIFO)",
+          stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
+
+
+def _check_path(path: str, kind: int) -> None:
+    """Refuse `path` unless it is a readable `kind` (stat.S_IFREG or S_IFDIR), before anything opens it.
+
+    Opening a FIFO blocks forever; safetensors reports a directory or /dev/null only as "No such
+    device", and a broken symlink or an unreadable file as missing. Symlinks are followed: a
+    Hugging Face cache directory is symlinks into a blob store, and that is fine.
+    """
+    label = "checkpoint directory " if kind == stat.S_IFDIR else ""
+    link = f" (a symlink to {os.path.realpath(path)})" if os.path.islink(path) else ""
+    try:
+        mode = os.stat(path).st_mode  # follows symlinks
+    except FileNotFoundError:
+        raise ValueError(f"{label}{path}{link} does not exist") from None
+    except PermissionError:  # a directory on the way that may not be searched
+        raise ValueError(f"{label}{path} is not readable (permission denied)") from None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise ValueError(f"{label}{path} is a symlink loop (it never reaches a file)") from None
+        raise ValueError(f"{label}{path}{link} cannot be opened: {err.strerror}") from None
+    if stat.S_IFMT(mode) != kind:
+        raise ValueError(f"{label}{path}{link} is {_KINDS.get(stat.S_IFMT(mode), 'of an unknown kind')}, "
+                         f"not {_KINDS[kind]}")
+    # A directory also needs x to reach its files. Root may read anything, and passes.
+    if not os.access(path, os.R_OK | (os.X_OK if kind == stat.S_IFDIR else 0)):
+        raise ValueError(f"{label}{path} is not readable (permission denied)")
+
+
+def _read_json(file: str):
+    """The parsed contents of one of the checkpoint's JSON files; every failure names the file."""
+    _check_path(file, stat.S_IFREG)
+    try:
+        with open(file, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as err:
+        raise ValueError(f"{file} is not readable JSON: {err.strerror}") from None
+    except RecursionError:  # json.load recurses once per level of [ or {
+        raise ValueError(f"{file} is not readable JSON: it is nested too deeply to parse") from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
+        raise ValueError(f"{file} is not readable JSON: it is not valid JSON ({err})") from None
+
+
 def _safetensors_files(path: str) -> tuple[list[str], dict | None]:
-    """The weight files of a checkpoint directory (the index's shards, or the single file), and
-    the index's tensor -> file map when there is an index."""
+    """The weight files of a checkpoint directory (the index's shards, or the single file), each
+    checked to be a readable regular file, and the index's tensor -> file map when there is an
+    index. A name that exists in any form, a broken symlink too, counts as present."""
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
-    if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                raw = json.load(f)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{index} is not readable JSON: {err}") from None
+    weight_map = None
+    if os.path.lexists(index):
+        raw = _read_json(index)
         weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index} has no 'weight_map'")
         weight_map = {tensor: _shard_path(path, name, index) for tensor, name in weight_map.items()}
         files = sorted(set(weight_map.values()))
-        missing = [f for f in files if not os.path.isfile(f)]
+        missing = [f for f in files if not os.path.lexists(f)]
         if missing:
             raise ValueError(f"shards listed in {index} are missing: {missing}")
-        return files, weight_map
-    if os.path.isfile(single):
-        return [single], None
-    found = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if found:
-        return [os.path.join(path, f) for f in found], None
-    raise ValueError(f"no model.safetensors, model.safetensors.index.json or *.safetensors in {path}")
+    elif os.path.lexists(single):
+        files = [single]
+    else:
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+        if not files:
+            raise ValueError(f"no model.safetensors, model.safetensors.index.json or *.safetensors in {path}")
+    for file in files:
+        _check_path(file, stat.S_IFREG)
+    return files, weight_map
 
 
 def load_config(path: str) -> ModelConfig:
     """Read `config.json` from a checkpoint directory."""
-    if not os.path.isdir(path):
-        raise ValueError(f"checkpoint directory {path!r} does not exist")
+    _check_path(path, stat.S_IFDIR)
     cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
+    if not os.path.lexists(cfg_path):
         raise ValueError(f"{path} has no config.json")
-    try:
-        with open(cfg_path) as f:
-            raw = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{cfg_path} is not valid JSON: {err}") from None
+    raw = _read_json(cfg_path)
     try:
         return ModelConfig.from_dict(raw)
-    except ValueError as err:
-        raise ValueError(f"{cfg_path}: {err}") from None
-    except TypeError as err:  # a key the dataclass does not take in the form given, e.g. a list
+    except (ValueError, TypeError) as err:  # TypeError: a key the dataclass does not take in the form given
         raise ValueError(f"{cfg_path}: {err}") from None
 
 
@@ -480,6 +525,9 @@ def _read_headers(files: list[str], weight_map: dict | None, path: str) -> dict:
         if misplaced:
             raise ValueError(f"checkpoint {path}: the index places {misplaced[:3]} in other shards than the ones "
                              f"that hold them")
+        ghosts = sorted(set(weight_map) - set(found))
+        if ghosts:
+            raise ValueError(f"checkpoint {path}: the index lists {ghosts[:3]}, which no shard holds")
     return found
 
 

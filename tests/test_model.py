@@ -2,7 +2,11 @@
 
 import json
 import os
+import re
 import shutil
+import subprocess
+import sys
+from contextlib import contextmanager, nullcontext
 
 import pytest
 import torch
@@ -201,6 +205,136 @@ def test_error_bad_config_values():
     with pytest.raises(ValueError, match="mask_token_id 99 is outside"):
         ModelConfig(d_model=8, n_heads=2, n_layers=1, mlp_hidden_size=8, vocab_size=10, mask_token_id=99,
                     eos_token_id=1, pad_token_id=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loader: paths that are not what they seem, broken indexes, special ids that collide
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_ckpt(tmp_path):
+    """A tiny random checkpoint written by save_model: these tests need no golden files."""
+    cfg = ModelConfig(d_model=16, n_heads=2, n_layers=1, mlp_hidden_size=32, vocab_size=20,
+                      mask_token_id=19, eos_token_id=18, pad_token_id=18)
+    save_model(LLaDAModel(cfg), str(tmp_path / "ckpt"))
+    return tmp_path / "ckpt"
+
+
+@contextmanager
+def other_end(fifo):
+    """A process that opens the FIFO's writing end whenever a reader waits on it, so that a loader
+    that opens the FIFO reads end-of-file and fails at once instead of blocking the test run
+    forever. A process, not a thread: safetensors blocks in open() holding the GIL."""
+    poke = ("import os, sys, time\n"
+            "while True:\n"
+            "    try: os.close(os.open(sys.argv[1], os.O_WRONLY | os.O_NONBLOCK))\n"
+            "    except OSError: pass  # ENXIO: no reader yet\n"
+            "    time.sleep(0.05)\n")
+    proc = subprocess.Popen([sys.executable, "-c", poke, str(fifo)])
+    try:
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+MAKE = {"fifo": os.mkfifo, "dev-null": lambda path: os.symlink(os.devnull, path), "directory": os.mkdir}
+
+
+@pytest.mark.parametrize("name, kind, message", [
+    ("model.safetensors", "fifo", "is a named pipe (FIFO), not a regular file"),
+    ("model.safetensors", "dev-null", "(a symlink to /dev/null) is a character device, not a regular file"),
+    ("model.safetensors", "directory", "is a directory, not a regular file"),
+    ("config.json", "fifo", "is a named pipe (FIFO), not a regular file"),
+], ids=["weights-fifo", "weights-dev-null", "weights-directory", "config-fifo"])
+def test_path_that_is_not_a_regular_file_refused(small_ckpt, name, kind, message):
+    path = small_ckpt / name
+    os.remove(path)
+    MAKE[kind](path)
+    with other_end(path) if kind == "fifo" else nullcontext():
+        with pytest.raises(ValueError, match=re.escape(f"{name} {message}")):
+            load_model(str(small_ckpt), device="cpu")
+
+
+@pytest.mark.parametrize("target, message", [
+    ("gone.safetensors", r"model.safetensors \(a symlink to .*gone.safetensors\) does not exist"),
+    ("model.safetensors", r"model.safetensors is a symlink loop"),
+], ids=["dangling", "loop"])
+def test_broken_symlink_refused(small_ckpt, target, message):
+    os.remove(small_ckpt / "model.safetensors")
+    os.symlink(small_ckpt / target, small_ckpt / "model.safetensors")
+    with pytest.raises(ValueError, match=message):
+        load_model(str(small_ckpt), device="cpu")
+
+
+def test_symlinks_to_regular_files_load(small_ckpt, tmp_path):
+    """A Hugging Face cache directory: every file is a symlink into a blob store beside it."""
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshot"
+    shutil.move(small_ckpt, blobs)
+    snapshot.mkdir()
+    for name in os.listdir(blobs):
+        os.symlink(blobs / name, snapshot / name)
+    os.symlink(snapshot, tmp_path / "link-to-snapshot")
+    model = load_model(str(tmp_path / "link-to-snapshot"), device="cpu")
+    assert model.config.vocab_size == 20
+
+
+@pytest.mark.parametrize("which", ["model.safetensors", "config.json", "."])
+def test_unreadable_path_named(small_ckpt, which):
+    path = small_ckpt / which
+    os.chmod(path, 0)
+    try:
+        if os.access(path, os.R_OK):
+            pytest.skip("this user reads files whatever their mode (root): chmod 000 stops nothing to test")
+        message = f"{os.path.normpath(path)} is not readable (permission denied)"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            load_model(str(small_ckpt), device="cpu")
+    finally:
+        os.chmod(path, 0o755)
+
+
+def test_deeply_nested_config_named(small_ckpt):
+    """json.load recurses once per level; past Python's recursion limit that is a RecursionError."""
+    (small_ckpt / "config.json").write_text('{"d_model": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(ValueError, match="config.json is not readable JSON: it is nested too deeply"):
+        load_model(str(small_ckpt), device="cpu")
+
+
+def test_long_config_value_cut_in_the_error(small_ckpt):
+    """An error names the value, in one short line, however large the value is."""
+    raw = json.loads((small_ckpt / "config.json").read_text())
+    raw["d_model"] = [[[[[[[[1] * 10_000]]]]]]]
+    (small_ckpt / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=re.escape("d_model must be an integer, got [[[[[[[...]]]]]]] (list)") + "$"):
+        load_model(str(small_ckpt), device="cpu")
+
+
+def test_index_entry_no_shard_holds_refused(small_ckpt):
+    from safetensors import safe_open
+
+    os.rename(small_ckpt / "model.safetensors", small_ckpt / "only.safetensors")
+    with safe_open(str(small_ckpt / "only.safetensors"), framework="pt") as f:
+        weight_map = {name: "only.safetensors" for name in f.keys()}
+    weight_map["model.transformer.ghost.weight"] = "only.safetensors"
+    (small_ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(ValueError, match=r"index lists \['model.transformer.ghost.weight'\], which no shard holds"):
+        load_model(str(small_ckpt), device="cpu")
+
+
+@pytest.mark.parametrize("other", ["eos_token_id", "pad_token_id", "eot_token_id"])
+def test_mask_id_shared_with_another_special_id_refused(other):
+    ids = dict(mask_token_id=19, eos_token_id=18, pad_token_id=18, eot_token_id=17)
+    ids[other] = 19
+    with pytest.raises(ValueError, match=rf"mask_token_id 19 is also {other}; the mask must be a token of its own"):
+        ModelConfig(d_model=8, n_heads=2, n_layers=1, mlp_hidden_size=8, vocab_size=20, **ids)
+
+
+def test_eos_may_double_as_padding_and_end_of_turn():
+    """LLaDA pads with EOS; a config whose end of turn is EOS as well stops at the same token."""
+    cfg = ModelConfig(d_model=8, n_heads=2, n_layers=1, mlp_hidden_size=8, vocab_size=20,
+                      mask_token_id=19, eos_token_id=18, pad_token_id=18, eot_token_id=18)
+    assert cfg.pad_token_id == cfg.eos_token_id == cfg.eot_token_id
 
 
 def test_save_and_load_roundtrip(tmp_path, random_model):

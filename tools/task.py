@@ -348,16 +348,33 @@ def vocabulary() -> dict[str, int]:
 
 
 def build_tokenizer():
-    """A `transformers` fast tokenizer (backed by a `tokenizers` WordLevel model over characters)."""
+    """A `transformers` fast tokenizer (backed by a `tokenizers` WordLevel model over characters).
+
+    Its `save_pretrained` names the class `PreTrainedTokenizerFast` in tokenizer_config.json, a
+    name every transformers version requirements.txt allows can load. transformers 5 would write
+    its own class name, TokenizersBackend, which transformers 4 does not have.
+    """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+
+    class CharTokenizer(PreTrainedTokenizerFast):
+        def save_pretrained(self, save_directory, **kwargs):
+            files = super().save_pretrained(save_directory, **kwargs)
+            config_file = next(f for f in files if str(f).endswith("tokenizer_config.json"))
+            with open(config_file, encoding="utf-8") as f:
+                config = json.load(f)
+            config["tokenizer_class"] = "PreTrainedTokenizerFast"
+            with open(config_file, "w", encoding="utf-8") as f:  # the layout transformers writes
+                f.write(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+            return files
 
     tok = Tokenizer(models.WordLevel(vocab=vocabulary(), unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r".|\n"), behavior="isolated")  # one piece per character
     tok.decoder = decoders.Fuse()  # decode by plain concatenation
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIAL_TOKENS])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN,
-                                   mask_token=MASK_TOKEN, padding_side="left")
+    # clean_up_tokenization_spaces defaults to True in transformers 4 and would decode " ?" as "?".
+    return CharTokenizer(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN, mask_token=MASK_TOKEN,
+                         padding_side="left", clean_up_tokenization_spaces=False)
 
 
 def special_ids() -> dict[str, int]:
