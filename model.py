@@ -214,21 +214,21 @@ class LLaDABlock(nn.Module):
     core and output projection) and `mlp`. `forward` is the ordinary composition of the pieces.
     """
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        qkv_bias = cfg.include_bias or cfg.include_qkv_bias
-        C, D = cfg.d_model, cfg.head_dim
-        self.attn_norm = RMSNorm(C, cfg.rms_norm_eps)
-        self.q_proj = nn.Linear(C, cfg.n_heads * D, bias=qkv_bias)
-        self.k_proj = nn.Linear(C, cfg.n_kv_heads * D, bias=qkv_bias)
-        self.v_proj = nn.Linear(C, cfg.n_kv_heads * D, bias=qkv_bias)
-        self.attn_out = nn.Linear(C, C, bias=cfg.include_bias)
-        self.ff_norm = RMSNorm(C, cfg.rms_norm_eps)
-        self.ff_proj = nn.Linear(C, cfg.mlp_hidden_size, bias=cfg.include_bias)  # gate, goes through SiLU
-        self.up_proj = nn.Linear(C, cfg.mlp_hidden_size, bias=cfg.include_bias)  # linear branch
-        self.ff_out = nn.Linear(cfg.mlp_hidden_size, C, bias=cfg.include_bias)  # down projection
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        qkv_bias = config.include_bias or config.include_qkv_bias
+        C, D = config.d_model, config.head_dim
+        self.attn_norm = RMSNorm(C, config.rms_norm_eps)
+        self.q_proj = nn.Linear(C, config.n_heads * D, bias=qkv_bias)
+        self.k_proj = nn.Linear(C, config.n_kv_heads * D, bias=qkv_bias)
+        self.v_proj = nn.Linear(C, config.n_kv_heads * D, bias=qkv_bias)
+        self.attn_out = nn.Linear(C, C, bias=config.include_bias)
+        self.ff_norm = RMSNorm(C, config.rms_norm_eps)
+        self.ff_proj = nn.Linear(C, config.mlp_hidden_size, bias=config.include_bias)  # gate, goes through SiLU
+        self.up_proj = nn.Linear(C, config.mlp_hidden_size, bias=config.include_bias)  # linear branch
+        self.ff_out = nn.Linear(config.mlp_hidden_size, C, bias=config.include_bias)  # down projection
 
     def heads(self, t: torch.Tensor, n: int) -> torch.Tensor:
         """Split the model dim into heads: (B, Q, n*D) -> (B, n, Q, D)."""
@@ -276,15 +276,15 @@ class LLaDABlock(nn.Module):
 class LLaDAModel(nn.Module):
     """LLaDA's network. Submodules sit under `model.transformer` so state-dict keys match the checkpoint."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        self.config = cfg
+        self.config = config
         transformer = nn.Module()
-        transformer.wte = nn.Embedding(cfg.embedding_size, cfg.d_model)
-        transformer.blocks = nn.ModuleList(LLaDABlock(cfg, i) for i in range(cfg.n_layers))
-        transformer.ln_f = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
-        if not cfg.weight_tying:
-            transformer.ff_out = nn.Linear(cfg.d_model, cfg.embedding_size, bias=cfg.include_bias)
+        transformer.wte = nn.Embedding(config.embedding_size, config.d_model)
+        transformer.blocks = nn.ModuleList(LLaDABlock(config, i) for i in range(config.n_layers))
+        transformer.ln_f = RMSNorm(config.d_model, config.rms_norm_eps)
+        if not config.weight_tying:
+            transformer.ff_out = nn.Linear(config.d_model, config.embedding_size, bias=config.include_bias)
         self.model = nn.Module()
         self.model.transformer = transformer
 
@@ -565,10 +565,10 @@ def load_model(path: str, device=None, dtype=None) -> LLaDAModel:
 
     dtype = _resolve_dtype(dtype)
     device = _resolve_device(device)
-    cfg = load_config(path)
+    config = load_config(path)
     # Build on the meta device (no memory, no random init), then fill from the files.
     with torch.device("meta"):
-        model = LLaDAModel(cfg)
+        model = LLaDAModel(config)
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
     files, weight_map = _safetensors_files(path)
     # 1) Check names, shapes and dtypes from the file headers alone, before reading any weights.

@@ -280,15 +280,15 @@ def run(argv=None) -> None:
     from model import load_model
 
     hf_logging.set_verbosity_error()  # AutoTokenizer warns that it doesn't know model_type 'llada'
-    if not any(os.path.isfile(os.path.join(args.model, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
-        fail(f"{args.model} has no tokenizer files (tokenizer.json, tokenizer_config.json); "
-             "run.py needs them to turn the prompt into ids")
-    # 1) The model and its tokenizer: load_model turns every problem with the directory, the
-    #    device or the dtype into a ValueError naming it.
+    # 1) The model and its tokenizer: load_model turns every problem with the directory (an
+    #    unreadable one included), the device or the dtype into a ValueError naming it.
     try:
         model = load_model(args.model, device=args.device, dtype=args.dtype)
     except (ValueError, OSError) as err:
         fail(f"could not load {args.model}: {err}")
+    if not any(os.path.isfile(os.path.join(args.model, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        fail(f"{args.model} has no tokenizer files (tokenizer.json, tokenizer_config.json); "
+             "run.py needs them to turn the prompt into ids")
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
     except Exception as err:  # transformers raises many kinds for a broken tokenizer file

@@ -16,7 +16,8 @@ from conftest import ROOT
 from model import load_config, load_model
 from tools import task
 
-CHECKPOINTS = sorted(os.path.join(ROOT, "checkpoints", d) for d in os.listdir(os.path.join(ROOT, "checkpoints")))
+CHECKPOINTS = sorted(path for d in os.listdir(os.path.join(ROOT, "checkpoints"))  # every shipped checkpoint directory
+                     if os.path.isfile(os.path.join(path := os.path.join(ROOT, "checkpoints", d), "config.json")))
 
 
 def check_tokenizer(tok, ids: dict):

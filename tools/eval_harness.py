@@ -309,48 +309,48 @@ class DiffusionLM(LM):
         from model import load_model
 
         self.config, decode_kwargs = parse_model_args(model_args)
-        cfg = self.config
+        config = self.config
         # 1) Data parallelism. Accelerator() reads what `accelerate launch` / `torchrun` set and
         #    joins the process group (NCCL on GPUs; gloo on CPUs, which accelerate only picks
         #    when told the run is on CPU). One process: rank 0 of 1, nothing to join.
-        if cfg.device and cfg.device.split(":")[0] == "cuda" and not torch.cuda.is_available():
+        if config.device and config.device.split(":")[0] == "cuda" and not torch.cuda.is_available():
             # Checked here, not only by load_model: under a launcher the process's device replaces it.
-            raise ValueError(f"device={cfg.device!r} asked for, but this torch build sees no CUDA device "
+            raise ValueError(f"device={config.device!r} asked for, but this torch build sees no CUDA device "
                              f"(torch {torch.__version__}); use device=cpu, or leave it out (CUDA when available)")
-        on_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+        on_cpu = config.device == "cpu" or not torch.cuda.is_available()
         accelerator = Accelerator(cpu=on_cpu)
         self.accelerator = accelerator if accelerator.num_processes > 1 else None
         if self.accelerator is not None:
             self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
             device = accelerator.device  # one device per process
-            if cfg.device not in (None, "cpu", str(device)):
-                log.info("device=%s ignored: under a launcher each process uses %s", cfg.device, device)
+            if config.device not in (None, "cpu", str(device)):
+                log.info("device=%s ignored: under a launcher each process uses %s", config.device, device)
         else:
-            device = cfg.device
+            device = config.device
         # 2) The model and its tokenizer.
-        if not os.path.isdir(cfg.pretrained):
-            raise ValueError(f"pretrained={cfg.pretrained!r} is not a checkpoint directory")
-        self.model = load_model(cfg.pretrained, device=device, dtype=cfg.dtype)
+        if not os.path.isdir(config.pretrained):
+            raise ValueError(f"pretrained={config.pretrained!r} is not a checkpoint directory")
+        self.model = load_model(config.pretrained, device=device, dtype=config.dtype)
         self._device = self.model.device
         hf_logging.set_verbosity_error()  # AutoTokenizer warns that it doesn't know model_type 'llada'
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.pretrained)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.pretrained)
         # 3) Decoding settings. LLaDA's config.json has no end-of-turn id; its tokenizer knows '<|eot_id|>'.
-        mcfg = self.model.config
-        eot_id = mcfg.eot_token_id
+        model_config = self.model.config
+        eot_id = model_config.eot_token_id
         if eot_id is None and "<|eot_id|>" in self.tokenizer.get_vocab():
             eot_id = self.tokenizer.convert_tokens_to_ids("<|eot_id|>")
         decode_kwargs.setdefault("eot_id", eot_id)
         self.explicit_gen_length = "gen_length" in decode_kwargs
         try:
-            self.decode_config = DecodeConfig.for_model(mcfg, **decode_kwargs)
+            self.decode_config = DecodeConfig.for_model(model_config, **decode_kwargs)
         except ValueError as err:
             raise ValueError(f"bad decoding model_args: {err}") from None
-        if self.decode_config.gen_length >= mcfg.max_sequence_length:
+        if self.decode_config.gen_length >= model_config.max_sequence_length:
             raise ValueError(f"gen_length {self.decode_config.gen_length} leaves no room for a prompt: it must be "
-                             f"below the model's max_sequence_length {mcfg.max_sequence_length}")
+                             f"below the model's max_sequence_length {model_config.max_sequence_length}")
         # A response ends at the first EOS or EOT token: what follows is padding.
         self.stop_ids = {i for i in (self.decode_config.eos_id, self.decode_config.eot_id) if i is not None}
-        self.pad_id = mcfg.pad_token_id if mcfg.pad_token_id is not None else mcfg.eos_token_id
+        self.pad_id = model_config.pad_token_id if model_config.pad_token_id is not None else model_config.eos_token_id
         self._ignored_warned = False
 
     @classmethod
@@ -488,15 +488,15 @@ class DiffusionLM(LM):
         prepared = []  # (prompt ids, stop strings, DecodeConfig) per request, in request order
         for req in requests:
             context, gen_kwargs = req.args
-            cfg = self.config_for(gen_kwargs)
+            config = self.config_for(gen_kwargs)
             ids = self.encode(context)
-            room = self.model.config.max_sequence_length - cfg.gen_length
+            room = self.model.config.max_sequence_length - config.gen_length
             if len(ids) > room:
                 log.warning("prompt of %d tokens cut to its last %d (max_sequence_length %d - gen_length %d)",
-                            len(ids), room, self.model.config.max_sequence_length, cfg.gen_length)
+                            len(ids), room, self.model.config.max_sequence_length, config.gen_length)
                 ids = ids[-room:]
             until = gen_kwargs.get("until") or []
-            prepared.append((ids, [until] if isinstance(until, str) else list(until), cfg))
+            prepared.append((ids, [until] if isinstance(until, str) else list(until), config))
 
         # Batches: runs of consecutive requests that share settings, at most batch_size long.
         batches, start = [], 0
@@ -511,13 +511,13 @@ class DiffusionLM(LM):
         responses, nfe, seconds = [], 0, 0.0
         for start, end in tqdm(batches, desc="dllm generate_until", disable=self.rank != 0):
             prompts = [p[0] for p in prepared[start:end]]
-            cfg = prepared[start][2]
+            config = prepared[start][2]
             ids, mask = left_pad(prompts, self.pad_id)  # (B, P) each
             # Rows of one length need no mask: the unmasked forward is then the same as bench.py's.
             mask = None if all(len(p) == len(prompts[0]) for p in prompts) else mask.to(self.device)
             generator = torch.Generator(device=self.device).manual_seed(request_seed(self.config.seed, prompts[0]))
             t0 = time.perf_counter()
-            out = generate(self.model, ids.to(self.device), cfg, generator=generator, attention_mask=mask)
+            out = generate(self.model, ids.to(self.device), config, generator=generator, attention_mask=mask)
             seconds += time.perf_counter() - t0
             nfe += out.nfe * (end - start)
             for row, req, (_, until, _) in zip(out.generated.tolist(), requests[start:end], prepared[start:end]):
@@ -538,29 +538,29 @@ class DiffusionLM(LM):
         block of N tokens, N steps, temperature 0."""
         N = len(continuation)
         # Fresh (vanilla) settings, whatever method the model_args select for generation.
-        cfg = DecodeConfig.for_model(self.model.config, gen_length=N, block_length=N, steps=N,
+        config = DecodeConfig.for_model(self.model.config, gen_length=N, block_length=N, steps=N,
                                      cfg_scale=self.decode_config.cfg_scale, eot_id=self.decode_config.eot_id)
-        out = generate(self.model, torch.tensor([context], device=self.device), cfg)
+        out = generate(self.model, torch.tensor([context], device=self.device), config)
         return out.generated[0].tolist() == continuation
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         from tqdm import tqdm
 
-        cfg, mcfg = self.config, self.model.config
+        config, model_config = self.config, self.model.config
         results = []
         for req in tqdm(requests, desc="dllm loglikelihood", disable=self.rank != 0):
             context, continuation = self.encode_pair(*req.args)
             if not continuation:
                 raise ValueError(f"empty continuation for context {req.args[0][-80:]!r}")
-            if len(context) + len(continuation) > mcfg.max_sequence_length:
-                context = context[len(context) + len(continuation) - mcfg.max_sequence_length:]
+            if len(context) + len(continuation) > model_config.max_sequence_length:
+                context = context[len(context) + len(continuation) - model_config.max_sequence_length:]
             # Seeded by the request, so it gets the same estimate on any rank. By the context and the
             # continuation's length only: the choices of one question that are equally long share
             # their random masks (common random numbers), so comparing them is less noisy.
-            generator = torch.Generator().manual_seed(request_seed(cfg.seed, context, len(continuation)))
-            ll = mc_loglikelihood(self.model, context, continuation, self.decode_config.mask_id, cfg.mc_num,
-                                  cfg.batch_size, generator, self.decode_config.cfg_scale)
-            greedy = cfg.check_greedy and bool(context) and self.is_greedy(context, continuation)
+            generator = torch.Generator().manual_seed(request_seed(config.seed, context, len(continuation)))
+            ll = mc_loglikelihood(self.model, context, continuation, self.decode_config.mask_id, config.mc_num,
+                                  config.batch_size, generator, self.decode_config.cfg_scale)
+            greedy = config.check_greedy and bool(context) and self.is_greedy(context, continuation)
             results.append((ll, greedy))
             self.cache_hook.add_partial("loglikelihood", req.args, (ll, greedy))
         return results
