@@ -721,12 +721,13 @@ def least_similar(similarity: torch.Tensor, n: int) -> torch.Tensor:
     return torch.topk(similarity, k=n, dim=-1, largest=False).indices
 
 
-def dllm_layer(block, cache: FeatureCache, x, cos, sin, key_mask, P: int, prompt, response, verify, n_verify):
+def dllm_layer(block, cache: FeatureCache, x, rope, key_mask, plan: Refresh):
     """One transformer block under dLLM-Cache: x (rows, L, C) is the block's input for the whole
     canvas (prompt [0, P), response [P, L)); the output is x + attention + MLP for every position,
-    fresh for the tokens a row recomputes here and read from the cache for the rest.
+    fresh for the tokens a row recomputes here and read from the cache for the rest. rope is the
+    canvas's (cos, sin) tables.
 
-    Per row (prompt, response, verify are (rows,) bools):
+    Per row, as the plan says for this layer (prompt, response, verify are (rows,) bools):
     - the prompt, when it refreshes: queries, keys and values, attention and MLP;
     - the whole response, when it refreshes: the same;
     - with verify (V-verify): fresh values for every response token, and the n_verify tokens
@@ -736,12 +737,13 @@ def dllm_layer(block, cache: FeatureCache, x, cos, sin, key_mask, P: int, prompt
     writes it to the cache's trash slot. The recomputed tokens' queries attend, in one call, over
     the keys/values as the cache holds them after this layer's writes (fresh or stale).
     """
-    layer, L = block.layer_idx, x.shape[1]
+    layer, L, P, n_verify = block.layer_idx, x.shape[1], plan.P, plan.n_verify
+    prompt, response, verify = plan.layer(layer)
     rows, device, trash = x.shape[0], x.device, cache.trash
     queries, where = [], []  # fresh queries (rows, H, n, D) and their canvas positions (rows, n)
 
     def recompute(h_normed, positions, keep):  # q/k/v of normed tokens at canvas positions (rows, n)
-        c, s = (t.gather(2, positions[:, None, :, None].expand(-1, 1, -1, t.shape[-1])) for t in (cos, sin))
+        c, s = (t.gather(2, positions[:, None, :, None].expand(-1, 1, -1, t.shape[-1])) for t in rope)
         q, k, v = block.project(h_normed, c, s)
         if keep is not None and not bool(keep.all()):  # rows that skip this part write to the trash
             positions = torch.where(keep[:, None], positions, trash)  # (rows, n)
@@ -789,11 +791,10 @@ def dllm_forward(model, tokens, window: Window, cache: FeatureCache, key_mask) -
     """dLLM-Cache (Liu et al., "dLLM-Cache: Accelerating Diffusion Large Language Models with
     Adaptive Caching", arXiv 2506.06295): the whole canvas goes in, but each layer recomputes
     only what the window's refresh plan asks (dllm_layer); logits of the logits range."""
-    plan = window.refresh
     cos, sin, key_mask = model.rope_and_mask(window.positions, key_mask, tokens.shape[0])
     x = model.embed(tokens)  # (rows, L, C)
-    for i, block in enumerate(model.blocks):
-        x = dllm_layer(block, cache, x, cos, sin, key_mask, plan.P, *plan.layer(i), plan.n_verify)
+    for block in model.blocks:
+        x = dllm_layer(block, cache, x, (cos, sin), key_mask, window.refresh)
     a, b = window.logits_range
     return model.lm_head(x[:, a:b])  # (rows, K, V)
 

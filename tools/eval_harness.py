@@ -21,7 +21,7 @@ K-shot prompt of task.few_shot (seed 0). Needs `pip install -r tools/requirement
     accelerate launch -m tools.eval_harness --tasks gsm8k --num_fewshot 5 --model_args pretrained=DIR,...
 
 Shape legend: B batch (requests, or Monte-Carlo samples of one request), P prompt (context),
-N continuation, L = P + N, V vocabulary.
+G continuation (the generated part), L = P + G, V vocabulary.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class HarnessConfig:
     mc_num: int = 128  # Monte-Carlo samples per log-likelihood (LLaDA's evaluation uses 128)
     seed: int = 1234  # seeds the Monte-Carlo masks and temperature > 0 sampling, per request
     check_greedy: bool = True  # loglikelihood's is_greedy: decode the continuation greedily (one
-    #   token per step) and compare; costs N forwards per request. False answers False, faster.
+    #   token per step) and compare; costs G forwards per request. False answers False, faster.
     max_batch_size: int | None = None  # accepted for lm-eval's --max_batch_size; unused
 
     def __post_init__(self):
@@ -256,23 +256,23 @@ def mc_loglikelihood(model, context: list[int], continuation: list[int], mask_id
 
     The masked-diffusion bound: draw a masking level t, hide each continuation token with
     probability t, and score the hidden ones; -E_t[(1/t) * sum CE(masked)] <= log p. LLaDA
-    evaluates the lower-variance equivalent with a masked *count*: draw k uniformly from 1..N,
-    mask exactly k of the N continuation positions at random, and weight the summed cross-entropy
-    by N / k. The context is never masked. The estimate averages `mc_num` such samples, run
+    evaluates the lower-variance equivalent with a masked *count*: draw k uniformly from 1..G,
+    mask exactly k of the G continuation positions at random, and weight the summed cross-entropy
+    by G / k. The context is never masked. The estimate averages `mc_num` such samples, run
     `batch_size` at a time; `generator` (CPU) makes it reproducible.
     """
     device = model.device
-    P, N = len(context), len(continuation)
+    P, G = len(context), len(continuation)
     seq = torch.tensor(context + continuation, dtype=torch.long)  # (L,)
-    target = seq[P:].to(device)  # (N,)
+    target = seq[P:].to(device)  # (G,)
     total = 0.0
     for start in range(0, mc_num, batch_size):
         B = min(batch_size, mc_num - start)
-        # 1) How many continuation tokens each sample hides: k ~ U{1..N}.
-        k = torch.randint(1, N + 1, (B,), generator=generator)  # (B,)
+        # 1) How many continuation tokens each sample hides: k ~ U{1..G}.
+        k = torch.randint(1, G + 1, (B,), generator=generator)  # (B,)
         # 2) Which ones: the k positions with the smallest uniform keys (a random k-subset).
-        keys = torch.rand(B, N, generator=generator)  # (B, N)
-        hidden = keys.argsort(dim=1).argsort(dim=1) < k[:, None]  # (B, N) rank < k
+        keys = torch.rand(B, G, generator=generator)  # (B, G)
+        hidden = keys.argsort(dim=1).argsort(dim=1) < k[:, None]  # (B, G) rank < k
         x = seq.repeat(B, 1)  # (B, L)
         x[:, P:] = x[:, P:].masked_fill(hidden, mask_id)
         x, hidden, k = x.to(device), hidden.to(device), k.to(device)
@@ -282,13 +282,13 @@ def mc_loglikelihood(model, context: list[int], continuation: list[int], mask_id
             # (context masked) rides in the same forward.
             uncond = x.clone()
             uncond[:, :P] = mask_id
-            cond_logits, uncond_logits = model(torch.cat([x, uncond]), logits_range=(P, P + N)).chunk(2)
-            logits = uncond_logits + (cfg_scale + 1) * (cond_logits - uncond_logits)  # (B, N, V)
+            cond_logits, uncond_logits = model(torch.cat([x, uncond]), logits_range=(P, P + G)).chunk(2)
+            logits = uncond_logits + (cfg_scale + 1) * (cond_logits - uncond_logits)  # (B, G, V)
         else:
-            logits = model(x, logits_range=(P, P + N))  # (B, N, V)
-        # 4) Cross-entropy of the hidden tokens, summed per sample and weighted by N / k.
-        ce = F.cross_entropy(logits.float().flatten(0, 1), target.repeat(B), reduction="none").view(B, N)  # (B, N)
-        total += float(((ce * hidden).sum(dim=1) * N / k).sum())
+            logits = model(x, logits_range=(P, P + G))  # (B, G, V)
+        # 4) Cross-entropy of the hidden tokens, summed per sample and weighted by G / k.
+        ce = F.cross_entropy(logits.float().flatten(0, 1), target.repeat(B), reduction="none").view(B, G)  # (B, G)
+        total += float(((ce * hidden).sum(dim=1) * G / k).sum())
     return -total / mc_num
 
 
@@ -533,12 +533,12 @@ class DiffusionLM(LM):
 
     @torch.no_grad()
     def is_greedy(self, context: list[int], continuation: list[int]) -> bool:
-        """Would greedy decoding produce the continuation? LLaDA's check: mask all N positions,
+        """Would greedy decoding produce the continuation? LLaDA's check: mask all G positions,
         commit the single most confident argmax per step; here that is decode.generate with one
-        block of N tokens, N steps, temperature 0."""
-        N = len(continuation)
+        block of G tokens, G steps, temperature 0."""
+        G = len(continuation)
         # Fresh (vanilla) settings, whatever method the model_args select for generation.
-        config = DecodeConfig.for_model(self.model.config, gen_length=N, block_length=N, steps=N,
+        config = DecodeConfig.for_model(self.model.config, gen_length=G, block_length=G, steps=G,
                                      cfg_scale=self.decode_config.cfg_scale, eot_id=self.decode_config.eot_id)
         out = generate(self.model, torch.tensor([context], device=self.device), config)
         return out.generated[0].tolist() == continuation
