@@ -2,6 +2,7 @@
 FLOP counter, the recorded forwards against what generate ran, the published peaks, the flags
 that are refused, and a whole run on a tiny preset."""
 
+import copy
 import json
 
 import pytest
@@ -228,15 +229,19 @@ def test_top_k_windows_do_not_depend_on_the_model(recorder, random_model, policy
 def test_the_random_recorder_runs_blockbatch_one_token_per_forward(recorder, random_model):
     """BlockBatch's schedule follows its commits: the recorder's confidences never reach 0.9, so each
     forward commits one token per branch (G forwards: 1 init, block steps, refreshes every 32 tokens)
-    with no merge or sync; the sharp random model commits more and finishes in fewer."""
+    with no merge or sync; a model sure of every proposal commits many per forward and records far fewer."""
     G = 64
     recorded = POLICIES["blockbatch"].record(recorder, prompt_of(8, high=14), G, 0)
     kinds = [r.forward.kind for r in recorded]
     assert len(recorded) == G and kinds.count("batched refresh") == G // 32 - 1 and kinds[0] == "init forward"
-    config = blockbatch.BlockBatchConfig.for_model(recorder.config, gen_length=G, block_sizes=(4, 8, 16, 32, 64))
+    config = blockbatch.BlockBatchConfig.for_model(recorder.config, gen_length=G, block_sizes=(4, 8, 16, 32, 64),
+                                                   eos_id=recorder.config.mask_token_id)
     out = blockbatch.generate(recorder, prompt_of(8, high=14), config)  # the run the recording made
     assert out.extras["merges"] == out.extras["syncs"] == 0 and out.extras["exit"] == "natural"
-    assert len(POLICIES["blockbatch"].record(random_model, prompt_of(8), G, 0)) < G
+    sure = copy.deepcopy(recorder)  # the same model with its logits scaled up: every proposal is certain
+    with torch.no_grad():
+        sure.model.transformer.ff_out.weight.mul_(1e3)
+    assert len(POLICIES["blockbatch"].record(sure, prompt_of(8, high=14), G, 0)) < G // 4
 
 
 def test_representative_has_the_mean_cost(recorder):

@@ -103,12 +103,13 @@ class Recorded:
 
 
 def recorder_config(max_sequence_length: int) -> ModelConfig:
-    """The random recorder's shape: one layer, width 8, 16 tokens. EOS is the mask id, which is
-    never committed: a random model proposes any token, and a committed EOS would end a BlockBatch
-    request at a random point. It takes any request the target model takes."""
+    """The random recorder's shape: one layer, width 8, 16 tokens. It takes any request the target
+    model takes. (BlockBatch's recording gives it the mask id as its EOS id: a random
+    model proposes any token, and a committed EOS would end a request at a random point; the mask
+    is never proposed.)"""
     return ModelConfig(d_model=8, n_heads=2, n_kv_heads=2, n_layers=1, mlp_hidden_size=16, vocab_size=16,
                        rope_theta=500000.0, max_sequence_length=max_sequence_length, mask_token_id=15,
-                       eos_token_id=15, pad_token_id=14)
+                       eos_token_id=14, pad_token_id=14)
 
 
 def dllm_work(parts, P: int, L: int, n_verify: int) -> tuple[int, int]:
@@ -164,7 +165,8 @@ def record_blockbatch(recorder, prompt: torch.Tensor, G: int, K: int) -> list[Re
     Q, logits K) of each batched forward. A full forward (Q = L) is replayed over the whole canvas;
     a block step as R rows of Q positions (its padded tokens cost as much as real ones). The block
     length K is unused: each branch has its own (the default sizes that divide G)."""
-    config = blockbatch.BlockBatchConfig.for_model(recorder.config, gen_length=G, block_sizes=blockbatch_sizes(G))
+    config = blockbatch.BlockBatchConfig.for_model(recorder.config, gen_length=G, block_sizes=blockbatch_sizes(G),
+                                                   eos_id=recorder.config.mask_token_id)  # never committed
     out = blockbatch.generate(recorder, prompt, config)
     P = prompt.shape[1]
     L = P + G
