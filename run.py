@@ -41,7 +41,7 @@ DEFAULT_MODEL = os.path.join(HERE, "checkpoints", "arith")
 # two blocks (room for a worked answer and its EOS tail), Fast-dLLM's DualCache + threshold 0.9,
 # which keeps the arith checkpoint's accuracy (98.5% at G = 64) at a few forwards per answer, and
 # no forwards spent on the EOS padding once the answer has ended.
-RUN_DEFAULTS = dict(gen_length=64, block_length=32, steps=64, cache="dual", threshold=0.9, stop_at_eos=True)
+RUN_DEFAULTS = dict(gen_length=64, block_length=32, cache="dual", threshold=0.9, stop_at_eos=True)
 
 # ---------------------------------------------------------------------------------------------
 # Helpers: flags, the prompt, the delimiter, drawing the canvas and the cache map
@@ -204,7 +204,14 @@ class Parser(argparse.ArgumentParser):
 # DecodeConfig fields that are not flags: the special ids come from the model, AdaBlock's
 # delimiters from the tokenizer (--adablock), and the drift probe belongs to the benchmark.
 NOT_FLAGS = ("mask_id", "eos_id", "eot_id", "delimiter_ids", "measure_drift")
-UNSET = object()  # a commit rule's flag the user did not give
+class Unset:
+    """The default of a flag whose value depends on the others (shown as its rule in --help)."""
+
+    def __init__(self, rule: str):
+        self.rule = rule
+
+    def __str__(self):
+        return self.rule
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -216,8 +223,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                           f"(0..{MAX_SHOTS}; the arithmetic checkpoints only)")
     # Every decoding setting is a flag, read from DecodeConfig: its comment is the help, its
     # default the default unless run.py's own (RUN_DEFAULTS) differs.
-    rules = {name: UNSET for name in RULES}  # so that a rule given on the command line replaces run.py's
-    add_dataclass_flags(ap, DecodeConfig, skip=NOT_FLAGS, defaults={**RUN_DEFAULTS, **rules},
+    # Unset unless given: a rule given replaces run.py's default one, and the block length and the
+    # steps follow --gen-length (blocks of at most 32, one token per step).
+    unset = {name: Unset("none") for name in RULES}
+    unset["threshold"] = Unset(f"{RUN_DEFAULTS['threshold']} if no other rule is given")
+    unset.update(block_length=Unset(f"gen length, at most {RUN_DEFAULTS['block_length']}"),
+                 steps=Unset("gen length: one token per step"))
+    add_dataclass_flags(ap, DecodeConfig, skip=NOT_FLAGS, defaults={**RUN_DEFAULTS, **unset},
                         kinds={"cache": choice(CACHES), "remasking": choice(REMASKING)})
     ap.add_argument("--adablock", action="store_true",
                     help="AdaBlock: end each block on a confidently predicted newline instead of every --block-length "
@@ -234,10 +246,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     # A commit rule given on the command line replaces run.py's default one; two given are an error
     # (DecodeConfig says so).
-    given = [name for name in RULES if getattr(args, name) is not UNSET]
+    given = [name for name in RULES if not isinstance(getattr(args, name), Unset)]
     for name in RULES:
-        if getattr(args, name) is UNSET:
+        if isinstance(getattr(args, name), Unset):
             setattr(args, name, RUN_DEFAULTS.get(name) if not given else None)
+    if isinstance(args.block_length, Unset):
+        args.block_length = min(RUN_DEFAULTS["block_length"], args.gen_length)
+    if isinstance(args.steps, Unset):
+        args.steps = args.gen_length
     if not 0 <= args.shots <= MAX_SHOTS:
         ap.error(f"--shots must be in 0..{MAX_SHOTS}, got {args.shots}")
     if not 0 <= args.seed < 2 ** 63:

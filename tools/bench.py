@@ -268,7 +268,8 @@ def bench(args, model, families, problem_sets):
                 row[f"acc_{fam}"] = sum(mine) / len(mine) if mine else None
                 row[f"acc_{fam}_ci"] = wilson(sum(mine), len(mine)) if mine else None
             row.update({
-                "vs_vanilla": None if vanilla_right is None else paired_difference(right, vanilla_right),
+                "vs_vanilla": None if vanilla_right is None or vanilla_right is right  # (a reference row: itself)
+                else paired_difference(right, vanilla_right),
                 "agreement": None if reference is None else sum(a == b for a, b in zip(outputs, reference)) / k,
                 "nfe": nfe / k, "tokens_per_forward": G * k / nfe, "query_tokens": query / k,
                 "seconds": seconds, "tokens_per_s": G * k / seconds,
