@@ -1,5 +1,6 @@
 """tools/bench.py: the intervals its accuracy figures carry, and few-shot problems that stay paired."""
 
+import json
 import math
 
 import pytest
@@ -77,3 +78,14 @@ def test_bad_runs_are_refused_before_decoding(argv, message, capsys, tmp_path):
         bench.main(["--block-length", "32", "--methods", "vanilla", *argv])
     assert err.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_summary_prints_the_short_table_of_earlier_runs(tmp_path, capsys):
+    row = {"method": "dual+thr0.9", "block": 32, "accuracy": 0.9, "accuracy_ci": [0.8, 0.95], "acc_short": 1.0,
+           "acc_short_ci": [0.9, 1.0], "acc_pair": 0.5, "acc_pair_ci": None, "vs_vanilla": [-0.01, -0.05, 0.03],
+           "nfe": 14.5, "seconds": 8.12, "speedup": 25.3}
+    (tmp_path / "bench.json").write_text(json.dumps({"command": "`python -m tools.bench ...`", "rows": [row]}))
+    bench.main(["--summary", str(tmp_path / "bench.json")])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "`python -m tools.bench ...`"
+    assert out[-1] == "| dual+thr0.9 | 32 | 90.0% [80–95] | 100.0% [90–100] | 50.0% | -1.0 [-5.0, +3.0] | 14.5 | 8.12 | 25.3× |"

@@ -338,6 +338,23 @@ def format_row(row, families) -> str:
     return " | ".join(f"{h} {cell(row, k)}" for k, h in columns(families))
 
 
+SUMMARY = [("method", "method"), ("block", "block"), ("accuracy", "accuracy [95% CI]"), ("acc_short", "short"),
+           ("acc_pair", "pair"), ("vs_vanilla", "Δ vs vanilla, points [95% CI]"), ("nfe", "NFE"),
+           ("seconds", "wall s"), ("speedup", "speedup")]
+
+
+def summary(files: list[str]) -> str:
+    """The README's short table from bench.json files: one row per method, its run's command above."""
+    lines = ["| " + " | ".join(h for _, h in SUMMARY) + " |", "|" + "---|" * len(SUMMARY)]
+    commands = []
+    for file in files:
+        with open(file) as f:
+            run = json.load(f)
+        commands.append(run["command"])
+        lines += ["| " + " | ".join(cell(r, k) if k in r else "–" for k, _ in SUMMARY) + " |" for r in run["rows"]]
+    return "\n".join(commands) + "\n\n" + "\n".join(lines) + "\n"
+
+
 def markdown(rows, header_note: str, families) -> str:
     cols = columns(families)
     lines = [header_note, "", "| " + " | ".join(h for _, h in cols) + " |", "|" + "---|" * len(cols)]
@@ -473,6 +490,8 @@ def cpu_name() -> str:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--summary"]:  # the short table of earlier runs: --summary RUN/bench.json ...
+        return print(summary(argv[1:]))
     if "--scale" in argv:  # per-forward cost at model scale: bench_scale.py, with flags of its own
         return bench_scale.main([a for a in argv if a != "--scale"], prog="-m tools.bench --scale")
     ap = argparse.ArgumentParser(description="Benchmark decoding methods on the trained checkpoint.")
