@@ -352,7 +352,7 @@ def summary(files: list[str]) -> str:
             run = json.load(f)
         commands.append(run["command"])
         lines += ["| " + " | ".join(cell(r, k) if k in r else "–" for k, _ in SUMMARY) + " |" for r in run["rows"]]
-    return "\n".join(commands) + "\n\n" + "\n".join(lines) + "\n"
+    return "\n".join(commands) + "\n\n" + "\n".join(lines)
 
 
 def markdown(rows, header_note: str, families) -> str:
