@@ -1,23 +1,24 @@
 """
 Generate with a LLaDA-format checkpoint and watch the canvas denoise, mask by mask.
 
-With no flags it loads the project's own small checkpoint (checkpoints/arith, trained by train.py
-on task.py's arithmetic chains; `--model checkpoints/mix` adds the `long` and `pair` families),
-asks it a held-out problem, and decodes with DualCache + threshold 0.9 (see the README's benchmark).
+With no flags it loads the project's own small checkpoint (checkpoints/arith, trained by
+tools/train.py on the toy task's arithmetic chains; checkpoints/README.md has the others), asks
+it a held-out problem, and decodes with DualCache + threshold 0.9, ending at the first EOS.
 Point --model at a real LLaDA-8B directory to use the same code on the real model.
 
-Every method of decode.py is a flag: the cache policy (--cache none/prefix/dual/dllm), the commit
-rule (--threshold, --factor, or LLaDA's top-k schedule), the block rule (--adablock) and
---stop-at-eos. --cache-map draws, under the canvas, which positions each forward recomputed and
-which it read from the cache. A user's mistake (a bad flag, a broken checkpoint, a model whose
-logits overflow) ends the run with one line on stderr and a non-zero exit; Ctrl-C exits with 130.
+Every DecodeConfig field is a flag, read from the dataclass with its comment as help: the cache
+policy (--cache none/prefix/dual/dllm), the commit rule (--threshold, --factor, or LLaDA's top-k
+schedule), the block rule (--adablock), --stop-at-eos, --quirks. --shots K puts K solved examples
+before the question. --cache-map draws, under the canvas, which positions each forward recomputed
+and which it read from the cache. A user's mistake ends the run with one line on stderr and a
+non-zero exit; Ctrl-C exits with 130.
 
 Usage:
     python run.py                                   # the shipped checkpoint, a sample problem
     python run.py --prompt "8-3+7" --cache-map      # watch DualCache: '#' recomputed, '.' cached
     python run.py --cache dllm --no-live            # dLLM-Cache, result and figures only
     python run.py --model ~/LLaDA-8B-Instruct --prompt "What is 2+2?" --gen-length 128 \
-                  --block-length 32 --steps 128 --cache none --threshold none   # vanilla LLaDA
+                  --cache none --threshold none   # vanilla LLaDA (blocks of 32, one token per step)
 """
 
 from __future__ import annotations
