@@ -377,6 +377,8 @@ class BlockBatch:
         best_tok = src_tok.gather(0, best_s[None]).squeeze(0)  # (L,)
         fill = region & (self.x[dst] == mask_id) & (best_p > self.config.conf_threshold)  # (L,)
         self.x[dst] = torch.where(fill, best_tok, self.x[dst])
+        # A merged token's confidence is dst's own probability of it, the one the fill was judged by.
+        self.commit_conf[dst] = torch.where(fill, best_p.to(self.commit_conf.dtype), self.commit_conf[dst])
         return int(fill.sum())
 
     def sync_to(self, dst: int, leader: int) -> None:
@@ -384,6 +386,7 @@ class BlockBatch:
         moves to the block of its own grid holding its first mask. rms also takes the leader's
         EOS state."""
         self.x[dst] = self.x[leader]
+        self.commit_conf[dst] = self.commit_conf[leader]  # the tokens come with their confidences
         self.cache.k[:, dst] = self.cache.k[:, leader]
         self.cache.v[:, dst] = self.cache.v[:, leader]
         self.done[dst] = self.done[leader]
@@ -563,7 +566,7 @@ def generate(model, prompt_ids: torch.Tensor, config: BlockBatchConfig, generato
 
 def eos_probability(run: BlockBatch, i: int, at: int, logits: torch.Tensor, positions: torch.Tensor) -> float:
     """The EOS probability the exit compares branches by: the confidence the EOS at `at` was
-    committed with. The original reads it from this forward's logits (K, V) at that position, in
+    committed with (by a forward, a merge or a sync). The original reads it from this forward's logits (K, V) at that position, in
     bfloat16, though the EOS may have been decoded long before (blockbatch_eos_prob_last_forward)."""
     if run.config.quirks.blockbatch_eos_prob_last_forward:
         q = int((positions == at).int().argmax())
@@ -572,8 +575,8 @@ def eos_probability(run: BlockBatch, i: int, at: int, logits: torch.Tensor, posi
 
 
 def natural_winner(run: BlockBatch) -> int:
-    """The branch a natural exit (every branch complete) returns: the leader, the branch that
-    decoded most itself. The original takes max(progress), which every branch has at G, so its
+    """The branch a natural exit (every branch complete) returns: the leader, the branch with
+    the most decoded tokens (`BlockBatch.decoded`). The original takes max(progress), which every branch has at G, so its
     smallest block size wins (blockbatch_smallest_wins)."""
     return 0 if run.config.quirks.blockbatch_smallest_wins else run.leader()
 
