@@ -78,7 +78,7 @@ class DecodeConfig:
     remasking: str = "low_confidence"  # confidence = prob. of the proposal, or 'random' (uniform)
     cfg_scale: float = 0.0  # classifier-free guidance; 0 = off
     mask_id: int | None = None  # [MASK] id (default: the model config's mask_token_id)
-    eos_id: int | None = None  # end-of-text id, for the two flags below (default: from the model)
+    eos_id: int | None = None  # end-of-text id: the two flags below, stop_at_eos, left padding (default: from the model)
     eot_id: int | None = None  # end-of-turn id, for confidence_eos_eot_inf (default: from the model;
     #   LLaDA's config.json has none, so pass the tokenizer's id of '<|eot_id|>')
     logits_eos_inf: bool = False  # never propose EOS
@@ -86,7 +86,7 @@ class DecodeConfig:
     threshold: float | None = None  # Fast-dLLM: commit every proposal with confidence >= threshold
     factor: float | None = None  # Fast-dLLM: commit rank k while confidence >= 1 - factor/(k+1)
     cache: str = "none"  # 'none', 'prefix' (Fast-dLLM prefix cache), 'dual' (DualCache) or 'dllm' (dLLM-Cache)
-    refresh_interval: int = 0  # cached modes: also refresh the whole cache every this many steps
+    refresh_interval: int = 0  # prefix/dual: also refresh the whole cache every this many steps
     #   of a block (0 = only at block start; 1 = every step, which equals no cache)
     prompt_interval_steps: int = 50  # dLLM-Cache K_p: recompute the prompt's features every K_p steps
     gen_interval_steps: int = 7  # dLLM-Cache K_r: recompute the whole response every K_r steps
@@ -185,8 +185,10 @@ class DecodeResult:
 
     ids: torch.Tensor  # (B, P + G) prompt and generation
     nfe: int  # model forward calls (a batched forward, CFG's doubled batch included, counts once)
-    query_tokens: int  # tokens pushed through the model, summed over forwards (per row)
-    masks_left: int  # masks left in the output (only the DualCache step-cap quirk can leave any)
+    query_tokens: int  # tokens pushed through the model, summed over forwards (per row; BlockBatch:
+    #   over its branch rows, padding included)
+    masks_left: int  # masks left in the output (only a quirk can leave any: DualCache's step cap,
+    #   BlockBatch's masks after an EOS exit)
     prompt_length: int  # P
     nfe_per_block: list[int] = field(default_factory=list)  # forwards spent on each block
     extras: dict = field(default_factory=dict)  # what a method measured: 'max_drift', ...
@@ -396,6 +398,7 @@ class DecodeState:
     start: torch.Tensor  # (B,) each row's current block is [start, end) on the canvas
     end: torch.Tensor  # (B,)
     bounds: tuple[list[int], list[int]] | None = None  # start and end on the host, read once per block
+    #   (and once more where AdaBlock moves the end)
     to_commit: torch.Tensor | None = None  # (B,) masks in each row's block at its start (top-k schedule)
     key_mask: torch.Tensor | None = None  # (rows, L) 1 = real token; None when nothing is padded
     cache: KVCache | None = None  # the request's K/V buffers (cached policies only)
@@ -405,6 +408,7 @@ class DecodeState:
     window: Window | None = None  # what the last forward computed
     busy: list[bool] | None = None  # per row, on the host: its block still had masks at the last check
     finite: torch.Tensor | None = None  # () bool on the device: the last step's logits were all finite
+    committed: torch.Tensor | None = None  # () bool on the device: the last step committed a token
     extras: dict = field(default_factory=dict)  # method-specific measurements, copied to the result
 
     @property
@@ -487,12 +491,15 @@ def block_done(state: DecodeState, config: DecodeConfig) -> bool:
     `Quirks.forward_budget` gives: none, unless an original's quirk caps or fixes it).
 
     This is where the loop waits for the device, once per step: it reads which rows still have
-    masks and whether the last step's logits were finite in one transfer.
+    masks, whether the last step's logits were finite and whether it committed anything, in one
+    transfer.
     """
     masked = masked_in_block(state, config.mask_id).any(1)  # (B,) bool, on the device
-    finite = state.finite if state.finite is not None else torch.ones((), dtype=torch.bool, device=masked.device)
-    finite, *state.busy = torch.cat([finite[None], masked]).tolist()
-    state.finite = None
+    yes = torch.ones((), dtype=torch.bool, device=masked.device)
+    finite = state.finite if state.finite is not None else yes
+    committed = state.committed if state.committed is not None else yes
+    finite, committed, *state.busy = torch.cat([finite[None], committed[None], masked]).tolist()
+    state.finite = state.committed = None
     if not finite:
         raise FloatingPointError(
             f"non-finite logits at step {state.step - 1} of the block starting at position {min(state.bounds[0])} "
@@ -501,6 +508,9 @@ def block_done(state: DecodeState, config: DecodeConfig) -> bool:
     least, most = config.quirks.forward_budget(config)
     if state.step >= most:
         return True
+    if not committed and any(state.busy) and most == math.inf:  # a new commit rule's usual bug
+        raise RuntimeError(f"the commit rule {config.rule!r} committed nothing at step {state.step - 1} while "
+                           f"masks remain in the block: it would never finish (a rule must commit at least one)")
     return state.step >= least and not any(state.busy)
 
 
@@ -620,6 +630,7 @@ def decode_step(model, state: DecodeState, config: DecodeConfig, generator, rule
     # 4) Commit: write the chosen proposals at their canvas positions (the rest go to the trash
     #    slot); committed tokens are final.
     state.slots.scatter_(1, torch.where(commit, block_pos, state.L), x0)
+    state.committed = commit.any()  # checked by block_done
     if config.stop_at_eos:
         # A finished row's blocks end at the canvas end: from the next block on, its windows are trash.
         done = fill_after_eos(state.canvas[:, state.P:], config.eos_id, config.mask_id)  # (B,)
@@ -892,7 +903,8 @@ class Quirks:
     """The original implementations' deviations from their papers, each reproduced behind one
     flag so that parity with their code stays exact. All off by default (the papers' rules);
     `DecodeConfig(quirks=True)` and `BlockBatchConfig(quirks=True)` turn on every one. The loop
-    and the methods ask the methods below, so no quirk branch stands anywhere else."""
+    asks the methods below; dLLM-Cache's layer reads dllm_layer0_refresh, and blockbatch.py reads
+    the blockbatch_* flags in its quirk functions (at its end) and in `result`."""
 
     # Fast-dLLM (NVlabs/Fast-dLLM)
     factor_off_by_one: bool = False  # factor rule: when only the last rank fails its bound, all commit

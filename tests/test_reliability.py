@@ -249,6 +249,20 @@ def test_generate_always_terminates(cache, rule, threshold, factor, blocks, fewe
     assert out.nfe <= G + G // block  # top-k: the schedule; threshold/factor: >= 1 commit per step
 
 
+@pytest.mark.parametrize("cache", ["none", "dual"])
+def test_a_rule_that_commits_nothing_is_an_error_not_a_hang(cache, monkeypatch):
+    """A commit rule that commits nothing would loop forever (a block ends when its masks are
+    gone): the loop names the rule instead, after the first such step."""
+    import decode
+
+    monkeypatch.setattr(decode, "commit_rule", lambda conf, config, k: torch.zeros_like(conf, dtype=torch.bool))
+    stub = StubModel(adversarial("random", 0), limit=3)
+    config = DecodeConfig.for_model(SMALL, gen_length=8, block_length=8, steps=8, cache=cache, threshold=0.9)
+    with pytest.raises(RuntimeError, match="the commit rule 'threshold' committed nothing at step 0"):
+        generate(stub, PROMPT, config)
+    assert stub.calls == 1
+
+
 def test_adablock_prefix_rows_differ():
     """AdaBlock with the prefix cache, rows choosing different block ends (row 0 ends on the
     delimiter after one token, row 1 takes the default 8): the shared query window must give
