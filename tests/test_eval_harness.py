@@ -156,7 +156,7 @@ def test_few_shot_score_equals_bench():
     assert res["n-shot"]["toy_short"] == k
 
 
-# Run under torchrun: what `python eval_harness.py --tasks toy_short ...` runs, minus the CLI's
+# Run under torchrun: what `python -m tools.eval_harness --tasks toy_short ...` runs, minus the CLI's
 # index of lm-eval's ~200 built-in task folders (30+ s per process on a busy 2-core machine).
 DRIVER = """
 import json, os, sys

@@ -2,7 +2,7 @@
 Command-line flags read from a settings dataclass, so defaults and help live in one place.
 
 Every field of a settings dataclass (decode.DecodeConfig, train.TrainConfig, ...) carries its
-meaning in the comment after it, as STYLE.md asks. `field_help` reads those comments from the
+meaning in the comment after it. `field_help` reads those comments from the
 class's source, and `add_dataclass_flags` turns each field into an argparse flag with that help,
 the dataclass's default (or a script's own) and a parser for the field's type. A field added to
 the dataclass is a flag at once, with no hand wiring.
