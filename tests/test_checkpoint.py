@@ -114,6 +114,20 @@ def test_bench_smoke(tmp_path, capsys):
     assert (tmp_path / "bench.md").is_file()
 
 
+def test_bench_records_the_checkpoint_in_its_command(tmp_path):
+    """The command a run records reruns it: the default checkpoint is written out, since the
+    default may change; a given --model is kept as given."""
+    from tools import bench
+
+    bench.main(["--lengths", "32", "--problems", "1", "--methods", "vanilla", "--threads", "1", "--out", str(tmp_path)])
+    with open(tmp_path / "bench.json") as f:
+        command = json.load(f)["command"]
+    assert command.startswith(f"`python -m tools.bench --model {os.path.relpath(bench.DEFAULT_MODEL, ROOT)} --lengths 32")
+    bench.main(["--model", MIX, "--lengths", "32", "--problems", "1", "--methods", "vanilla", "--out", str(tmp_path)])
+    with open(tmp_path / "bench.json") as f:
+        assert json.load(f)["command"].count("--model") == 1
+
+
 def test_bench_sweep_smoke(tmp_path):
     """--sweep on one problem per family: every (rule, value, family) point, and an SVG."""
     from tools import bench
@@ -143,3 +157,38 @@ def test_bench_profile_of_a_dual_step(model):
 
     table = bench.profile_dual_step(model, gen_length=64, block_length=32, repeats=2)
     assert "aten::" in table and "Self CPU" in table
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints/fewshot: the benchmark's default, trained on k-shot prompts
+# ---------------------------------------------------------------------------------------------
+
+FEWSHOT = os.path.join(ROOT, "checkpoints", "fewshot")
+
+
+@pytest.fixture(scope="module")
+def fewshot_model():
+    return load_model(FEWSHOT, device="cpu")
+
+
+def test_fewshot_checkpoint_loads_and_records_its_training(fewshot_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(FEWSHOT)
+    assert tok.mask_token_id == fewshot_model.config.mask_token_id
+    with open(os.path.join(FEWSHOT, "training_log.json")) as f:
+        log = json.load(f)
+    assert log["config"]["shots"] == 8 and log["config"]["init"] == "checkpoints/mix"
+    assert set(log["log"][-1]["accuracy_shots"]) == {"short", "long", "pair"}
+    assert "init_log" in log  # mix's own history, nested
+
+
+def test_fewshot_checkpoint_answers_after_eight_solved_examples(fewshot_model):
+    """8-shot prompts, vanilla sampler, a 32-token window: a floor well under what the training log
+    records (84% short, 62% pair on 50 problems), so a broken prompt format or model fails it."""
+    families = task.families_for(task.load_task(FEWSHOT))
+    for name, floor in (("short", 0.6), ("pair", 0.3)):
+        problems = [task.few_shot(p, 8, families=families) for p in families[name].test_set(13)]
+        responses, _ = decode_family(fewshot_model, problems)
+        accuracy = sum(task.score(p, r, families) for p, r in zip(problems, responses)) / len(problems)
+        assert accuracy >= floor, (name, accuracy)

@@ -48,7 +48,7 @@ from tools import bench_scale, task
 
 HERE = os.path.dirname(os.path.abspath(__file__))  # tools/
 ROOT = os.path.dirname(HERE)  # the repository
-DEFAULT_MODEL = os.path.join(ROOT, "checkpoints", "mix")
+DEFAULT_MODEL = os.path.join(ROOT, "checkpoints", "fewshot")  # trained on k-shot prompts, as the papers measure
 
 # name -> DecodeConfig overrides. "1 tok/step" rows use the top-k schedule with steps = gen_length.
 # NEWLINE stands for the tokenizer's newline id (AdaBlock's delimiter); `blockbatch` selects
@@ -555,7 +555,9 @@ def main(argv=None):
         ap.error(str(err))
     device = torch.cuda.get_device_name() if model.device.type == "cuda" else \
         f"CPU ({cpu_name()}), {args.threads} thread{'s' * (args.threads > 1)}"
-    command = "python -m tools.bench " + " ".join(argv)
+    given = any(a.split("=")[0] == "--model" for a in argv)
+    model_flag = [] if given else ["--model", os.path.relpath(args.model, ROOT)]
+    command = "python -m tools.bench " + " ".join(model_flag + list(argv))  # reruns as it ran
     note = (f"`{command}` — checkpoint {os.path.relpath(args.model, ROOT)}, {args.shots}-shot, block length "
             f"{args.block_length}, batch size {args.batch_size}, temperature 0, "
             f"{'the original code (quirks on)' if args.quirks else 'the papers' + chr(39) + ' rules (quirks off)'}, {device}")
