@@ -149,5 +149,10 @@ def test_adablock_settings_errors():
         DecodeConfig(delimiter_ids=[5], delimiter_threshold=float("nan"), **base)
     with pytest.raises(ValueError, match="window_fraction"):
         DecodeConfig(delimiter_ids=[5], window_fraction=0.0, **base)
+    # Checked without delimiter_ids too: a bad AdaBlock setting is never silently ignored.
+    with pytest.raises(ValueError, match="delimiter_threshold"):
+        DecodeConfig(delimiter_threshold=float("nan"), **base)
+    with pytest.raises(ValueError, match="window_fraction"):
+        DecodeConfig(window_fraction=0.0, **base)
     # B0 need not divide gen_length: AdaBlock's blocks do not follow a grid.
     assert DecodeConfig(delimiter_ids=[5], **dict(base, gen_length=30)).gen_length == 30

@@ -66,6 +66,7 @@ def test_few_shot_problems_keep_their_family_and_answer():
                             "max_sequence_length 2048"),
     (["--lengths", "2048", "--shots", "8"], "exceeds the model's max_sequence_length 2048"),
     (["--out", "UNWRITABLE"], "is not a writable directory"),
+    (["--sweep", "--out", "UNWRITABLE"], "is not a writable directory"),
     (["--shots", "-1"], "--shots must be in 0..8, got -1"),
 ])
 def test_bad_runs_are_refused_before_decoding(argv, message, capsys, tmp_path):
