@@ -403,17 +403,16 @@ class BlockBatch:
         if self.decoded[self.leader()] == 0:
             return 0
         order = sorted(self.active(), key=lambda i: self.end[i], reverse=True)  # stable: ties keep size order
-        if not all(self.end[i] <= self.P for i in order):
-            for rank, dst in enumerate(order):
-                srcs = self.compatible(dst, order[rank + 1:])
-                n = self.merge_into(dst, srcs) if srcs else 0
-                if n:
-                    self.counts["merges"] += 1
-                    self.counts["merged_tokens"] += n
-                    if self.rms:
-                        self.decoded[dst] += n  # rms counts merged tokens as decoded; bulk does not
-                    if not self.done[dst] and not self.block_has_mask(dst):
-                        self.advance(dst)
+        for rank, dst in enumerate(order):
+            srcs = self.compatible(dst, order[rank + 1:])
+            n = self.merge_into(dst, srcs) if srcs else 0
+            if n:
+                self.counts["merges"] += 1
+                self.counts["merged_tokens"] += n
+                if self.rms:
+                    self.decoded[dst] += n  # rms counts merged tokens as decoded; bulk does not
+                if not self.done[dst] and not self.block_has_mask(dst):
+                    self.advance(dst)
         leader, synced = self.leader(), 0
         for i in self.everyone:
             if i != leader and not self.done[i] and self.decoded[leader] - self.decoded[i] > self.config.sync_threshold:
