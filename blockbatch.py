@@ -565,8 +565,9 @@ def generate(model, prompt_ids: torch.Tensor, config: BlockBatchConfig, generato
 
 def eos_probability(run: BlockBatch, i: int, at: int, logits: torch.Tensor, positions: torch.Tensor) -> float:
     """The EOS probability the exit compares branches by: the confidence the EOS at `at` was
-    committed with (by a forward, a merge or a sync). The original reads it from this forward's logits (K, V) at that position, in
-    bfloat16, though the EOS may have been decoded long before (blockbatch_eos_prob_last_forward)."""
+    committed with (by a forward, a merge or a sync). The original reads it from this forward's
+    logits (K, V) at that position, in bfloat16, though the EOS may have been decoded long before
+    (blockbatch_eos_prob_last_forward)."""
     if run.config.quirks.blockbatch_eos_prob_last_forward:
         q = int((positions == at).int().argmax())
         return float(F.softmax(logits[q].to(torch.bfloat16), dim=-1)[run.config.eos_id])
@@ -575,8 +576,8 @@ def eos_probability(run: BlockBatch, i: int, at: int, logits: torch.Tensor, posi
 
 def natural_winner(run: BlockBatch) -> int:
     """The branch a natural exit (every branch complete) returns: the leader, the branch with
-    the most decoded tokens (`BlockBatch.decoded`). The original takes max(progress), which every branch has at G, so its
-    smallest block size wins (blockbatch_smallest_wins)."""
+    the most decoded tokens (`BlockBatch.decoded`). The original takes max(progress), which every
+    branch has at G, so its smallest block size wins (blockbatch_smallest_wins)."""
     return 0 if run.config.quirks.blockbatch_smallest_wins else run.leader()
 
 

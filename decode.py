@@ -78,7 +78,8 @@ class DecodeConfig:
     remasking: str = "low_confidence"  # confidence = prob. of the proposal, or 'random' (uniform)
     cfg_scale: float = 0.0  # classifier-free guidance; 0 = off
     mask_id: int | None = None  # [MASK] id (default: the model config's mask_token_id)
-    eos_id: int | None = None  # end-of-text id: the two flags below, stop_at_eos, left padding (default: from the model)
+    eos_id: int | None = None  # end-of-text id: the two flags below, stop_at_eos, left padding
+    #   (default: from the model)
     eot_id: int | None = None  # end-of-turn id, for confidence_eos_eot_inf (default: from the model;
     #   LLaDA's config.json has none, so pass the tokenizer's id of '<|eot_id|>')
     logits_eos_inf: bool = False  # never propose EOS
