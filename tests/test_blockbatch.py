@@ -3,6 +3,7 @@ properties the method rests on (a degenerate case equals DualCache, merges keep 
 syncs bound the lag, the batched step equals each branch's forward alone)."""
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -156,6 +157,36 @@ def test_merge_keeps_committed_tokens_and_sync_bounds_the_lag(random_model, prom
         out = generate(random_model, torch.tensor([prompt]), cfg)
     assert seen["sync"] > 0
     assert out.ids.shape == (1, len(prompt) + 32)
+
+
+def test_every_committed_token_carries_its_confidence():
+    """Whether a branch committed a token itself, took it by a merge or copied it in a sync, the
+    confidence the EOS exit reads for it is the one it was accepted with, never 0 or another
+    token's. Checked after every merge-and-sync, on runs of the shipped `mix` checkpoint that
+    merge and sync (two `long` problems, both variants)."""
+    from conftest import ROOT
+    from model import load_model
+    from tools import task
+
+    model = load_model(os.path.join(ROOT, "checkpoints", "mix"), device="cpu")
+    mask = model.config.mask_token_id
+    seen = {"merges": 0, "syncs": 0}
+
+    def check(bb, args, before, result):
+        for i in bb.everyone:
+            committed = bb.x[i, bb.P:] != mask  # (G,)
+            assert (bb.commit_conf[i, bb.P:][committed] > 0).all(), (i, bb.x[i, bb.P:], bb.commit_conf[i, bb.P:])
+
+    with pytest.MonkeyPatch.context() as mp:
+        traced(mp, "merge_and_sync", check)
+        for problem in task.FAMILIES["long"].test_set(2):
+            for variant in ("bulk", "rms"):
+                cfg = BlockBatchConfig.for_model(model.config, gen_length=64, block_sizes=[4, 8, 16, 32, 64],
+                                                 generator_variant=variant)
+                out = generate(model, torch.tensor([task.encode(problem.prompt)]), cfg)
+                seen["merges"] += out.extras["merges"]
+                seen["syncs"] += out.extras["syncs"]
+    assert seen["merges"] > 0 and seen["syncs"] > 0, seen  # both paths were taken
 
 
 @settings(max_examples=6)
