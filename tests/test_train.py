@@ -300,6 +300,24 @@ def test_precision_probe_decides_and_says_so(tmp_path, capsys):
     assert train.choose_precision(tiny_cfg(tmp_path, bf16="on"), model, None, None, 0) == "bf16"
 
 
+def test_precision_probe_falls_back_to_fp32_where_bf16_fails(tmp_path, capsys, monkeypatch):
+    """Some CPU builds have no bf16 kernel for an op (a CPU without AVX-512 can raise 'pack_vnni2 is
+    only supported when avx512 is supported'): `--bf16 auto` then trains in fp32 and says why."""
+    cfg = tiny_cfg(tmp_path, bf16="auto", batch_tokens=256)
+    model = train.build_model(cfg, torch.device("cpu"))
+    real_loss = train.diffusion_loss
+
+    def loss_without_bf16(*args, **kwargs):
+        if torch.is_autocast_enabled("cpu"):
+            raise RuntimeError("pack_vnni2 is only supported when avx512 is supported")
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train, "diffusion_loss", loss_without_bf16)
+    assert train.choose_precision(cfg, model, batch(cfg), torch.device("cpu"), model.config.mask_token_id) == "fp32"
+    assert "bf16 autocast fails here (pack_vnni2 is only supported" in capsys.readouterr().out
+    assert all(p.grad is None for p in model.parameters())
+
+
 # ---------------------------------------------------------------------------------------------
 # What a careless run must not do: overwrite a checkpoint, train on after divergence, spin
 # ---------------------------------------------------------------------------------------------

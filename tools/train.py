@@ -446,7 +446,13 @@ def choose_precision(config: TrainConfig, model, opt_free_batch, device, mask_id
         return min(times[1:] or times)
 
     fp32 = seconds(False)
-    bf16 = seconds(True, give_up_after=3 * fp32)
+    try:
+        bf16 = seconds(True, give_up_after=3 * fp32)
+    except RuntimeError as err:  # some CPU builds have no bf16 kernel for an op: then fp32 it is
+        model.zero_grad(set_to_none=True)
+        print(f"precision probe: fp32 {fp32 * 1000:.0f} ms/step, bf16 autocast fails here "
+              f"({str(err).splitlines()[0]}) -> fp32")
+        return "fp32"
     choice = "bf16" if bf16 < 0.9 * fp32 else "fp32"
     print(f"precision probe: fp32 {fp32 * 1000:.0f} ms/step, bf16 autocast {bf16 * 1000:.0f} ms/step -> {choice}")
     return choice
