@@ -496,10 +496,11 @@ def block_done(state: DecodeState, config: DecodeConfig) -> bool:
     transfer.
     """
     masked = masked_in_block(state, config.mask_id).any(1)  # (B,) bool, on the device
-    yes = torch.ones((), dtype=torch.bool, device=masked.device)
-    finite = state.finite if state.finite is not None else yes
-    committed = state.committed if state.committed is not None else yes
-    finite, committed, *state.busy = torch.cat([finite[None], committed[None], masked]).tolist()
+    if state.finite is None:  # before a block's first step: nothing to check yet
+        flags = torch.ones(2, dtype=torch.bool, device=masked.device)  # (2,) finite, committed
+    else:  # decode_step sets both flags together
+        flags = torch.stack([state.finite, state.committed])
+    finite, committed, *state.busy = torch.cat([flags, masked]).tolist()
     state.finite = state.committed = None
     if not finite:
         raise FloatingPointError(
