@@ -237,7 +237,7 @@ def test_shots_put_solved_examples_before_the_question(capsys):
     (["--threshold", "inf"], "bad settings: threshold must be a finite number"),
     (["--cfg-scale", "inf"], "bad settings: cfg_scale must be a finite number >= 0, got inf"),
     (["--threshold", "-1"], "bad settings: threshold must be a finite number > 0 and <= 1, got -1.0"),
-    (["--window-fraction", "0"], "bad settings: window_fraction must be a finite number > 0"),
+    (["--adablock", "--window-fraction", "0"], "bad settings: window_fraction must be a finite number > 0"),
     (["--transfer-ratio", "2"], "bad settings: transfer_ratio"),
     (["--adablock", "--threshold", "none"], "bad settings: AdaBlock"),
     (["--dtype", "float8"], "unknown dtype 'float8'"),
@@ -259,3 +259,200 @@ def test_cfg_scale_inf_exits_at_once():
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 1
     assert proc.stderr.strip() == "bad settings: cfg_scale must be a finite number >= 0, got inf"
+
+
+# ---------------------------------------------------------------------------------------------
+# The checkpoint's special ids, its task.json, a real LLaDA directory's auto_map
+# ---------------------------------------------------------------------------------------------
+
+
+def edit_config(ckpt, **changes):
+    raw = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**raw, **changes}))
+
+
+@pytest.mark.parametrize("key, value, message", [
+    # 21 is the toy tokenizer's newline: as EOS it cut every answer at its first line, silently
+    ("eos_token_id", 21, "config.json's eos_token_id is 21, but the tokenizer's EOS token '<|endoftext|>' is 74"),
+    ("mask_token_id", 73, "config.json's mask_token_id is 73, but the tokenizer's mask token '<|mdm_mask|>' is 76"),
+    ("eot_token_id", 21, "config.json's eot_token_id is 21, but the tokenizer's end-of-turn token '<|eot_id|>' is 75"),
+])
+def test_config_and_tokenizer_must_agree_on_special_ids(capsys, ckpt_copy, key, value, message):
+    edit_config(ckpt_copy, **{key: value})
+    one_line_error(capsys, ["--model", str(ckpt_copy), "--no-live"], message)
+
+
+def test_padding_and_bos_disagreements_only_warn(capsys, ckpt_copy):
+    """run.py never reads the config's padding or BOS id (one unpadded row; the tokenizer writes the
+    prompt): a disagreement is a warning line each, and the answer is whole."""
+    edit_config(ckpt_copy, pad_token_id=21, bos_token_id=5)
+    tokenizer_config = json.loads((ckpt_copy / "tokenizer_config.json").read_text())
+    (ckpt_copy / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "bos_token": "<|eot_id|>"}))
+    code, out, err = main(["--model", str(ckpt_copy), "--no-live", "--prompt", "2+2"], capsys)
+    assert code == 0, err
+    warnings = err.splitlines()
+    assert len(warnings) == 2 and all(w.startswith("warning: ") for w in warnings), err
+    assert "pad_token_id is 21, but the tokenizer's padding token '<|endoftext|>' is 74" in warnings[0]
+    assert "bos_token_id is 5, but the tokenizer's BOS token '<|eot_id|>' is 75" in warnings[1]
+    assert "#### 4" in out
+
+
+def test_a_config_without_eot_takes_the_tokenizers(capsys, ckpt_copy):
+    """LLaDA-8B's config.json has no eot_token_id: nothing to compare, and the tokenizer's is used."""
+    raw = json.loads((ckpt_copy / "config.json").read_text())
+    del raw["eot_token_id"]
+    (ckpt_copy / "config.json").write_text(json.dumps(raw))
+    code, out, err = main(["--model", str(ckpt_copy), "--no-live", "--prompt", "2+2"], capsys)
+    assert code == 0 and err == "" and "#### 4" in out
+
+
+def test_auto_map_never_asks_to_run_remote_code(capsys, ckpt_copy, monkeypatch):
+    """A real LLaDA config.json has an auto_map naming its modeling code; transformers would stop
+    at 'Do you wish to run the custom code? [y/N]' (15 s on a terminal). The tokenizer is loaded
+    with trust_remote_code=False, so nothing is asked."""
+    edit_config(ckpt_copy, auto_map={"AutoConfig": "configuration_llada.LLaDAConfig",
+                                     "AutoModel": "modeling_llada.LLaDAModelLM"})
+    asked = []
+    monkeypatch.setattr("builtins.input", lambda *a: asked.append(a) or "n")
+    code, out, err = main(["--model", str(ckpt_copy), "--no-live", "--prompt", "2+2"], capsys)
+    assert code == 0, err
+    assert asked == [] and "#### 4" in out
+
+
+@pytest.mark.parametrize("text", [
+    "{not json",                                     # garbage
+    "[1, 2]",                                        # list-shaped
+    json.dumps({"families": ["short", "cube"]}),     # an unknown family
+    "[" * 100_000 + "]" * 100_000,                   # nested past the JSON parser's recursion limit
+], ids=["garbage", "list", "unknown-family", "deep"])
+@pytest.mark.parametrize("argv", [[], ["--shots", "2", "--prompt", "3+4"]], ids=["sample", "shots"])
+def test_broken_task_json(capsys, ckpt_copy, text, argv):
+    """task.json is read for the sample problem and for --shots: whatever tools/task.py raises on a
+    file it cannot use (ValueError, TypeError, RecursionError, ...) is one line naming the file."""
+    (ckpt_copy / "task.json").write_text(text)
+    one_line_error(capsys, ["--model", str(ckpt_copy), "--no-live", *argv], f"{ckpt_copy}/task.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# The output's edges: a closed pipe, a full disk, an ASCII terminal; out of memory
+# ---------------------------------------------------------------------------------------------
+
+
+def run_py(*argv, stdout, env=None):
+    return subprocess.run([sys.executable, "run.py", "--no-live", "--gen-length", "32", *argv], cwd=ROOT,
+                          stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def test_closed_pipe_exits_quietly():
+    """`run.py | head -c1`: the reader is gone before run.py writes. Like a Unix tool, it stops with
+    128 + SIGPIPE and says nothing (no BrokenPipeError traceback, no 'Exception ignored' at exit)."""
+    read, write = os.pipe()
+    os.close(read)  # the reader went away: every write gets EPIPE
+    try:
+        proc = run_py(stdout=write)
+    finally:
+        os.close(write)
+    assert proc.returncode == 141 and proc.stderr == "", proc.stderr
+
+
+def test_full_disk_is_one_line():
+    with open("/dev/full", "w") as full:
+        proc = run_py(stdout=full)
+    assert proc.returncode == 1
+    assert proc.stderr == "could not write the output: No space left on device\n", proc.stderr
+
+
+def test_ascii_output_draws_ascii_glyphs():
+    """PYTHONIOENCODING=ascii (or a Latin-1 terminal) has no '⏎' or '␄': the canvas uses '|' and
+    '$' instead of ending the run as 'bad input'."""
+    proc = run_py("--cache-map", "--prompt", "8-3+7", "--threshold", "none", stdout=subprocess.PIPE,
+                  env={"PYTHONIOENCODING": "ascii"})
+    assert proc.returncode == 0, proc.stderr
+    last = [line for line in proc.stdout.splitlines() if line.startswith("[step")][-1]
+    assert last.startswith("[step  32] 8-3=5|5+7=12|#### 12$"), last
+    assert proc.stdout.isascii()
+
+
+@pytest.mark.parametrize("error", [
+    torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                 "you tried to allocate 4294967296 bytes. Error code 12 (Cannot allocate memory)"),
+], ids=["cuda", "cpu"])
+def test_out_of_memory_names_what_to_reduce(capsys, monkeypatch, error):
+    def no_memory(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(run, "generate", no_memory)
+    one_line_error(capsys, ["--no-live", "--prompt", "2+2"], "out of memory decoding 32 tokens after a 9-token "
+                   "prompt on cpu: reduce --gen-length or --shots, or pass --dtype bfloat16")
+    import model
+
+    monkeypatch.setattr(model, "load_model", no_memory)
+    one_line_error(capsys, ["--no-live"], "out of memory loading")
+    one_line_error(capsys, ["--no-live"], "pass --dtype bfloat16 (half of float32's memory) or --device cpu")
+
+
+def test_other_runtime_errors_are_not_called_out_of_memory(monkeypatch):
+    def bug(*args, **kwargs):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(run, "generate", bug)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        run.main(["--no-live", "--model", SHIPPED, "--gen-length", "32"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Small frictions: integer flags name their range, --threads, AdaBlock's settings, --help
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seed", "2**62"], "--seed must be in 0..9223372036854775807, got 2**62"),
+    (["--seed", "-1"], "--seed must be in 0..9223372036854775807, got -1"),
+    (["--shots", "two"], "--shots must be in 0..8, got two"),
+    (["--threads", "0"], f"--threads must be in 1..{os.cpu_count()} (this machine's CPUs), got 0"),
+    (["--threads", "100000"], f"--threads must be in 1..{os.cpu_count()} (this machine's CPUs), got 100000"),
+    (["--window-fraction", "0.5"], "--window-fraction is an AdaBlock setting; add --adablock to use it"),
+    (["--delimiter-threshold", "0.5"], "--delimiter-threshold is an AdaBlock setting; add --adablock to use it"),
+])
+def test_flags_name_their_range(capsys, argv, message):
+    one_line_error(capsys, argv, message, code=2)
+
+
+def test_threads(capsys):
+    before = torch.get_num_threads()
+    try:
+        code, out, err = main(["--no-live", "--threads", "1"], capsys)
+        assert code == 0 and torch.get_num_threads() == 1, err
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_adablock_settings_with_adablock(capsys):
+    code, out, err = main(["--no-live", "--adablock", "--window-fraction", "0.5", "--delimiter-threshold", "0.2"],
+                          capsys)
+    assert code == 0 and "adablock" in out.splitlines()[-1], err
+
+
+def test_help_says_how_to_get_topk_and_the_operand_range(capsys):
+    code, out, _ = main(["--help"], capsys, pinned=False)
+    text = " ".join(out.split())  # argparse wraps lines
+    assert code == 0
+    assert "--threshold none gives LLaDA's own top-k schedule" in text
+    assert "operands 1..9" in text and "'?+?=N' for two digits with sum N in 4..16" in text
+
+
+def test_defaults_live_in_decodeconfig_and_demo():
+    """With no flags, every decoding setting is DecodeConfig's default except the demo's own (DEMO,
+    and the block length and steps that follow the window); run() reads as its steps."""
+    import dataclasses
+    import inspect
+
+    args = run.parse_args([])
+    own = {f.name: f.default for f in dataclasses.fields(run.DecodeConfig) if f.name in run.FLAGS}
+    expected = {**own, **run.DEMO, "steps": run.DEMO["gen_length"]}
+    assert {name: getattr(args, name) for name in run.FLAGS} == expected and args.given == set()
+    short = run.parse_args(["--gen-length", "16", "--factor", "1"])
+    assert (short.block_length, short.steps, short.threshold, short.factor) == (16, 16, None, 1.0)
+    assert len(inspect.getsource(run.run).splitlines()) <= 25
