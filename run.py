@@ -108,7 +108,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = Parser(description="Generate with a LLaDA-format checkpoint.",
                 epilog="Methods: --cache picks the KV cache (Fast-dLLM's prefix/dual, dLLM-Cache's dllm); "
                        "the commit rule is --threshold (the default, 0.9) or --factor; --threshold none gives "
-                       "LLaDA's own top-k schedule (--steps tokens over the window, the same count each step); "
+                       "LLaDA's own top-k schedule (--steps steps over the window, the same number of tokens each); "
                        "--adablock ends blocks on a newline. Vanilla LLaDA: --cache none --threshold none.")
     ap.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory (config.json, *.safetensors, tokenizer)")
     ap.add_argument("--prompt", default=None,
