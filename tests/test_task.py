@@ -145,21 +145,21 @@ def test_chain_counts_match_enumeration(max_operand, ops, max_operands, shorter)
     distinct problems, and the sampler's acceptance (its operand count weighted as it draws)."""
     import itertools
 
-    min_operands = max(2, max_operands - shorter)
-    kept = {}
-    for n in range(min_operands, max_operands + 1):
-        kept[n] = sum(all(0 <= r <= 99 for *_, r in task.chain_steps(a, o))
-                      for a in itertools.product(range(1, max_operand + 1), repeat=n)
-                      for o in itertools.product(ops, repeat=n - 1))
-        assert task.chain_counts(max_operand, ops, max_operands)[n] == kept[n]
+    def kept(n, operators):  # chains of n operands that keep every result in [0, 99], by enumeration
+        return sum(all(0 <= r <= 99 for *_, r in task.chain_steps(a, o))
+                   for a in itertools.product(range(1, max_operand + 1), repeat=n)
+                   for o in itertools.product(operators, repeat=n - 1))
+
+    lengths = range(max(2, max_operands - shorter), max_operands + 1)
+    counts = task.chain_counts(max_operand, ops, max_operands)
+    assert all(counts[n] == kept(n, ops) for n in lengths)
     # The settings alone (a Chain would refuse some of them as too rare to draw).
-    fam = SimpleNamespace(min_operands=min_operands, max_operands=max_operands, max_operand=max_operand, ops=ops)
-    drawn = {n: max_operand ** n * len(ops) ** (n - 1) for n in kept}
-    weight = {n: (max_operand * len(ops)) ** n for n in kept}
-    expected = sum(weight[n] * kept[n] / drawn[n] for n in kept) / sum(weight.values())
+    fam = SimpleNamespace(min_operands=lengths[0], max_operands=max_operands, max_operand=max_operand, ops=ops)
+    drawn = {n: max_operand ** n * len(ops) ** (n - 1) for n in lengths}
+    weight = {n: (max_operand * len(ops)) ** n for n in lengths}
+    expected = sum(weight[n] * counts[n] / drawn[n] for n in lengths) / sum(weight.values())
     assert abs(task.Chain.acceptance(fam) - expected) <= 1e-12 * max(1.0, expected)
-    unique_ops = "".join(sorted(set(ops)))
-    assert task.Chain.distinct.fget(fam) == sum(task.chain_counts(max_operand, unique_ops, max_operands)[n] for n in kept)
+    assert task.Chain.distinct.fget(fam) == sum(kept(n, sorted(set(ops))) for n in lengths)  # each problem once
 
 
 def test_acceptance_is_the_samplers_share_of_kept_draws():

@@ -232,7 +232,8 @@ class Chain(Family):
 
     def describe(self) -> str:
         """The settings that decide which chains exist, for error messages."""
-        return f"chains of {self.min_operands}..{self.max_operands} operands from 1..{self.max_operand} with ops {self.ops!r}"
+        return (f"chains of {self.min_operands}..{self.max_operands} operands from 1..{self.max_operand} "
+                f"with ops {self.ops!r}")
 
     def score(self, problem: Problem, response: str) -> bool:
         """Exact match of the final `#### N` line (the worked lines are not checked)."""
