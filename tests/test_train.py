@@ -704,3 +704,29 @@ def test_a_batch_of_only_held_out_problems_is_an_error_not_a_hang(tmp_path):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_recovery_touches_only_a_dead_runs_leftovers_of_our_files(tmp_path, capsys):
+    """recover_output deletes a leftover copy only if its process is gone and it holds nothing but
+    files train.py writes; it never restores over an existing --out."""
+    import subprocess
+
+    dead, dead_too = subprocess.Popen(["true"]), subprocess.Popen(["true"])
+    dead.wait(), dead_too.wait()
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
+    for name, files in [(f"ckpt.tmp-{dead.pid}", ["config.json"]),  # a dead run's copy: removed
+                        (f"ckpt.old-{dead.pid}", ["model.safetensors"]),  # --out exists: removed, not restored
+                        (f"ckpt.tmp-{os.getppid()}", ["config.json"]),  # a live process's write: left
+                        (f"ckpt.old-{dead_too.pid}", ["thesis.tex"]),  # not ours: left, with a line
+                        ("ckpt.tmp-x", ["config.json"])]:  # not the pattern: left
+        (tmp_path / name).mkdir()
+        for f in files:
+            (tmp_path / name / f).write_text("x")
+    train.recover_output(tiny_cfg(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == sorted(["ckpt", f"ckpt.old-{dead_too.pid}", f"ckpt.tmp-{os.getppid()}",
+                                                   "ckpt.tmp-x"])
+    assert (tmp_path / "ckpt" / "config.json").read_text() == "{}"
+    out = capsys.readouterr().out
+    assert f"left {tmp_path / f'ckpt.old-{dead_too.pid}'} alone: it holds files train.py does not write" in out
+    assert out.count("removed") == 2
