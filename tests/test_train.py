@@ -128,6 +128,11 @@ def test_a_single_family_mix_is_the_plain_task(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+def snapshots(state):
+    """What a state dir holds besides its lock file."""
+    return sorted(name for name in os.listdir(state) if name != train.LOCK_FILE)
+
+
 def assert_same_weights(a, b):
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(p, q), name
@@ -157,7 +162,7 @@ def test_smoke_training_writes_a_loadable_checkpoint_and_resumes_exactly(tmp_pat
     with pytest.raises(KeyboardInterrupt):
         train.train(tiny_cfg(tmp_path))
     monkeypatch.setattr(train, "make_batch", real_make_batch)
-    assert sorted(os.listdir(tmp_path / "state")) == ["step-00000004", "step-00000008"]
+    assert snapshots(tmp_path / "state") == ["step-00000004", "step-00000008"]
     assert_same_weights(model, train.train(tiny_cfg(tmp_path)))  # resumes at 8, runs to 12
     ckpt = str(path / "ckpt")
     loaded = load_model(ckpt, device="cpu")
@@ -188,7 +193,7 @@ def test_a_crash_between_the_two_snapshot_writes_resumes_from_the_previous_one(t
         train.train(tiny_cfg(tmp_path))
     monkeypatch.setattr(train.json, "dump", real_dump)
     state = tmp_path / "state"
-    assert sorted(os.listdir(state)) == ["step-00000004", "step-00000008.tmp"]
+    assert snapshots(state) == ["step-00000004", "step-00000008.tmp"]
     assert (state / "step-00000008.tmp" / "state.safetensors").is_file()  # the torn write
     assert train.latest_snapshot(tiny_cfg(tmp_path)).endswith("step-00000004")
     assert_same_weights(straight[0], train.train(tiny_cfg(tmp_path)))
@@ -367,7 +372,7 @@ def test_divergence_stops_at_the_first_non_finite_loss(tmp_path, monkeypatch, ov
     monkeypatch.setattr(train, "diffusion_loss", blows_up)
     with pytest.raises(train.Diverged, match=r"the loss is inf at step 6 .*lower --lr.*step-00000004"):
         train.train(tiny_cfg(tmp_path, **over))
-    assert sorted(os.listdir(tmp_path / "state")) == ["step-00000004"]
+    assert snapshots(tmp_path / "state") == ["step-00000004"]
     with pytest.raises(SystemExit, match="train.py: error: the loss is"):
         monkeypatch.setattr(train, "diffusion_loss", lambda *a, **k: (torch.tensor(float("nan"), requires_grad=True), {}))
         train.main(["--out", str(tmp_path / "o2"), "--state-dir", str(tmp_path / "s2"), "--init", "", "--steps", "2",
@@ -439,3 +444,289 @@ def test_shots_in_training_batches_are_the_decoding_format(tmp_path):
         for p in prompts:
             parts = p.split(task.SHOT_SEPARATOR)
             assert all(part.split("\n")[0] + "\n" not in held_out for part in parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Nothing a user has is deleted: --overwrite, the state dir, two runs, the final swap, a full disk
+# ---------------------------------------------------------------------------------------------
+
+FULL_DISK = "Error while serializing: I/O error: No space left on device (os error 28)"  # safetensors' words
+
+
+def a_project(path):
+    """A folder that is not a checkpoint: sources, a git directory, a checkpoints/ folder."""
+    path.mkdir()
+    (path / "model.py").write_text("print('mine')\n")
+    (path / "README.md").write_text("# mine\n")
+    (path / ".git").mkdir()
+    (path / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (path / "checkpoints").mkdir()
+    (path / "checkpoints" / "config.json").write_text("{}")
+    return path
+
+
+def everything_in(path):
+    return {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_refuses_a_folder_train_did_not_write(tmp_path, monkeypatch):
+    """`--out . --overwrite` from a project's root once deleted the project and exited 0. --overwrite
+    now replaces only a checkpoint train.py wrote; anything else is refused before any step."""
+    project = a_project(tmp_path / "project")
+    before = everything_in(project)
+    with pytest.raises(ValueError, match=r"--out .*project is not a checkpoint train.py wrote \(it holds \.git, "
+                                         r"README\.md, checkpoints, model\.py, which train.py does not write\)"):
+        train.train(tiny_cfg(tmp_path, out=str(project), steps=2))
+    monkeypatch.chdir(project)
+    with pytest.raises(SystemExit, match=r"train.py: error: --out \. is not a checkpoint train.py wrote"):
+        train.main(["--out", ".", "--overwrite", "--state-dir", str(tmp_path / "s"), "--init", "", "--steps", "1",
+                    "--bf16", "off", "--d-model", "32", "--n-layers", "1", "--n-heads", "2",
+                    "--mlp-hidden-size", "64", "--batch-tokens", "256", "--shots", "0", "--eval-shots", "0"])
+    assert everything_in(project) == before
+    assert not (tmp_path / "s").exists()  # refused before the state dir was made
+
+
+@pytest.mark.parametrize("damage, why", [
+    ("no_log", r"it has no training_log.json"),
+    ("bad_log", r"its training_log.json is not the record train.py writes"),
+    ("extra_file", r"it holds notes.txt, which train.py does not write"),
+    ("sub_folder", r"it holds runs, which train.py does not write"),
+    ("symlink", r"it is a symbolic link"),
+])
+def test_overwrite_refuses_what_only_looks_like_a_checkpoint(tmp_path, straight, damage, why):
+    """The marker: config.json, model.safetensors and train.py's training_log.json, nothing else."""
+    import shutil
+
+    out = tmp_path / "ckpt"
+    shutil.copytree(straight[1] / "ckpt", out)
+    assert train.not_our_checkpoint(str(out)) is None
+    if damage == "no_log":
+        (out / "training_log.json").unlink()  # e.g. a model downloaded from the Hub
+    elif damage == "bad_log":
+        (out / "training_log.json").write_text("[1, 2]")
+    elif damage == "extra_file":
+        (out / "notes.txt").write_text("mine")
+    elif damage == "sub_folder":
+        (out / "runs").mkdir()
+    else:
+        out.rename(tmp_path / "real")
+        out.symlink_to(tmp_path / "real")
+    before = everything_in(tmp_path / ("real" if damage == "symlink" else "ckpt"))
+    with pytest.raises(ValueError, match=why):
+        train.train(tiny_cfg(tmp_path, steps=2))
+    assert everything_in(tmp_path / ("real" if damage == "symlink" else "ckpt")) == before
+
+
+def test_the_shipped_checkpoints_are_checkpoints_train_wrote():
+    """arith's log comes from an earlier train.py; all three pass the marker."""
+    root = os.path.join(os.path.dirname(__file__), "..", "checkpoints")
+    for name in ("arith", "mix", "fewshot"):
+        assert train.not_our_checkpoint(os.path.join(root, name)) is None, name
+
+
+@pytest.mark.parametrize("layout", ["same", "state_inside_out", "out_inside_state", "through_a_symlink"])
+def test_the_state_dir_and_out_must_be_apart(tmp_path, layout):
+    """`--out X --state-dir X` (or the state dir inside X) once let the final write delete every
+    snapshot. Refused before any step."""
+    out = tmp_path / "ckpt"
+    state = {"same": out, "state_inside_out": out / "state", "out_inside_state": tmp_path,
+             "through_a_symlink": tmp_path / "link" / "state"}[layout]
+    if layout == "through_a_symlink":
+        out.mkdir()
+        (tmp_path / "link").symlink_to(out)
+    if layout == "out_inside_state":
+        out = tmp_path / "state" / "ckpt"
+        state = tmp_path / "state"
+    with pytest.raises(ValueError, match=r"--out and --state-dir are the same folder|is inside --out|"
+                                         r"is inside --state-dir") as err:
+        train.train(tiny_cfg(tmp_path, out=str(out), state_dir=str(state), steps=4, save_every=2))
+    assert "apart" in str(err.value)
+    assert not any(tmp_path.rglob("step-*"))  # no step was run
+
+
+def test_two_runs_sharing_a_state_dir_are_kept_apart(tmp_path):
+    """A second run on a state dir in use stops with one line naming the holder's PID; once the
+    holder ends (here: killed, so its lock file stays), the state dir is free again."""
+    import signal
+    import subprocess
+    import sys
+
+    cfg = tiny_cfg(tmp_path, steps=4)
+    os.makedirs(cfg.state_dir)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               "f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+                               "f.write(f'{os.getpid()}\\n'); f.flush(); print('locked', flush=True); time.sleep(120)",
+         os.path.join(cfg.state_dir, train.LOCK_FILE)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ValueError, match=rf"--state-dir .*state is in use by another training run "
+                                             rf"\(PID {holder.pid}\); wait for it to end, or pass another --state-dir"):
+            train.train(cfg)
+        with pytest.raises(SystemExit, match="train.py: error: --state-dir .* is in use"):
+            train.main(["--out", cfg.out, "--state-dir", cfg.state_dir, "--init", "", "--steps", "1", "--bf16", "off"])
+        assert snapshots(cfg.state_dir) == [] and not os.path.exists(cfg.out)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    train.train(cfg)  # the dead holder's lock is gone with it
+    assert snapshots(cfg.state_dir) == ["step-00000004"]
+    with train.state_dir_lock(cfg):  # in one process too: a second open of the lock file is refused
+        with pytest.raises(ValueError, match=rf"in use by another training run \(PID {os.getpid()}\)"):
+            train.train(tiny_cfg(tmp_path, steps=4))
+
+
+def test_a_kill_between_the_two_renames_is_repaired_at_the_next_start(tmp_path):
+    """The final write steps the old checkpoint aside, then renames the new one in. A process
+    killed between the two left no --out. The next start puts the old one back (one line), and
+    the run then writes the new one; nothing is left beside --out."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    train.train(tiny_cfg(tmp_path, steps=4))
+    old = everything_in(tmp_path / "ckpt")
+    script = ("import os, sys\nsys.path.insert(0, sys.argv[1])\nfrom tools import train\nreal = os.rename\n"
+              "def rename(src, dst):\n    real(src, dst)\n"
+              "    if '.old-' in dst:\n        os._exit(9)  # killed right after the old checkpoint stepped aside\n"
+              "train.os.rename = rename\nimport json\n"
+              "train.train(train.TrainConfig(**json.loads(sys.argv[2])))\n")
+    kw = dict(vars(tiny_cfg(tmp_path, steps=8)))
+    child = subprocess.Popen([sys.executable, "-c", script, root, json.dumps(kw)], stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert child.wait() == 9, child.stderr.read()
+    child.stderr.close()
+    # No ckpt: only the two halves of the swap, named by the killed process's PID.
+    assert sorted(os.listdir(tmp_path)) == [f"ckpt.old-{child.pid}", f"ckpt.tmp-{child.pid}", "state"]
+    train.recover_output(tiny_cfg(tmp_path, steps=8))
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "state"] and everything_in(tmp_path / "ckpt") == old
+    train.train(tiny_cfg(tmp_path, steps=8))  # resumes at the step-8 snapshot and writes the checkpoint
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "state"] and everything_in(tmp_path / "ckpt") != old
+
+
+def test_a_failed_rename_puts_the_old_checkpoint_back(tmp_path, monkeypatch):
+    """An error between the two renames (here: the second fails) leaves the old checkpoint at --out."""
+    train.train(tiny_cfg(tmp_path, steps=4))
+    old = everything_in(tmp_path / "ckpt")
+    real = os.rename
+
+    def second_rename_fails(src, dst):
+        if ".tmp-" in str(src):
+            raise PermissionError(13, "Permission denied", str(dst))
+        return real(src, dst)
+
+    monkeypatch.setattr(train.os, "rename", second_rename_fails)
+    with pytest.raises(OSError, match=r"cannot write the checkpoint .*ckpt: Permission denied \(EACCES\)"):
+        train.train(tiny_cfg(tmp_path, steps=8))
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "state"] and everything_in(tmp_path / "ckpt") == old
+
+
+def fills_the_disk(monkeypatch, file_name, step=None):
+    """safetensors' save_file writing part of `file_name` and then failing as on a full disk."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    real = safetensors.torch.save_file
+
+    def save_file(tensors, path, metadata=None):
+        if os.path.basename(path) == file_name and (step is None or (metadata or {}).get("step") == str(step)):
+            with open(path, "wb") as f:
+                f.write(b"\0" * 100)
+            raise SafetensorError(FULL_DISK)
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+
+
+def test_a_full_disk_during_a_snapshot_is_one_line_and_keeps_the_earlier_ones(tmp_path, monkeypatch, straight):
+    """A snapshot that can't be written: one OSError naming ENOSPC and the snapshot; no half-written
+    directory is left; the earlier snapshot resumes to the straight run's weights."""
+    fills_the_disk(monkeypatch, "state.safetensors", step=8)
+    with pytest.raises(OSError, match=r"\[Errno 28\] cannot write the snapshot .*step-00000008: No space left on "
+                                      r"device \(ENOSPC\); nothing written before it was changed"):
+        train.train(tiny_cfg(tmp_path))
+    assert snapshots(tmp_path / "state") == ["step-00000004"]
+    with pytest.raises(SystemExit) as err:
+        train.main(["--out", str(tmp_path / "ckpt"), "--state-dir", str(tmp_path / "state"), "--init", "",
+                    "--steps", "12", "--batch-tokens", "512", "--d-model", "32", "--n-layers", "1", "--n-heads", "2",
+                    "--mlp-hidden-size", "64", "--warmup", "2", "--eval-every", "12", "--eval-problems", "4",
+                    "--save-every", "4", "--bf16", "off", "--shots", "0", "--eval-shots", "0", "--device", "cpu"])
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("train.py: error: [Errno 28] cannot write the snapshot")
+    assert message.endswith("the same command resumes from " + str(tmp_path / "state" / "step-00000004"))
+    monkeypatch.undo()
+    assert_same_weights(straight[0], train.train(tiny_cfg(tmp_path)))
+
+
+def test_a_full_disk_during_the_final_write_keeps_the_old_checkpoint_and_leaves_no_copy(tmp_path, monkeypatch):
+    """The checkpoint's weights can't be written: one OSError naming ENOSPC; the old checkpoint is
+    whole and no out.tmp-PID is left to keep the disk full."""
+    train.train(tiny_cfg(tmp_path, steps=4))
+    old = everything_in(tmp_path / "ckpt")
+    fills_the_disk(monkeypatch, "model.safetensors")
+    with pytest.raises(OSError, match=r"\[Errno 28\] cannot write the checkpoint .*ckpt: No space left on device"):
+        train.train(tiny_cfg(tmp_path, steps=8))
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "state"] and everything_in(tmp_path / "ckpt") == old
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings no problem fits: refused up front, every draw loop bounded
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ops", "*", "--max-operand", "99", "--mix", "long:1"],
+     "family 'long': of the chains of 4..6 operands from 1..99 with ops '*', only 1 in 3.8e+07 keeps every result"),
+    (["--ops", "+", "--max-operand", "1", "--mix", "short"],
+     "mix: family 'short' has only 2 distinct problems with --max-operand 1 --ops '+', and its 200 held-out ones"),
+])
+def test_settings_no_problem_fits_are_refused_before_training(argv, message, capsys):
+    """`--ops '*' --max-operand 99 --mix long:1` once hung with no output."""
+    with pytest.raises(SystemExit) as err:
+        train.parse_args(argv)
+    assert err.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_batch_of_only_held_out_problems_is_an_error_not_a_hang(tmp_path):
+    import signal
+
+    def hung(*args):
+        raise TimeoutError("make_batch drew for 60 s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        every_pair = {f"Q: ?+?={n}\n" for n in range(4, 17)}
+        with pytest.raises(ValueError, match=r"draws gave 0 of the \d+ problems of a batch: nearly every problem "
+                                             r"of --mix pair is held out"):
+            train.make_batch(tiny_cfg(tmp_path, mix="pair"), 0, every_pair, EOS)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_recovery_touches_only_a_dead_runs_leftovers_of_our_files(tmp_path, capsys):
+    """recover_output deletes a leftover copy only if its process is gone and it holds nothing but
+    files train.py writes; it never restores over an existing --out."""
+    import subprocess
+
+    dead, dead_too = subprocess.Popen(["true"]), subprocess.Popen(["true"])
+    dead.wait(), dead_too.wait()
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
+    for name, files in [(f"ckpt.tmp-{dead.pid}", ["config.json"]),  # a dead run's copy: removed
+                        (f"ckpt.old-{dead.pid}", ["model.safetensors"]),  # --out exists: removed, not restored
+                        (f"ckpt.tmp-{os.getppid()}", ["config.json"]),  # a live process's write: left
+                        (f"ckpt.old-{dead_too.pid}", ["thesis.tex"]),  # not ours: left, with a line
+                        ("ckpt.tmp-x", ["config.json"])]:  # not the pattern: left
+        (tmp_path / name).mkdir()
+        for f in files:
+            (tmp_path / name / f).write_text("x")
+    train.recover_output(tiny_cfg(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == sorted(["ckpt", f"ckpt.old-{dead_too.pid}", f"ckpt.tmp-{os.getppid()}",
+                                                   "ckpt.tmp-x"])
+    assert (tmp_path / "ckpt" / "config.json").read_text() == "{}"
+    out = capsys.readouterr().out
+    assert f"left {tmp_path / f'ckpt.old-{dead_too.pid}'} alone: it holds files train.py does not write" in out
+    assert out.count("removed") == 2

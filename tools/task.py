@@ -30,11 +30,13 @@ measure, shared by training, the benchmark, run.py and the lm-eval tasks.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
 import random
 import re
+import reprlib
 from dataclasses import dataclass, replace
 
 # Special tokens, spelled as LLaDA spells them. EOS doubles as padding, as in LLaDA.
@@ -49,6 +51,9 @@ TEST_SEED = 20260101  # fixes the held-out test sets (each family offsets it by 
 HELD_OUT = 200  # problems per family reserved for evaluation; training excludes all of them
 OPS = "+-*"  # operators a chain may use ('+-' by default; '*' is harder to learn)
 MAX_SHOTS = 8  # most solved examples a prompt may carry (GSM8K's evaluations use 5 and 8)
+MAX_OPERANDS = 32  # longest chain a spec may ask for (one answer line per operand)
+MIN_ACCEPTANCE = 1e-4  # a chain family whose sampler keeps fewer of its draws is refused (it would spin)
+SAMPLE_TRIES = 1_000_000  # draws before `Chain.sample` gives up: never reached at MIN_ACCEPTANCE or more
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,29 @@ def parse_answer(text: str) -> int | None:
     return None
 
 
+@functools.lru_cache(maxsize=64)
+def chain_counts(max_operand: int, ops: str, max_operands: int) -> tuple[int, ...]:
+    """counts[n]: how many chains of n operands from 1..max_operand, each operator drawn from `ops`
+    (a repeated operator counts as often as it appears, as the sampler draws it), keep every
+    result in [0, 99]. Dynamic programming over the running result, so 32 operands take
+    milliseconds, where counting by drawing would take forever for the rare settings."""
+    ways = [0] * 100  # ways[r]: chains so far whose running result is r
+    for a in range(1, max_operand + 1):
+        ways[a] = 1
+    counts = [0, sum(ways)]
+    for _ in range(2, max_operands + 1):
+        after = [0] * 100
+        for acc, w in enumerate(ways):
+            for op in ops if w else ():
+                for b in range(1, max_operand + 1):
+                    r = acc + b if op == "+" else acc - b if op == "-" else acc * b
+                    if 0 <= r <= 99:
+                        after[r] += w
+        ways = after
+        counts.append(sum(ways))
+    return tuple(counts)
+
+
 class Family:
     """A family of problems: how to draw one, its held-out test set, and how to score a response."""
 
@@ -120,6 +148,10 @@ def _held_out(family: Family) -> frozenset[str]:
 
 @functools.lru_cache(maxsize=64)
 def _test_set(family: Family, n: int) -> tuple[Problem, ...]:
+    distinct = getattr(family, "distinct", None)
+    if distinct is not None and distinct < n:  # known at once: don't draw a million times to find out
+        raise ValueError(f"family {family.name!r} has only {distinct} distinct problems, fewer than the {n} of "
+                         f"its test set; widen it (max_operand, ops)")
     rng, seen, out = random.Random(TEST_SEED + family.offset), set(), []
     for _ in range(1000 * n):
         p = family.sample(rng)
@@ -128,7 +160,7 @@ def _test_set(family: Family, n: int) -> tuple[Problem, ...]:
             out.append(p)
             if len(out) == n:
                 return tuple(out)
-    raise ValueError(f"family {family.name!r} has fewer than {n} distinct problems; widen it")
+    raise ValueError(f"family {family.name!r}: {1000 * n} draws gave fewer than {n} distinct problems; widen it")
 
 
 @dataclass(frozen=True, eq=True)
@@ -146,17 +178,21 @@ class Chain(Family):
     offset: int = 0  # 0 keeps the original task's held-out set for `short`
 
     def __post_init__(self):
-        if not 2 <= self.min_operands <= self.max_operands:
-            raise ValueError(f"chains need 2 <= min_operands <= max_operands, got {self.min_operands}, "
-                             f"{self.max_operands}")
-        if not 1 <= self.max_operand <= 99:
-            raise ValueError(f"max_operand must be in 1..99 (results stay in 0..99), got {self.max_operand}")
-        if not self.ops or any(op not in OPS for op in self.ops):
-            raise ValueError(f"ops must be a non-empty string of operators from {OPS!r}, got {self.ops!r}")
-        if self.style not in ("compact", "word"):
-            raise ValueError(f"style must be 'compact' or 'word', got {self.style!r}")
-        if not 0 <= self.width <= 2:
-            raise ValueError(f"width must be 0, 1 or 2 digits, got {self.width}")
+        check_chain(self)
+
+    @property
+    def distinct(self) -> int:
+        """How many distinct problems (prompts) the family has."""
+        counts = chain_counts(self.max_operand, "".join(sorted(set(self.ops))), self.max_operands)
+        return sum(counts[self.min_operands:])
+
+    def acceptance(self) -> float:
+        """The share of `sample`'s draws it keeps (all results in [0, 99]). Operand count n is drawn
+        with weight (max_operand * len(ops))^n, which is len(ops) times the number of its chains."""
+        counts = chain_counts(self.max_operand, self.ops, self.max_operands)
+        lengths = range(self.min_operands, self.max_operands + 1)
+        return len(self.ops) * sum(counts[n] for n in lengths) / sum((self.max_operand * len(self.ops)) ** n
+                                                                       for n in lengths)
 
     def num(self, n: int) -> str:
         return str(n).zfill(self.width) if self.width else str(n)
@@ -185,12 +221,19 @@ class Chain(Family):
         """
         counts = list(range(self.min_operands, self.max_operands + 1))
         weights = [(self.max_operand * len(self.ops)) ** n for n in counts]
-        while True:
+        for _ in range(SAMPLE_TRIES):  # bounded: check_chain refused settings that are rarely kept
             n = rng.choices(counts, weights)[0]
             operands = tuple(rng.randint(1, self.max_operand) for _ in range(n))
             ops = tuple(rng.choice(self.ops) for _ in range(n - 1))
             if all(0 <= r <= 99 for *_, r in chain_steps(operands, ops)):
                 return self.make(operands, ops)
+        raise ValueError(f"family {self.name!r}: none of {SAMPLE_TRIES} draws of {self.describe()} kept every "
+                         "result in 0..99; lower max_operand, shorten the chains or add '+' to ops")
+
+    def describe(self) -> str:
+        """The settings that decide which chains exist, for error messages."""
+        return (f"chains of {self.min_operands}..{self.max_operands} operands from 1..{self.max_operand} "
+                f"with ops {self.ops!r}")
 
     def score(self, problem: Problem, response: str) -> bool:
         """Exact match of the final `#### N` line (the worked lines are not checked)."""
@@ -234,6 +277,74 @@ class Pair(Family):
         return m is not None and int(m[1]) + int(m[2]) == problem.value
 
 
+# ---------------------------------------------------------------------------------------------
+# Checks: a chain's settings and a task spec (here, before FAMILIES builds the first chains)
+# ---------------------------------------------------------------------------------------------
+
+_short_repr = reprlib.Repr()  # bounded depth and length: a hostile value can't flood the message
+_short_repr.maxlevel, _short_repr.maxstring, _short_repr.maxother = 2, 40, 40
+
+
+def brief(value) -> str:
+    """A value as an error message shows it: its repr, cut short, and its JSON-ish type."""
+    return f"{_short_repr.repr(value)} ({type(value).__name__})"
+
+
+def check_spec(spec) -> None:
+    """A task spec's shape: an object; `families` a non-empty list of known names, each once;
+    `chain` (and the old one-chain form) only Chain's settings. Their values: check_chain."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"a task spec is a JSON object, got {brief(spec)}")
+    settings = {f.name for f in dataclasses.fields(Chain)} - {"name"}
+    if "families" not in spec:  # the old form: one chain's settings
+        chain = {k: v for k, v in spec.items() if k != "name"}
+    else:
+        names, chain = spec["families"], spec.get("chain", {})
+        if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+            raise ValueError(f"families must be a non-empty list of family names, got {brief(names)}")
+        unknown = [n for n in names if n not in FAMILIES]
+        if unknown:
+            raise ValueError(f"unknown family {unknown[0]!r}; known: {', '.join(FAMILIES)}")
+        if len(set(names)) < len(names):
+            raise ValueError(f"families names a family twice: {names}")
+        if not isinstance(chain, dict):
+            raise ValueError(f"chain must be a JSON object of chain settings, got {brief(chain)}")
+    unknown = sorted(map(str, set(chain) - settings))
+    if unknown:
+        raise ValueError(f"unknown chain settings {unknown}; known: {', '.join(sorted(settings))}")
+
+
+def check_chain(chain: Chain) -> None:
+    """A chain family's settings: their types and ranges, and a sampler that keeps at least
+    MIN_ACCEPTANCE of its draws (rejection sampling would otherwise spin for hours or forever)."""
+    for name in ("min_operands", "max_operands", "max_operand", "width", "gen_length", "offset"):
+        value = getattr(chain, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an integer, got {brief(value)}")
+    for name in ("name", "ops", "style"):
+        if not isinstance(getattr(chain, name), str):
+            raise ValueError(f"{name} must be a string, got {brief(getattr(chain, name))}")
+    if not 2 <= chain.min_operands <= chain.max_operands <= MAX_OPERANDS:
+        raise ValueError(f"chains need 2 <= min_operands <= max_operands <= {MAX_OPERANDS}, got "
+                         f"{chain.min_operands}, {chain.max_operands}")
+    if not 1 <= chain.max_operand <= 99:
+        raise ValueError(f"max_operand must be in 1..99 (results stay in 0..99), got {chain.max_operand}")
+    if not chain.ops or any(op not in OPS for op in chain.ops):
+        raise ValueError(f"ops must be a non-empty string of operators from {OPS!r}, got {chain.ops!r}")
+    if chain.style not in ("compact", "word"):
+        raise ValueError(f"style must be 'compact' or 'word', got {chain.style!r}")
+    if not 0 <= chain.width <= 2:
+        raise ValueError(f"width must be 0, 1 or 2 digits, got {chain.width}")
+    if chain.gen_length < 1:
+        raise ValueError(f"gen_length must be a positive integer, got {chain.gen_length}")
+    kept = chain.acceptance()
+    if kept < MIN_ACCEPTANCE:
+        how_rare = "none" if kept == 0 else f"only 1 in {1 / kept:.2g}"
+        raise ValueError(f"family {chain.name!r}: of the {chain.describe()}, {how_rare} keeps every result "
+                         f"in 0..99 (drawing them needs at least 1 in {1 / MIN_ACCEPTANCE:.0f}); lower "
+                         "max_operand, shorten the chains or add '+' to ops")
+
+
 # The default families, by name. A checkpoint's task.json can build its own (families_for).
 FAMILIES: dict[str, Family] = {
     "short": Chain(name="short", min_operands=2, max_operands=3, gen_length=32, offset=0),
@@ -248,15 +359,14 @@ def families_for(spec: dict) -> dict[str, Family]:
     New checkpoints record {"families": [names...], "chain": {max_operand, ops, style, width},
     "mix": {...}}; checkpoints from before the families (checkpoints/arith) record one chain's
     settings ({min_operands, max_operands, max_operand, ops, style, width}): that is the `short`
-    family with those settings.
+    family with those settings. A spec of any other shape is a ValueError saying what is wrong.
     """
+    check_spec(spec)
     if "families" not in spec:
         return {"short": Chain(name="short", **{k: v for k, v in spec.items() if k != "name"})}
     chain = spec.get("chain", {})
     out = {}
     for name in spec["families"]:
-        if name not in FAMILIES:
-            raise ValueError(f"unknown family {name!r}; known: {', '.join(FAMILIES)}")
         base = FAMILIES[name]
         out[name] = Chain(**{**base.__dict__, **chain}) if isinstance(base, Chain) else base
     return out
@@ -310,7 +420,10 @@ def few_shot(problem: Problem, k: int, seed: int = 0, families: dict[str, Family
         raise ValueError(f"shots must be an integer in 0..{MAX_SHOTS}, got {k!r}")
     if k == 0:
         return problem
-    family = (families or FAMILIES)[problem.family]
+    families = families or FAMILIES
+    if problem.family not in families:
+        raise ValueError(f"the problem's family {problem.family!r} is not one of the task's ({', '.join(families)})")
+    family = families[problem.family]
     rng = random.Random(f"shots/{seed}/{problem.family}/{problem.prompt}")  # str seeds are stable
     exclude = family.held_out_prompts() | {problem.prompt}
     return with_shots(problem, draw_shots(family, rng, k, exclude))
@@ -415,9 +528,17 @@ def save_task(path: str, spec: dict) -> None:
 
 
 def load_task(path: str) -> dict:
-    """The task spec a checkpoint was trained on ({} = the `short` family's defaults)."""
+    """The task spec a checkpoint was trained on ({} = the `short` family's defaults). A task.json
+    that is not a readable spec is a ValueError naming the file and what is wrong with it."""
     file = os.path.join(path, "task.json")
     if not os.path.isfile(file):
         return {}
-    with open(file) as f:
-        return json.load(f)
+    try:
+        with open(file, encoding="utf-8") as f:
+            spec = json.load(f)
+        families_for(spec)  # the whole spec is checked now, not when a script first uses a part of it
+    except RecursionError:  # json recurses once per nesting level
+        raise ValueError(f"{file} is not a task spec: it is nested too deeply") from None
+    except (OSError, ValueError) as err:  # unreadable, not JSON (or not UTF-8), or not a spec
+        raise ValueError(f"{file} is not a task spec: {err}") from None
+    return spec

@@ -21,6 +21,8 @@ directory that is renamed into place only when both files are complete, so a cra
 leaves the previous snapshot as the newest. Each step's batch and masks are drawn from generators
 seeded by (seed, step), so a resumed run ends with the same weights as one run straight through.
 A snapshot can be exported: rerun with the same flags and --steps at that snapshot's step.
+Nothing else is ever deleted: one run at a time holds a --state-dir (a lock), which may not overlap
+--out, and --overwrite replaces only a checkpoint this script wrote.
 
 bf16 autocast is used only where it is faster: `--bf16 auto` (the default) times a few fp32 and
 bf16 training steps at the start and keeps the faster (on CPUs without bf16 units bf16 is many
@@ -35,6 +37,8 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import math
 import os
@@ -47,6 +51,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+
+try:
+    import fcntl  # the --state-dir lock; absent on Windows, where two runs are not kept apart
+except ImportError:
+    fcntl = None
 
 from tools import task
 from model import LLaDAModel, ModelConfig, init_weights, load_model, save_model
@@ -128,7 +137,11 @@ class TrainConfig:
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         self.weights()  # parses --mix, raising on a bad one
         self.window_shares()  # and --windows
-        task.families_for(self.task)  # the chain settings (ops, max_operand, style, width)
+        for name, family in task.families_for(self.task).items():  # the chain settings, checked by task
+            if getattr(family, "distinct", task.HELD_OUT + 1) <= task.HELD_OUT:  # nothing left to train on
+                raise ValueError(f"mix: family {name!r} has only {family.distinct} distinct problems with "
+                                 f"--max-operand {self.max_operand} --ops {self.ops!r}, and its "
+                                 f"{task.HELD_OUT} held-out ones are never trained on; widen it")
 
     def weights(self) -> dict[str, float]:
         """--mix as {family: share}."""
@@ -209,8 +222,10 @@ def make_batch(config: TrainConfig, step: int, held_out: set[str], eos_id: int):
         k = rng.randint(1, config.shots)
     families, weights = task.families_for(config.task), config.weights()
     names, shares = list(weights), list(weights.values())
-    problems = []
-    while len(problems) < max(1, config.batch_tokens // (window + 16 + k * SHOT_TOKENS)):
+    problems, need = [], max(1, config.batch_tokens // (window + 16 + k * SHOT_TOKENS))
+    for _ in range(1000 * need):  # bounded: a family whose problems are nearly all held out ends below
+        if len(problems) == need:
+            break
         # One family per example (no draw with a single family, so the stream is the plain task's).
         name = names[0] if len(names) == 1 else rng.choices(names, shares)[0]
         p = families[name].sample(rng)
@@ -218,6 +233,9 @@ def make_batch(config: TrainConfig, step: int, held_out: set[str], eos_id: int):
             if k:
                 p = task.with_shots(p, task.draw_shots(families[name], rng, k, held_out | {p.prompt}))
             problems.append(p)
+    if len(problems) < need:
+        raise ValueError(f"{1000 * need} draws gave {len(problems)} of the {need} problems of a batch: nearly "
+                         f"every problem of --mix {config.mix} is held out for evaluation; widen the chains")
     prompts = [task.encode(p.prompt) for p in problems]
     answers = [task.encode(p.answer) for p in problems]
     # A window too short for a long chain's answer grows to fit it (and at least one EOS).
@@ -301,26 +319,32 @@ def snapshot_dir(config: TrainConfig, step: int) -> str:
 
 def save_state(config: TrainConfig, model, opt, step: int, log: list, precision: str) -> str:
     """Write the snapshot of `step` atomically: both files into a temporary directory, then one
-    rename. A crash at any point leaves either the complete snapshot or none of it."""
+    rename. A crash at any point leaves either the complete snapshot or none of it; a failed write
+    (a full disk) removes the temporary directory and raises write_error's one-line OSError."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     final = snapshot_dir(config, step)
     tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an earlier crash
-    os.makedirs(tmp)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     names = {p: n for n, p in model.named_parameters()}
     for p, s in opt.state.items():
         tensors[f"opt.{names[p]}.exp_avg"] = s["exp_avg"].detach().cpu().contiguous()
         tensors[f"opt.{names[p]}.exp_avg_sq"] = s["exp_avg_sq"].detach().cpu().contiguous()
         tensors[f"opt.{names[p]}.step"] = s["step"].detach().cpu().reshape(1)
-    # The step is stamped in both files too, so even a hand-assembled directory is checked.
-    save_file(tensors, os.path.join(tmp, "state.safetensors"), metadata={"step": str(step)})
-    with open(os.path.join(tmp, "state.json"), "w") as f:
-        json.dump({"step": step, "precision": precision, "config": asdict(config), "log": log}, f, indent=1)
-    if os.path.isdir(final):  # re-saving a step (an export run): replace it
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an earlier crash
+        os.makedirs(tmp)
+        # The step is stamped in both files too, so even a hand-assembled directory is checked.
+        save_file(tensors, os.path.join(tmp, "state.safetensors"), metadata={"step": str(step)})
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump({"step": step, "precision": precision, "config": asdict(config), "log": log}, f, indent=1)
+        if os.path.isdir(final):  # re-saving a step (an export run): replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except (OSError, SafetensorError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written snapshot would only keep the disk full
+        raise write_error(err, f"the snapshot {final}") from None
     return final
 
 
@@ -458,37 +482,182 @@ def choose_precision(config: TrainConfig, model, opt_free_batch, device, mask_id
     return choice
 
 
+# What write_checkpoint puts in --out (transformers 4 adds special_tokens_map.json). --overwrite
+# replaces a folder only if it holds these files and nothing else, training_log.json among them.
+CHECKPOINT_FILES = frozenset({"config.json", "model.safetensors", "task.json", "training_log.json",
+                              "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"})
+LOCK_FILE = "train.lock"  # in --state-dir: held (flock) by the run using it, holds that run's PID
+
+
+def not_our_checkpoint(path: str) -> str | None:
+    """Why the folder `path` is not a checkpoint train.py wrote, or None if it is one: it has
+    config.json, model.safetensors and a training_log.json as train.py writes it (the marker), and
+    nothing that write_checkpoint does not write (a project, a home folder, a dataset never pass)."""
+    if os.path.islink(path):
+        return "it is a symbolic link"
+    names = os.listdir(path)
+    others = sorted(n for n in names if n not in CHECKPOINT_FILES or not os.path.isfile(os.path.join(path, n)))
+    if others:
+        more = f" and {len(others) - 5} more" if len(others) > 5 else ""
+        return f"it holds {', '.join(others[:5])}{more}, which train.py does not write"
+    missing = [n for n in ("config.json", "model.safetensors", "training_log.json") if n not in names]
+    if missing:
+        return f"it has no {' or '.join(missing)}"
+    try:
+        with open(os.path.join(path, "training_log.json")) as f:
+            record = json.load(f)
+    except (OSError, ValueError, RecursionError):
+        record = None
+    if not (isinstance(record, dict) and "config" in record and "log" in record):
+        return "its training_log.json is not the record train.py writes"
+    return None
+
+
 def check_output(config: TrainConfig) -> None:
     """--out must be new, or replaced on purpose: a shipped checkpoint is never overwritten by a
-    run that forgot to name its own output. Checked before the first step."""
+    run that forgot to name its own output, and --overwrite replaces nothing but a checkpoint this
+    script wrote (never `--out .`, a project or a home folder). Checked before the first step, and
+    again just before the final write."""
     out = os.path.abspath(config.out)
-    if os.path.lexists(out) and not (os.path.isdir(out) and not os.listdir(out)):
+    if os.path.lexists(out) and not (os.path.isdir(out) and not os.path.islink(out) and not os.listdir(out)):
         if not os.path.isdir(out):
             raise ValueError(f"--out {config.out} exists and is not a directory; pass another --out")
         if not config.overwrite:
             raise ValueError(f"--out {config.out} already exists; pass another --out, or --overwrite to replace it")
+        why = not_our_checkpoint(out)
+        if why:
+            raise ValueError(f"--out {config.out} is not a checkpoint train.py wrote ({why}); --overwrite "
+                             "replaces only such a folder: pass another --out")
     check_writable(os.path.dirname(out), "--out", f"{config.out}: its folder")
+
+
+def check_apart(config: TrainConfig) -> None:
+    """The final write replaces --out whole, so a state dir inside it would lose every snapshot; the
+    state dir may not hold the checkpoint either, nor be the same folder."""
+    out, state = os.path.realpath(config.out), os.path.realpath(config.state_dir)
+    beside = f"e.g. --state-dir {config.out.rstrip('/' + os.sep) or config.out}-state"
+    if out == state:
+        raise ValueError(f"--out and --state-dir are the same folder ({config.out}): the final write replaces "
+                         f"--out whole and would delete every snapshot; keep them apart, {beside}")
+    if os.path.commonpath([out, state]) == out:
+        raise ValueError(f"--state-dir {config.state_dir} is inside --out {config.out}: the final write replaces "
+                         f"--out whole and would delete every snapshot; keep them apart, {beside}")
+    if os.path.commonpath([out, state]) == state:
+        raise ValueError(f"--out {config.out} is inside --state-dir {config.state_dir}; keep the checkpoint and "
+                         f"the training state apart, {beside}")
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` exists (one of another user counts: it can't be signalled, but exists)."""
+    if pid == os.getpid():  # our own leftovers can only be an earlier process's, with a reused PID
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError, OverflowError):
+        return True
+    return True
+
+
+def recover_output(config: TrainConfig) -> None:
+    """Finish what a run killed inside write_checkpoint left. Its two renames (the old checkpoint
+    aside to out.old-PID, then out.tmp-PID in) leave, if killed between them, no --out: the old
+    checkpoint is renamed back. A leftover out.tmp-PID (a killed or failed write) or out.old-PID
+    (killed while deleting it) of a process that no longer runs is deleted, if it holds only files
+    train.py writes. Each step prints one line."""
+    out = os.path.abspath(config.out)
+    folder, name = os.path.split(out)
+    leftover = re.compile(re.escape(name) + r"\.(old|tmp)-(\d+)")
+    try:
+        entries = sorted(os.listdir(folder))  # old before tmp: the old checkpoint is restored first
+    except OSError:
+        return  # no folder yet (check_output says so if it can't be made)
+    for entry in entries:
+        m = leftover.fullmatch(entry)
+        path = os.path.join(folder, entry)
+        if not m or not os.path.isdir(path) or os.path.islink(path) or alive(int(m[2])):
+            continue  # not ours, or another run's write in progress
+        if any(n not in CHECKPOINT_FILES for n in os.listdir(path)):
+            print(f"train.py: left {path} alone: it holds files train.py does not write")
+        elif m[1] == "old" and not os.path.lexists(out) and not not_our_checkpoint(path):
+            os.rename(path, out)
+            print(f"train.py: restored {config.out} from {entry} (a run was stopped while replacing it)")
+        else:
+            shutil.rmtree(path)
+            print(f"train.py: removed {path}, left by a run stopped while writing {config.out}")
+
+
+@contextlib.contextmanager
+def state_dir_lock(config: TrainConfig):
+    """Keep --state-dir to this run alone: two runs sharing it would write each other's snapshots.
+    flock(2) on state_dir/train.lock; the kernel drops it when the process ends, however it ends,
+    so a killed run leaves no stale lock. The file holds the holder's PID for the message."""
+    if fcntl is None:
+        yield
+        return
+    path = os.path.join(config.state_dir, LOCK_FILE)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise ValueError(f"--state-dir {config.state_dir} is in use by another training run (PID {holder}); "
+                             "wait for it to end, or pass another --state-dir") from None
+        except OSError as err:  # a file system without locks (some network mounts): say so, go on
+            print(f"train.py: cannot lock {path} ({err.strerror or err}); nothing keeps a second run out of it")
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield  # closing the file releases the lock
+
+
+def write_error(err: Exception, what: str) -> OSError:
+    """A failed write (a full disk, a lost mount) as one OSError naming what was being written and
+    why. safetensors reports its I/O errors as SafetensorError('... (os error 28)'): the errno is
+    read from the message."""
+    code = getattr(err, "errno", None)
+    if code is None:
+        found = re.search(r"os error (\d+)|code: (\d+)", str(err))
+        code = int(found[1] or found[2]) if found else errno.EIO
+    reason = f"{os.strerror(code)} ({errno.errorcode.get(code, code)})"
+    return OSError(code, f"cannot write {what}: {reason}; nothing written before it was changed")
 
 
 def write_checkpoint(config: TrainConfig, model, log: list, precision: str) -> None:
     """The shipped artefact: model + tokenizer + task spec + training curve, written into a
-    temporary sibling of --out and renamed into place, so a crash leaves the old one or the new."""
+    temporary sibling of --out and renamed into place, so a crash leaves the old one or the new.
+    Any failure (a full disk, Ctrl-C) puts the old one back and removes the temporary copy; a kill
+    between the two renames is repaired by recover_output when train.py next starts."""
+    from safetensors import SafetensorError
+
     out = os.path.abspath(config.out)
     tmp, old = f"{out}.tmp-{os.getpid()}", f"{out}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp)
-    task.build_tokenizer().save_pretrained(tmp)
-    task.save_task(tmp, config.task)
-    record = {"config": asdict(config), "precision": precision, "log": log}
-    earlier = os.path.join(config.init, "training_log.json") if config.init else ""
-    if os.path.isfile(earlier):  # the history of the weights training started from, nested
-        with open(earlier) as f:
-            record["init_log"] = json.load(f)
-    with open(os.path.join(tmp, "training_log.json"), "w") as f:
-        json.dump(record, f, indent=1)
-    if os.path.lexists(out):  # --overwrite (checked at the start): the old one steps aside last
-        os.rename(out, old)
-    os.rename(tmp, out)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_model(model, tmp)
+        task.build_tokenizer().save_pretrained(tmp)
+        task.save_task(tmp, config.task)
+        record = {"config": asdict(config), "precision": precision, "log": log}
+        earlier = os.path.join(config.init, "training_log.json") if config.init else ""
+        if os.path.isfile(earlier):  # the history of the weights training started from, nested
+            with open(earlier) as f:
+                record["init_log"] = json.load(f)
+        with open(os.path.join(tmp, "training_log.json"), "w") as f:
+            json.dump(record, f, indent=1)
+        check_output(config)  # what --out holds now: something may have appeared there during training
+        if os.path.lexists(out):  # --overwrite (checked at the start): the old one steps aside last
+            os.rename(out, old)
+        os.rename(tmp, out)
+    except BaseException as err:
+        if os.path.lexists(old) and not os.path.lexists(out):
+            os.rename(old, out)  # the old checkpoint back in place
+        shutil.rmtree(tmp, ignore_errors=True)  # on a full disk, a temporary copy would keep it full
+        if isinstance(err, (OSError, SafetensorError)):
+            raise write_error(err, f"the checkpoint {config.out}") from None
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -510,8 +679,16 @@ def train(config: TrainConfig, state: dict | None = None) -> LLaDAModel:
         raise ValueError("--device cuda: this torch build or machine has no CUDA device; use --device cpu")
     device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if config.device == "auto" else config.device))
+    check_apart(config)
+    recover_output(config)  # a run killed while replacing --out: the old checkpoint back first
     check_output(config)  # before any step, so a typo costs seconds, not the run
     check_writable(config.state_dir, "--state-dir")
+    with state_dir_lock(config):
+        return train_locked(config, state, device)
+
+
+def train_locked(config: TrainConfig, state: dict, device) -> LLaDAModel:
+    """train() once its checks passed and it holds --state-dir."""
     model = build_model(config, device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -628,6 +805,9 @@ def main(argv=None) -> None:
         train(config, progress)
     except ValueError as err:  # a user's mistake (paths, snapshots, settings) or divergence: one line
         sys.exit(f"train.py: error: {err}")
+    except OSError as err:  # a write failed (a full disk): one line; the snapshots written stay whole
+        sys.exit(f"train.py: error: {err}; the same command resumes from "
+                 f"{progress.get('snapshot') or 'the start (no snapshot yet)'}")
     except KeyboardInterrupt:  # Ctrl-C: one line; the same command resumes from the newest snapshot
         print(f"\ntrain.py: interrupted at step {progress.get('step', 0)}; the same command resumes from "
               f"{progress.get('snapshot') or 'the start (no snapshot yet)'}", file=sys.stderr)
