@@ -278,7 +278,8 @@ def make_prompt(args, tokenizer) -> str:
     except RecursionError:
         fail(f"{where} is nested too deeply to be a task spec")
     except (ValueError, TypeError, KeyError, AttributeError) as err:  # today's task.py and a stricter one
-        fail(f"could not use the task in {where}: {err}" + ("" if args.prompt is not None else "; pass --prompt"))
+        message = str(err) if where in str(err) else f"could not use the task in {where}: {err}"  # named once
+        fail(message + ("" if args.prompt is not None else "; pass --prompt"))
     return prompt
 
 
