@@ -601,7 +601,8 @@ def _few(names: list, most: int = 3) -> str:
 # Field kinds, for the type checks: a config.json written by hand or by another tool can hold
 # "4096" or 4096.0 where an int belongs, and Python would carry that deep into torch.
 _INTS = ("d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_hidden_size", "vocab_size", "embedding_size",
-         "max_sequence_length", "mask_token_id", "eos_token_id", "pad_token_id", "eot_token_id", "bos_token_id")
+         "max_sequence_length", "mask_token_id", "eos_token_id", "pad_token_id")
+_OPTIONAL_INTS = ("eot_token_id", "bos_token_id")
 _FLOATS = ("rope_theta", "rms_norm_eps")
 _BOOLS = ("include_bias", "include_qkv_bias", "weight_tying")
 # The largest value each size may take: far above any published model (LLaDA-8B and Dream-7B have
@@ -611,6 +612,38 @@ _MOST = {"d_model": 1 << 17, "n_heads": 1 << 16, "n_kv_heads": 1 << 16, "n_layer
          "mlp_hidden_size": 1 << 20, "vocab_size": 1 << 22, "embedding_size": 1 << 22,
          "max_sequence_length": 1 << 24}
 _MOST_FLOAT = {"rope_theta": 1e12, "rms_norm_eps": 1.0}
+
+
+def _check_kinds(c: ModelConfig, key) -> None:
+    """1) Types: ints are ints (bool is an int in Python, and refused), floats are finite numbers."""
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    kinds = [(_INTS, is_int, "an integer"),
+             (_OPTIONAL_INTS, lambda v: v is None or is_int(v), "an integer"),
+             (_FLOATS, lambda v: not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v),
+              "a finite number"),
+             (_BOOLS, lambda v: isinstance(v, bool), "true or false")]
+    for names, ok, kind in kinds:
+        for name in names:
+            if not ok(getattr(c, name)):
+                raise ValueError(f"config: {key(name)} must be {kind}, got {_shown(getattr(c, name))}")
+
+
+def _check_ranges(c: ModelConfig, key) -> None:
+    """2) Ranges: positive, bounded sizes; a positive RoPE base (theta <= 0 gives NaN angles); an
+    epsilon that cannot make RMSNorm divide by a negative or zero mean square."""
+    for name, most in _MOST.items():
+        value = getattr(c, name)
+        if value <= 0:
+            raise ValueError(f"config: {key(name)} must be positive, got {value}")
+        if value > most:
+            raise ValueError(f"config: {key(name)} must be at most {most}, got {_shown(value)}")
+    if c.rope_theta <= 0:
+        raise ValueError(f"config: rope_theta must be > 0, got {c.rope_theta}")
+    if c.rms_norm_eps < 0:
+        raise ValueError(f"config: rms_norm_eps must be >= 0, got {c.rms_norm_eps}")
+    for name, most in _MOST_FLOAT.items():
+        if getattr(c, name) > most:
+            raise ValueError(f"config: {name} must be at most {most:g}, got {getattr(c, name)!r}")
 
 
 def check_config(c: ModelConfig) -> None:
@@ -625,30 +658,8 @@ def check_config(c: ModelConfig) -> None:
         c.embedding_size = c.vocab_size
     if c.include_qkv_bias is None:
         c.include_qkv_bias = family.qkv_bias
-    # 1) Types: ints are ints (bool is an int in Python, and refused), floats are finite numbers.
-    kinds = [(_INTS, lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool)), "an integer"),
-             (_FLOATS, lambda v: not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v),
-              "a finite number"),
-             (_BOOLS, lambda v: isinstance(v, bool), "true or false")]
-    for names, ok, kind in kinds:
-        for name in names:
-            if not ok(getattr(c, name)):
-                raise ValueError(f"config: {key(name)} must be {kind}, got {_shown(getattr(c, name))}")
-    # 2) Ranges: positive, bounded sizes; a positive RoPE base (theta <= 0 gives NaN angles); an
-    #    epsilon that cannot make RMSNorm divide by a negative or zero mean square.
-    for name, most in _MOST.items():
-        value = getattr(c, name)
-        if value <= 0:
-            raise ValueError(f"config: {key(name)} must be positive, got {value}")
-        if value > most:
-            raise ValueError(f"config: {key(name)} must be at most {most}, got {_shown(value)}")
-    if c.rope_theta <= 0:
-        raise ValueError(f"config: rope_theta must be > 0, got {c.rope_theta}")
-    if c.rms_norm_eps < 0:
-        raise ValueError(f"config: rms_norm_eps must be >= 0, got {c.rms_norm_eps}")
-    for name, most in _MOST_FLOAT.items():
-        if getattr(c, name) > most:
-            raise ValueError(f"config: {name} must be at most {most:g}, got {getattr(c, name)!r}")
+    _check_kinds(c, key)
+    _check_ranges(c, key)
     # 3) Shapes that must fit together, and the family's fixed layout.
     if c.d_model % c.n_heads != 0:
         raise ValueError(f"config: {key('d_model')} {c.d_model} is not divisible by {key('n_heads')} {c.n_heads}")
