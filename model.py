@@ -278,7 +278,10 @@ class DiffusionLM(nn.Module):
             do `cat([l[:, :1], l[:, :-1]], 1)`); any other first query is a window whose row before
             it was not computed, a ValueError: start the window one position earlier and ask for
             (a+1, b+1). The last row predicts the position after the window, so b may be Q + 1.
-        positions: the query positions, (Q,) or (B, Q), read only for that check (None = 0..Q-1).
+        So a loop that needs the logits of block [s, e) runs the window [start, e) with start =
+        max(s - shift, 0) and asks for (s - start, e - start): the same code for both families.
+        positions: the query positions, (Q,) or (B, Q), read only for that check (None = 0..Q-1;
+            on a GPU the check is one host read, made only when a = 0 on a shifted model).
         decode.py's dLLM-Cache forward, which runs the blocks itself, ends with this call.
         """
         a, b = check_logits_range(self, x.shape[1], logits_range, positions)
@@ -338,8 +341,10 @@ class DiffusionLM(nn.Module):
             and each row's RoPE positions start at its first real token. The originals take no
             such mask for the model (LLaDA), or also hide padding queries (Dream; only padding
             rows differ).
-        logits_range: (a, b), the query indices whose tokens need logits (default all); the LM head
-            is skipped for the others (it is the largest matmul of LLaDA-8B, V = 126464).
+        logits_range: (a, b), the query indices whose tokens need logits (default all), with
+            0 <= a <= b <= Q, or Q + 1 for a shifted model (its last row predicts the position after
+            the window); the LM head is skipped for the others (it is the largest matmul of
+            LLaDA-8B, V = 126464). A shifted model's query 0 needs its row before: see `logits`.
         causal: attend only to earlier positions, as an autoregressive model (training an AR start).
         """
         B, Q = input_ids.shape

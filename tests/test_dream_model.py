@@ -103,18 +103,22 @@ def test_cached_forwards_match_reference(dream, golden):
     assert torch.allclose(fresh.v[0, :, :, :L], ref_v0, atol=logit_tol(ref_v0), rtol=0)
 
 
-@needs_dream
-def test_window_with_the_row_before_equals_the_full_forward(dream, golden):
-    """How a decoding loop reads a cached block [s, e) of a shifted model: the window starts one
-    position earlier, [s-1, e), and asks for query indices 1..K. With a fresh cache that is exactly
-    the full forward's per-position logits of the block."""
-    s, e = golden["block_start_end"].tolist()
-    ids = golden["input_ids_step"]
+@pytest.mark.parametrize("family", ["dream", "llada"])
+def test_window_with_the_row_before_equals_the_full_forward(family, random_model, request):
+    """How a decoding loop reads a cached block [s, e), the same code for both families: the
+    window [s - shift, e) with logits_range (shift, shift + e - s). With a fresh cache that is
+    exactly the full forward's logits of the block."""
+    model = request.getfixturevalue("dream") if family == "dream" else random_model
+    ids = torch.randint(0, 40, (2, 30), generator=torch.Generator().manual_seed(4))
+    shift = model.logit_shift
+    assert shift == {"dream": 1, "llada": 0}[family]
     with torch.no_grad():
-        full = dream(ids)
-        window = dream(ids[:, s - 1:e], positions=torch.arange(s - 1, e), cache=filled_cache(dream, ids),
-                       logits_range=(1, e - s + 1))
-    assert torch.allclose(window, full[:, s:e], atol=logit_tol(full), rtol=0)
+        full = model(ids)
+        for s, e in ((0, 8), (8, 16), (25, 30)):
+            start = max(s - shift, 0)  # canvas position 0 predicts itself: no row before it is needed
+            window = model(ids[:, start:e], positions=torch.arange(start, e), cache=filled_cache(model, ids),
+                           logits_range=(s - start, e - start))
+            assert torch.allclose(window, full[:, s:e], atol=logit_tol(full), rtol=0), (s, e)
 
 
 @needs_dream
