@@ -45,7 +45,7 @@ import os
 import re
 import reprlib
 import stat
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -345,7 +345,9 @@ class DiffusionLM(nn.Module):
             0 <= a <= b <= Q, or Q + 1 for a shifted model (its last row predicts the position after
             the window); the LM head is skipped for the others (it is the largest matmul of
             LLaDA-8B, V = 126464). A shifted model's query 0 needs its row before: see `logits`.
-        causal: attend only to earlier positions, as an autoregressive model (training an AR start).
+        causal: attend only to earlier positions and itself, as an autoregressive model. With a
+            shifted model, `model(ids, causal=True)[:, 1:]` predicts `ids[:, 1:]` from the tokens
+            before each: the next-token loss of an AR start (row 0 sees its own token; leave it out).
         """
         B, Q = input_ids.shape
         a, b = check_logits_range(self, Q, logits_range, positions)  # before any work: a wrong window fails at once

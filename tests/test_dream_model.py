@@ -328,3 +328,17 @@ def test_shifted_model_needs_no_positions_for_the_canvas_start():
         raw = model(ids, logits_range=(1, 8))
         assert torch.equal(model(ids), torch.cat([raw[:, :1], raw[:, :-1]], dim=1))
         assert model(ids, logits_range=(0, 0)).shape == (2, 0, 20)
+
+
+def test_causal_shifted_model_is_a_next_token_predictor():
+    """causal=True on a shifted model: the logits of position i come from tokens 0..i-1 only, so
+    token i itself can be changed without changing them (the autoregressive start Dream was made from)."""
+    cfg = ModelConfig(family="dream", d_model=16, n_heads=2, n_layers=2, mlp_hidden_size=32, vocab_size=20,
+                      mask_token_id=19, eos_token_id=18, pad_token_id=18)
+    model = init_weights(DiffusionLM(cfg), seed=2).eval()
+    ids = torch.randint(0, 18, (1, 10), generator=torch.Generator().manual_seed(2))
+    changed = ids.clone()
+    changed[0, 6] = (changed[0, 6] + 1) % 18
+    with torch.no_grad():
+        a, b = model(ids, causal=True), model(changed, causal=True)
+    assert torch.equal(a[:, 1:7], b[:, 1:7]) and not torch.allclose(a[:, 7:], b[:, 7:])
