@@ -27,7 +27,7 @@ V vocabulary.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +66,9 @@ class BlockBatchConfig:
 
     def __post_init__(self):
         decode.check_int("gen_length", self.gen_length, low=1)
-        if isinstance(self.block_sizes, int) or not self.block_sizes:
+        if not isinstance(self.block_sizes, (int, str, bytes)) and hasattr(self.block_sizes, "__iter__"):
+            self.block_sizes = tuple(self.block_sizes)  # a generator is read once, here
+        if not isinstance(self.block_sizes, tuple) or not self.block_sizes:
             raise ValueError(f"block_sizes must be a non-empty list of integers, got {self.block_sizes!r}")
         for b in self.block_sizes:
             decode.check_int("every block size", b, low=1)
@@ -544,7 +546,8 @@ def generate(model, prompt_ids: torch.Tensor, config: BlockBatchConfig, generato
     if config.mask_id is None or config.eos_id is None:
         raise ValueError("config.mask_id / eos_id are not set; build the config with "
                          "BlockBatchConfig.for_model(model.config, ...)")
-    decode.check_inputs(model, prompt_ids, config.step_config, attention_mask)
+    config = replace(config)  # checked again: a field may have been changed since it was built
+    decode.check_inputs(model, prompt_ids, config.step_config, attention_mask, generator)
     if prompt_ids.shape[0] != 1:
         # Branches of different requests would need their own merges, syncs, refreshes and exits
         # in one batch: an EOS exit of one request must not end the others, a refresh of one

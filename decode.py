@@ -111,6 +111,9 @@ class DecodeConfig:
         check_int("refresh_interval", self.refresh_interval, low=0)
         for name in ("mask_id", "eos_id", "eot_id"):
             check_int(name, getattr(self, name), low=0, optional=True)
+        for name in ("eos_id", "eot_id"):  # a mask that is also EOS would be committed as a proposal
+            if self.mask_id is not None and getattr(self, name) == self.mask_id:
+                raise ValueError(f"mask_id and {name} are both {self.mask_id}: the mask token must be its own id")
         for f in fields(self):  # flags are real booleans: a string like "no" would read as True
             if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
                 raise ValueError(f"{f.name} must be True or False, got {getattr(self, f.name)!r}")
@@ -151,7 +154,8 @@ class DecodeConfig:
 
     def _check_adablock(self):
         ids = self.delimiter_ids
-        if isinstance(ids, int) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids) or not ids:
+        ids = list(ids) if not isinstance(ids, (int, str, bytes)) and hasattr(ids, "__iter__") else ids
+        if isinstance(ids, (int, str, bytes)) or not hasattr(ids, "__iter__") or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids) or not ids:
             raise ValueError(f"delimiter_ids must be a non-empty list of token ids, got {ids!r}")
         self.delimiter_ids = tuple(ids)
         if self.rule == "topk":
@@ -334,6 +338,8 @@ def commit_rule(conf: torch.Tensor, config: DecodeConfig, k: torch.Tensor) -> to
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token lists into (B, P) ids and a (B, P) attention mask (1 = real token)."""
+    if len(prompts) == 0:
+        raise ValueError("left_pad needs at least one prompt, got none")
     P = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), P), dtype=torch.long)
@@ -343,8 +349,10 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
-def check_inputs(model, prompt_ids, config, attention_mask):
+def check_inputs(model, prompt_ids, config, attention_mask, generator=None):
     """Clear errors for a user's mistakes, before any compute."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator (or None), got {generator!r}")
     model_config = model.config
     V = model_config.embedding_size
     if config.mask_id is None:
@@ -358,9 +366,12 @@ def check_inputs(model, prompt_ids, config, attention_mask):
         raise ValueError(f"delimiter_ids {bad} are outside the vocabulary [0, {V})")
     if (config.logits_eos_inf or config.confidence_eos_eot_inf or config.stop_at_eos) and config.eos_id is None:
         raise ValueError("logits_eos_inf / confidence_eos_eot_inf / stop_at_eos need config.eos_id")
-    if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
-        raise ValueError(f"prompt_ids must be a (B, P) tensor with P > 0, got "
+    if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 2 or 0 in prompt_ids.shape:
+        raise ValueError(f"prompt_ids must be a (B, P) tensor with B > 0 and P > 0, got "
                          f"{tuple(prompt_ids.shape) if isinstance(prompt_ids, torch.Tensor) else type(prompt_ids).__name__}")
+    for name, t in (("prompt_ids", prompt_ids), ("attention_mask", attention_mask)):
+        if isinstance(t, torch.Tensor) and t.device.type == "meta":
+            raise ValueError(f"{name} is on the meta device, which holds no values: pass a CPU or GPU tensor")
     if prompt_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise ValueError(f"prompt_ids must hold integer token ids, got dtype {prompt_ids.dtype}")
     if attention_mask is not None:
@@ -651,7 +662,8 @@ def generate(model, prompt_ids: torch.Tensor, config: DecodeConfig, generator: t
     attention_mask: (B, P), 1 for real tokens, 0 for left padding (the original has no such mask).
     on_step: optional callback(state) after every step, e.g. to show the denoising live.
     """
-    check_inputs(model, prompt_ids, config, attention_mask)
+    config = replace(config)  # checked again: a field may have been changed since it was built
+    check_inputs(model, prompt_ids, config, attention_mask, generator)
     state = setup(model, prompt_ids, config, attention_mask)
     forward = dllm_forward if config.cache == "dllm" else model_forward
     forward = measuring_drift(forward, state, config) if config.measure_drift else forward
@@ -704,9 +716,10 @@ def dllm_refresh(state: DecodeState, config: DecodeConfig) -> Refresh:
     V-verify recomputes int(rho * G) response tokens. Rows with nothing left to commit in their
     block (waiting for the batch) recompute nothing."""
     cache, n_layers = state.cache, state.cache.n_layers
-    busy = torch.tensor(config.quirks.dllm_busy(state.busy))  # (B,) on the host
-    cache.steps += busy.long()  # this forward is step t of each busy row
-    t = cache.steps
+    busy = torch.tensor(config.quirks.dllm_busy(state.busy, config))  # (B,) on the host
+    rows = 2 if config.cfg_scale > 0 else 1  # classifier-free guidance's copies follow their rows
+    cache.steps += busy.long().repeat(rows)  # this forward is step t of each busy row
+    t = cache.steps[:len(busy)]
     n_verify = int(config.transfer_ratio * config.gen_length)
     prompt = busy & ((t - 1) % config.prompt_interval_steps == 0)  # (B,)
     response = busy & ((t - 1) % config.gen_interval_steps == 0)  # (B,)
@@ -720,7 +733,6 @@ def dllm_refresh(state: DecodeState, config: DecodeConfig) -> Refresh:
     done["response"] += (later * (G * int(response.sum()) + n_verify * int(verify.sum()))
                          + (G * int(first.sum()) if first is not None else 0))
     state.extras["recomputed_fraction"] = (done["prompt"] + done["response"]) / max(1, int(t.sum()) * n_layers * state.L)
-    rows = 2 if config.cfg_scale > 0 else 1  # classifier-free guidance's copies follow their rows
     device = state.slots.device
     return Refresh(P=P, prompt=prompt.repeat(rows).to(device), response=response.repeat(rows).to(device),
                    verify=verify.repeat(rows).to(device), n_verify=n_verify,
@@ -974,7 +986,8 @@ class Quirks:
             return torch.where(n_accept >= n_eligible - 1, n_eligible, n_accept)
         return n_accept
 
-    def dllm_busy(self, busy: list[bool]) -> list[bool]:
+    def dllm_busy(self, busy: list[bool], config: DecodeConfig) -> list[bool]:
         """Which rows a dLLM-Cache forward counts as a step of theirs: those with masks in their
-        block (with fixed steps, every row: the batch moves in lockstep)."""
-        return [True] * len(busy) if self.dllm_fixed_steps else busy
+        block (with fixed steps, every row: each block takes the same forwards in every row, so
+        the batch moves in lockstep, as each row alone does; only the top-k schedule fixes them)."""
+        return [True] * len(busy) if self.forward_budget(config)[0] > 0 else busy

@@ -212,3 +212,21 @@ def test_threshold_batch_rows_follow_their_own_schedule(adablock):
     alone = [generate(model, prompts[i:i + 1], cfg) for i in range(8)]
     assert [row.tolist() for row in batched.ids] == [a.ids[0].tolist() for a in alone]
     assert len({a.nfe for a in alone}) > 1  # the rows do finish their blocks at different steps
+
+
+@pytest.mark.parametrize("quirks", [False, True])
+@pytest.mark.parametrize("rule", [dict(threshold=0.1), dict(factor=8.0), dict()], ids=["threshold", "factor", "topk"])
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.0])
+def test_rows_alone_with_quirks_and_guidance(random_model64, quirks, rule, cfg_scale):
+    """Every row of a batch gets the tokens it gets alone, with the original's quirks (whose
+    lockstep steps belong to the top-k schedule only) and with classifier-free guidance (whose
+    unconditional copies follow their rows' step counters). Float64: near-ties take no part."""
+    cfg = DecodeConfig.for_model(random_model64.config, gen_length=16, block_length=8, steps=16, cache="dllm",
+                                 prompt_interval_steps=3, gen_interval_steps=2, transfer_ratio=0.25,
+                                 quirks=quirks, cfg_scale=cfg_scale, **rule)
+    prompt = torch.randint(0, 47, (4, 5), generator=torch.Generator().manual_seed(0))
+    batched = generate(random_model64, prompt, cfg)
+    alone = [generate(random_model64, prompt[i:i + 1], cfg) for i in range(4)]
+    assert batched.ids.tolist() == [a.ids[0].tolist() for a in alone]
+    if "threshold" in rule:
+        assert len({a.nfe for a in alone}) > 1  # rows finish their blocks at different steps
