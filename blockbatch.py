@@ -115,6 +115,7 @@ class BlockBatch:
         Br, P, device = len(config.block_sizes), prompt.shape[1], model.device
         L = P + config.gen_length
         self.model, self.config, self.generator = model, config, generator
+        self.pieces = decode.Pieces.for_config(config.step_config)  # decode.py's sampler and confidence
         self.rms = config.generator_variant == "rms"
         self.x = torch.full((Br, L), config.mask_id, dtype=torch.long, device=device)  # (Br, L) the canvases
         self.x[:, :P] = prompt.to(device)
@@ -248,7 +249,7 @@ class BlockBatch:
         if step.remasking == "random":
             noise.uniform = torch.zeros((R, Q), dtype=torch.float64, device=device)  # (R, Q)
         for r, (k, o) in enumerate(zip(lengths, offsets)):
-            one = decode.draw_noise(step, self.generator, (1, k, V), (0, k), device)
+            one = decode.draw_noise(step, self.generator, (1, k, V), device)
             if one.gumbel is not None:
                 noise.gumbel[r, o:o + k] = one.gumbel[0]
             if one.uniform is not None:
@@ -267,7 +268,8 @@ class BlockBatch:
         # Where each row's block starts in the logits, and its length, for per-branch noise.
         noise = self.noise([self.end[i] - self.start[i] for i in rows], in_block.int().argmax(1).tolist(),
                            positions.shape[1], logits.shape[-1])
-        x0, conf = decode.propose(logits, eligible, self.config.step_config, noise)  # (R, K) each
+        p = decode.propose(logits, eligible, self.config.step_config, noise, pieces=self.pieces)
+        x0, conf = p.tokens, p.confidence  # (R, K) each
         chosen = decode.select_threshold(conf, self.config.threshold)  # (R, K)
         r, c = chosen.nonzero(as_tuple=True)
         self.x[index[r], positions[r, c]] = x0[r, c]

@@ -131,15 +131,16 @@ def test_recomputed_rows_follow_the_schedule(random_model, s, quirks):
 def test_features_after_a_refresh_equal_a_fresh_computation(random_model, s):
     """After the first forward (t = 1 refreshes everything) the cached K/V, attention and MLP
     outputs of every layer equal the model's own pieces run on the same canvas."""
-    from decode import dllm_forward, query_window, setup
+    from decode import Pieces, dllm_forward, setup
 
     cfg = dllm_config(random_model, s)
     prompt = torch.tensor(random_prompts(s, 2)[0:1])
     with torch.no_grad():
-        state = setup(random_model, prompt, cfg)
+        pieces = Pieces.for_config(cfg)
+        state = setup(random_model, prompt, cfg, pieces=pieces)
         L = state.L
         state.bounds = ([state.P], [state.P + cfg.block_length])
-        dllm_forward(random_model, state.canvas, query_window(state, cfg), state.cache, None)
+        dllm_forward(random_model, state.canvas, pieces.cache.window(state), state.cache, None)
         fc = state.cache
         cos, sin, _ = random_model.rope_and_mask(torch.arange(L), None, 1)
         x = random_model.embed(state.canvas)

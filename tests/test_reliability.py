@@ -255,7 +255,7 @@ def test_a_rule_that_commits_nothing_is_an_error_not_a_hang(cache, monkeypatch):
     gone): the loop names the rule instead, after the first such step."""
     import decode
 
-    monkeypatch.setattr(decode, "commit_rule", lambda conf, config, k: torch.zeros_like(conf, dtype=torch.bool))
+    monkeypatch.setitem(decode.COMMIT_RULES, "threshold", lambda p, config, k: torch.zeros_like(p.eligible))
     stub = StubModel(adversarial("random", 0), limit=3)
     config = DecodeConfig.for_model(SMALL, gen_length=8, block_length=8, steps=8, cache=cache, threshold=0.9)
     with pytest.raises(RuntimeError, match="the commit rule 'threshold' committed nothing at step 0"):
@@ -306,8 +306,9 @@ def test_huge_temperature_samples_every_token(quirks):
     K = 4000
     config = DecodeConfig(gen_length=8, block_length=8, steps=8, temperature=1e6, mask_id=MASK, quirks=quirks)
     logits = torch.randn((1, K, V), generator=torch.Generator().manual_seed(0)) * 5  # any logits: T flattens them
-    noise = draw_noise(config, torch.Generator().manual_seed(1), (1, K, V), (0, K), device="cpu")
-    x0, conf = propose(logits, torch.ones((1, K), dtype=torch.bool), config, noise)
+    noise = draw_noise(config, torch.Generator().manual_seed(1), (1, K, V), device="cpu")
+    p = propose(logits, torch.ones((1, K), dtype=torch.bool), config, noise)
+    x0, conf = p.tokens, p.confidence
     counts = torch.bincount(x0.flatten(), minlength=V)
     expected = K / (V - 1)  # every id but the mask token
     assert counts[MASK] == 0
