@@ -27,7 +27,7 @@ V vocabulary.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -66,7 +66,9 @@ class BlockBatchConfig:
 
     def __post_init__(self):
         decode.check_int("gen_length", self.gen_length, low=1)
-        if isinstance(self.block_sizes, int) or not self.block_sizes:
+        if not isinstance(self.block_sizes, (int, str, bytes)) and hasattr(self.block_sizes, "__iter__"):
+            self.block_sizes = tuple(self.block_sizes)  # a generator is read once, here
+        if not isinstance(self.block_sizes, tuple) or not self.block_sizes:
             raise ValueError(f"block_sizes must be a non-empty list of integers, got {self.block_sizes!r}")
         for b in self.block_sizes:
             decode.check_int("every block size", b, low=1)
@@ -113,6 +115,7 @@ class BlockBatch:
         Br, P, device = len(config.block_sizes), prompt.shape[1], model.device
         L = P + config.gen_length
         self.model, self.config, self.generator = model, config, generator
+        self.pieces = decode.Pieces.for_config(config.step_config)  # decode.py's sampler and confidence
         self.rms = config.generator_variant == "rms"
         self.x = torch.full((Br, L), config.mask_id, dtype=torch.long, device=device)  # (Br, L) the canvases
         self.x[:, :P] = prompt.to(device)
@@ -246,7 +249,7 @@ class BlockBatch:
         if step.remasking == "random":
             noise.uniform = torch.zeros((R, Q), dtype=torch.float64, device=device)  # (R, Q)
         for r, (k, o) in enumerate(zip(lengths, offsets)):
-            one = decode.draw_noise(step, self.generator, (1, k, V), (0, k), device)
+            one = decode.draw_noise(step, self.generator, (1, k, V), device)
             if one.gumbel is not None:
                 noise.gumbel[r, o:o + k] = one.gumbel[0]
             if one.uniform is not None:
@@ -265,7 +268,8 @@ class BlockBatch:
         # Where each row's block starts in the logits, and its length, for per-branch noise.
         noise = self.noise([self.end[i] - self.start[i] for i in rows], in_block.int().argmax(1).tolist(),
                            positions.shape[1], logits.shape[-1])
-        x0, conf = decode.propose(logits, eligible, self.config.step_config, noise)  # (R, K) each
+        p = decode.propose(logits, eligible, self.config.step_config, noise, pieces=self.pieces)
+        x0, conf = p.tokens, p.confidence  # (R, K) each
         chosen = decode.select_threshold(conf, self.config.threshold)  # (R, K)
         r, c = chosen.nonzero(as_tuple=True)
         self.x[index[r], positions[r, c]] = x0[r, c]
@@ -544,7 +548,8 @@ def generate(model, prompt_ids: torch.Tensor, config: BlockBatchConfig, generato
     if config.mask_id is None or config.eos_id is None:
         raise ValueError("config.mask_id / eos_id are not set; build the config with "
                          "BlockBatchConfig.for_model(model.config, ...)")
-    decode.check_inputs(model, prompt_ids, config.step_config, attention_mask)
+    config = replace(config)  # checked again: a field may have been changed since it was built
+    decode.check_inputs(model, prompt_ids, config.step_config, attention_mask, generator)
     if prompt_ids.shape[0] != 1:
         # Branches of different requests would need their own merges, syncs, refreshes and exits
         # in one batch: an EOS exit of one request must not end the others, a refresh of one

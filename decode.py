@@ -8,27 +8,31 @@ model over the canvas, proposes a token for every masked position of the current
 - Fast-dLLM (Wu et al., arXiv 2505.22618): an approximate KV cache (prefix cache, DualCache) and
   commits by confidence (threshold, factor).
 - dLLM-Cache (Liu et al., arXiv 2506.06295): reuses each layer's attention and MLP outputs and
-  recomputes only the answer tokens whose values moved most (`dllm_forward`).
+  recomputes only the answer tokens whose values moved most.
 - AdaBlock (Lu et al., arXiv 2509.26432): a block ends on a delimiter the model already predicts.
-Each method changes one piece of `generate`: the cache policy (`query_window`), the commit rule
-(`commit_rule`), the block rule (`FixedBlocks`, `AdaBlock`) or the forward. The defaults are the
-papers' rules; `quirks=True` reproduces the original code's deviations, listed in `Quirks` at the
-end. Changed from the originals: a finished block gets no more forwards; rows may be left-padded
-and have blocks of their own; the LM head runs only where tokens may be committed.
+Each method is one piece of the loop, registered once by name: a confidence measure
+(`CONFIDENCES`), a commit rule (`COMMIT_RULES`), a cache policy (`CACHE_POLICIES`) or a block rule
+(`BLOCK_RULES`). The CLI, the benchmark and the property tests read these registries. The defaults
+are the papers' rules; `quirks=True` swaps in the original code's deviations, all in the last
+section but one. Changed from the originals: a finished block gets no more forwards; rows may be
+left-padded and have blocks of their own; the LM head runs only where tokens may be committed.
 
     config = DecodeConfig.for_model(model.config, gen_length=256, block_length=32, steps=256,
                                     cache="dual", threshold=0.9)
     out = generate(model, prompt_ids, config)       # out.ids (B, P + G), out.nfe
 
-Shape legend: B batch, P prompt, G generation, L = P + G, K current block, Q query tokens of a
-forward, V vocabulary, C model dim, N layers.
+Shape legend: B batch, P prompt, G generation, L = P + G (the canvas; index L is the trash slot),
+K positions whose logits a step reads (the block), Q query tokens of a forward, V vocabulary,
+C model dim, N layers.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import dataclass, field, fields, replace
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -39,129 +43,90 @@ from cache import FeatureCache, KVCache
 # Settings and result
 # ---------------------------------------------------------------------------------------------
 
-REMASKING = ("low_confidence", "random")
-CACHES = ("none", "prefix", "dual", "dllm")
-# The commit rules a config can turn on, each by its own field (None = off). At most one may be
-# set; with none, LLaDA's top-k schedule commits a fixed count per step. `commit_rule` holds the
-# one branch per rule.
-RULES = ("threshold", "factor")
 
-
-def check_finite(name, value, low=None, high=None, low_open=False):
-    """A ValueError naming the valid range unless `value` is a finite number inside it."""
-    bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-    bad = bad or (low is not None and (value <= low if low_open else value < low)) or (high is not None and value > high)
-    if bad:
-        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
-        hi = "" if high is None else f"<= {high}"
-        raise ValueError(f"{name} must be a finite number {' and '.join(p for p in (lo, hi) if p)}, got {value!r}")
-
-
-def check_int(name, value, low=None, optional=False):
-    """A ValueError unless `value` is an integer (not a bool) >= low, or None where optional."""
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
-        what = "a positive integer" if low == 1 else "an integer" + (f" >= {low}" if low is not None else "")
-        what += " or None" if optional else ""
-        raise ValueError(f"{name} must be {what}, got {value!r}")
+def option(default, group: str, help: str, **more):
+    """A settings field: its default, the method it belongs to and the help the CLI prints."""
+    return field(default=default, metadata=dict(group=group, help=help, **more))
 
 
 @dataclass
 class DecodeConfig:
-    """Decoding settings, named as the original samplers' keyword arguments."""
+    """Decoding settings, grouped by the method they belong to and named as the original samplers'
+    keyword arguments. Each field's help is in its metadata (`fields(DecodeConfig)`)."""
 
-    gen_length: int = 128  # G, tokens to generate
-    block_length: int = 128  # tokens per semi-autoregressive block (G must be a multiple; AdaBlock's B0)
-    steps: int = 128  # top-k schedule: total steps over all blocks (a multiple of the block count, <= G)
-    temperature: float = 0.0  # 0 = argmax; > 0 = Gumbel-max sampling in float64
-    remasking: str = "low_confidence"  # confidence = prob. of the proposal, or 'random' (uniform)
-    cfg_scale: float = 0.0  # classifier-free guidance; 0 = off
-    mask_id: int | None = None  # [MASK] id (default: the model config's mask_token_id)
-    eos_id: int | None = None  # end-of-text id: the two flags below, stop_at_eos, left padding
-    #   (default: from the model)
-    eot_id: int | None = None  # end-of-turn id, for confidence_eos_eot_inf (default: from the model;
-    #   LLaDA's config.json has none, so pass the tokenizer's id of '<|eot_id|>')
-    logits_eos_inf: bool = False  # never propose EOS
-    confidence_eos_eot_inf: bool = False  # never prefer committing EOS or EOT (see propose())
-    threshold: float | None = None  # Fast-dLLM: commit every proposal with confidence >= threshold
-    factor: float | None = None  # Fast-dLLM: commit rank k while confidence >= 1 - factor/(k+1)
-    cache: str = "none"  # 'none', 'prefix' (Fast-dLLM prefix cache), 'dual' (DualCache) or 'dllm' (dLLM-Cache)
-    refresh_interval: int = 0  # prefix/dual: also refresh the whole cache every this many steps
-    #   of a block (0 = only at block start; 1 = every step, which equals no cache)
-    prompt_interval_steps: int = 50  # dLLM-Cache K_p: recompute the prompt's features every K_p steps
-    gen_interval_steps: int = 7  # dLLM-Cache K_r: recompute the whole response every K_r steps
-    transfer_ratio: float = 0.25  # dLLM-Cache rho: between those, recompute the int(rho * G)
-    #   response tokens whose values changed most (0 = reuse everything); defaults: LLaDA GSM8K's
-    delimiter_ids: tuple[int, ...] | None = None  # AdaBlock: tokens a block may end on (take the
-    #   newline's id from the tokenizer); None = fixed blocks of block_length
-    delimiter_threshold: float = 0.3  # AdaBlock: end the block on a delimiter predicted with at
-    #   least this probability (inf = never, which is fixed-size Fast-dLLM); 0.3 in the paper
-    window_fraction: float = 0.25  # AdaBlock: look for delimiters in the next fraction * gen_length
-    stop_at_eos: bool = False  # end a row once it has committed EOS with nothing masked before it:
-    #   the rest of its window becomes EOS without more forwards (the originals spend them)
-    measure_drift: bool = False  # cached modes: also run an exact full forward at every cached
-    #   step and record the largest |logit difference| on the block (slow; measures the approximation)
-    quirks: bool | Quirks = False  # reproduce the original code's deviations from its paper: True
-    #   = all of them (the parity tests), or a Quirks to choose; False = the papers' rules
+    # -- Lengths and LLaDA's schedule
+    gen_length: int = option(128, "lengths", "tokens to generate (G)")
+    block_length: int = option(128, "lengths", "tokens per block, left to right; gen_length must be a multiple "
+                                               "(AdaBlock: the default block length)")
+    steps: int = option(128, "lengths", "LLaDA's top-k schedule: forwards over all blocks, each committing "
+                                        "gen_length / steps tokens (a multiple of the number of blocks, at most "
+                                        "gen_length); give no commit rule to use it")
+    # -- Sampling: the proposals and their confidence
+    temperature: float = option(0.0, "sampling", "0 = the most likely token; above 0, sample from "
+                                                 "softmax(logits / temperature)")
+    remasking: str = option("low_confidence", "sampling", "the confidence measure that orders the proposals: "
+                                                          "'low_confidence' (the proposal's probability) or "
+                                                          "'random'")
+    cfg_scale: float = option(0.0, "sampling", "classifier-free guidance strength (0 = off)")
+    logits_eos_inf: bool = option(False, "sampling", "never propose the end-of-text token")
+    confidence_eos_eot_inf: bool = option(False, "sampling", "give end-of-text and end-of-turn proposals no "
+                                                             "confidence, so they are committed last")
+    # -- Commit rule: at most one set (None = off); with none, LLaDA's top-k schedule
+    threshold: float | None = option(None, "commit rule", "Fast-dLLM: commit every proposal whose confidence "
+                                                          "reaches this (and always the best one); 0.9 in the "
+                                                          "paper", sweep=(0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.99),
+                                     bench=0.9)
+    factor: float | None = option(None, "commit rule", "Fast-dLLM: commit the k-th most confident proposal "
+                                                       "while its confidence is at least 1 - factor / (k + 1)",
+                                  sweep=(0.5, 1.0, 2.0, 4.0), bench=1.0)
+    # -- Cache policy
+    cache: str = option("none", "cache", "'none' (a full forward every step), 'prefix' (Fast-dLLM's prefix "
+                                         "cache), 'dual' (DualCache) or 'dllm' (dLLM-Cache)")
+    refresh_interval: int = option(0, "cache", "prefix/dual: also refresh the whole cache every this many steps "
+                                               "of a block (0 = only when a block starts; 1 = every step, "
+                                               "which is no cache)")
+    # -- dLLM-Cache
+    prompt_interval_steps: int = option(50, "dLLM-Cache", "recompute the prompt's features every this many "
+                                                          "steps (K_p)")
+    gen_interval_steps: int = option(7, "dLLM-Cache", "recompute the whole answer's features every this many "
+                                                      "steps (K_r)")
+    transfer_ratio: float = option(0.25, "dLLM-Cache", "between those, recompute this fraction of the answer: "
+                                                       "the tokens whose values changed most (rho; 0 = reuse "
+                                                       "everything)")
+    # -- AdaBlock
+    delimiter_ids: tuple[int, ...] | None = option(None, "AdaBlock", "token ids a block may end on (e.g. the "
+                                                                     "newline's); None = fixed blocks")
+    delimiter_threshold: float = option(0.3, "AdaBlock", "end the block on a delimiter predicted with at least "
+                                                         "this probability (inf = never); 0.3 in the paper")
+    window_fraction: float = option(0.25, "AdaBlock", "look for delimiters in the next fraction x gen_length "
+                                                      "positions")
+    # -- Stopping
+    stop_at_eos: bool = option(False, "stopping", "end a row once it has committed end-of-text with nothing "
+                                                  "masked before it: the rest becomes end-of-text without more "
+                                                  "forwards")
+    # -- Special ids (default: the model config's)
+    mask_id: int | None = option(None, "special ids", "the [MASK] token id")
+    eos_id: int | None = option(None, "special ids", "the end-of-text id (stop_at_eos, left padding, the EOS flags)")
+    eot_id: int | None = option(None, "special ids", "the end-of-turn id (confidence_eos_eot_inf); LLaDA's "
+                                                     "config.json has none: pass the tokenizer's '<|eot_id|>'")
+    # -- Measuring and reproducing
+    measure_drift: bool = option(False, "measuring", "cached policies: also run an exact forward at every "
+                                                     "cached step and report the largest logit difference "
+                                                     "(slow)")
+    quirks: bool | Quirks = option(False, "quirks", "reproduce the original code's deviations from its paper "
+                                                    "(True = all, as the parity tests; or a decode.Quirks)")
 
     def __post_init__(self):
-        for name in ("gen_length", "block_length", "steps", "prompt_interval_steps", "gen_interval_steps"):
-            check_int(name, getattr(self, name), low=1)
-        check_int("refresh_interval", self.refresh_interval, low=0)
-        for name in ("mask_id", "eos_id", "eot_id"):
-            check_int(name, getattr(self, name), low=0, optional=True)
-        for f in fields(self):  # flags are real booleans: a string like "no" would read as True
-            if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
-                raise ValueError(f"{f.name} must be True or False, got {getattr(self, f.name)!r}")
-        if isinstance(self.quirks, bool):
-            self.quirks = Quirks.original() if self.quirks else Quirks()
-        elif not isinstance(self.quirks, Quirks):
-            raise ValueError(f"quirks must be True, False or a decode.Quirks, got {self.quirks!r}")
-        if self.remasking not in REMASKING:
-            raise ValueError(f"unknown remasking {self.remasking!r}; use one of {REMASKING}")
-        if self.cache not in CACHES:
-            raise ValueError(f"unknown cache {self.cache!r}; use one of {CACHES}")
-        check_finite("temperature", self.temperature, low=0)
-        check_finite("cfg_scale", self.cfg_scale, low=0)
-        check_finite("transfer_ratio", self.transfer_ratio, low=0, high=1)
-        chosen = [name for name in RULES if getattr(self, name) is not None]
-        if len(chosen) > 1:  # one rule decides; a silent precedence would hide the other
-            raise ValueError(f"set one commit rule, not {' and '.join(chosen)}")
-        if self.threshold is not None:
-            check_finite("threshold", self.threshold, low=0, high=1, low_open=True)
-        if self.factor is not None:
-            check_finite("factor", self.factor, low=0, low_open=True)
-        # AdaBlock's own settings are checked even without delimiter_ids: a bad value is a mistake
-        # whether or not it is used this time.
-        if isinstance(self.delimiter_threshold, bool) or not isinstance(self.delimiter_threshold, (int, float)) \
-                or math.isnan(self.delimiter_threshold) or self.delimiter_threshold < 0:
-            raise ValueError(f"delimiter_threshold must be >= 0 (inf = never adapt), got {self.delimiter_threshold!r}")
-        check_finite("window_fraction", self.window_fraction, low=0, high=1, low_open=True)
-        if self.delimiter_ids is not None:
-            self._check_adablock()
-        else:  # fixed blocks: the grid and LLaDA's top-k schedule need whole blocks and steps
-            if self.gen_length % self.block_length != 0:
-                raise ValueError(f"gen_length {self.gen_length} is not divisible by block_length {self.block_length}")
-            if self.steps % self.num_blocks != 0:
-                raise ValueError(f"steps {self.steps} is not divisible by the number of blocks {self.num_blocks} "
-                                 f"(gen_length {self.gen_length} / block_length {self.block_length})")
-            if self.steps > self.gen_length:  # a step past the last token commits nothing: wasted forwards
-                raise ValueError(f"steps must be in 1..gen_length ({self.gen_length}), got {self.steps}")
-
-    def _check_adablock(self):
-        ids = self.delimiter_ids
-        if isinstance(ids, int) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids) or not ids:
-            raise ValueError(f"delimiter_ids must be a non-empty list of token ids, got {ids!r}")
-        self.delimiter_ids = tuple(ids)
-        if self.rule == "topk":
-            raise ValueError("AdaBlock (delimiter_ids) decodes each block until it has no masks with a "
-                             f"confidence rule: set threshold (0.9 in the paper) or {', '.join(RULES[1:])}")
+        check_config(self)  # (the checks stand in the last section)
 
     @property
     def rule(self) -> str:
         """The commit rule in use: the one of RULES that is set, else 'topk' (LLaDA's schedule)."""
         return next((name for name in RULES if getattr(self, name) is not None), "topk")
+
+    @property
+    def block_rule(self) -> str:
+        return "fixed" if self.delimiter_ids is None else "adablock"
 
     @property
     def num_blocks(self) -> int:
@@ -178,6 +143,10 @@ class DecodeConfig:
         kwargs.setdefault("eos_id", model_config.eos_token_id)
         kwargs.setdefault("eot_id", model_config.eot_token_id)
         return cls(**kwargs)
+
+
+# The fields that choose a commit rule, each named as the rule it turns on.
+RULES = tuple(f.name for f in fields(DecodeConfig) if f.metadata["group"] == "commit rule")
 
 
 @dataclass
@@ -206,7 +175,144 @@ class DecodeResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# Shared helpers: the schedule, proposals and commit rules
+# The registries: every method, listed once by the name its setting takes
+# ---------------------------------------------------------------------------------------------
+
+CONFIDENCES: dict[str, Callable] = {}  # remasking -> measure(proposals, noise) -> (B, K)
+COMMIT_RULES: dict[str, Callable] = {}  # rule -> rule(proposals, config, k) -> (B, K) bool
+CACHE_POLICIES: dict[str, type] = {}  # cache -> a CachePolicy class
+BLOCK_RULES: dict[str, type] = {}  # DecodeConfig.block_rule -> a block rule class
+CACHES, REMASKING = CACHE_POLICIES.keys(), CONFIDENCES.keys()  # live views of the names
+
+
+def register(registry: dict, name: str):
+    """Decorator: list a method in a registry under `name` (a fork adds its own the same way)."""
+    def add(method):
+        registry[name] = method
+        return method
+    return add
+
+
+def lookup(registry: dict, kind: str, name: str):
+    """The method registered under `name`; a name with none is an error, never another method."""
+    if name not in registry:
+        raise ValueError(f"unknown {kind} {name!r}; registered: {', '.join(registry)}")
+    return registry[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Proposals: a token for every position, and the confidence measures that order them
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Noise:
+    """The random numbers one step uses: Gumbel noise for sampling, uniforms for random remasking."""
+
+    gumbel: torch.Tensor | None = None  # (B, K, V) float64, -log(u); None at temperature 0
+    uniform: torch.Tensor | None = None  # (B, K) float64; None unless a measure needs them
+
+
+def draw_noise(config: DecodeConfig, generator, shape, device) -> Noise:
+    """The step's random numbers for logits of `shape` (B, K, V): float64, so that the sample's
+    tail is not cut off by rounding. Only the positions the step reads are drawn."""
+    noise = Noise()
+    if config.temperature > 0:
+        noise.gumbel = -torch.log(torch.rand(shape, generator=generator, device=device, dtype=torch.float64))
+    if getattr(CONFIDENCES.get(config.remasking), "needs_uniforms", False):
+        noise.uniform = torch.rand(shape[:2], generator=generator, device=device, dtype=torch.float64)
+    return noise
+
+
+def step_noise(config: DecodeConfig, generator, window: Window, logits: torch.Tensor) -> Noise:
+    """The noise of one decoding step: over the logits it read, (B, K, V)."""
+    return draw_noise(config, generator, logits.shape, logits.device)
+
+
+def gumbel_max_scores(logits: torch.Tensor, temperature: float, gumbel: torch.Tensor) -> torch.Tensor:
+    """logits + T * g, g = -log(-log u) standard Gumbel noise (gumbel holds -log u): their argmax
+    is a sample of softmax(logits / T) (the Gumbel-max trick). Float64, (B, K, V)."""
+    return logits.to(torch.float64) - temperature * gumbel.log()
+
+
+def sample(logits: torch.Tensor, config: DecodeConfig, noise: Noise, scores=gumbel_max_scores) -> torch.Tensor:
+    """The proposed token at every position, (B, K, V) -> (B, K): the argmax at temperature 0,
+    otherwise a sample of softmax(logits / T) by the Gumbel-max trick. The input is not changed."""
+    if config.logits_eos_inf:
+        logits = logits.index_fill(-1, torch.tensor([config.eos_id], device=logits.device), -torch.inf)
+    if config.temperature > 0:
+        logits = scores(logits, config.temperature, noise.gumbel)
+    # The mask token is never a proposal: committing it would leave the position masked forever
+    # (a trained LLaDA never predicts it, so this changes nothing there; the confidences still
+    # use the full softmax, as the original's do).
+    logits = logits.index_fill(-1, torch.tensor([config.mask_id], device=logits.device), -torch.inf)
+    return logits.argmax(dim=-1)  # (B, K)
+
+
+@dataclass
+class Proposals:
+    """One step's proposals over the K positions whose logits it read, and what a commit rule may
+    need to decide: the confidence (by the config's measure; -inf where a position cannot be
+    committed) and, computed when first asked, the distribution's probabilities, entropy and margin."""
+
+    tokens: torch.Tensor  # (B, K) the proposed token ids
+    logits: torch.Tensor  # (B, K, V) the logits the measures read (EOS/EOT hidden where asked)
+    eligible: torch.Tensor  # (B, K) bool: masked positions of each row's block
+    confidence: torch.Tensor | None = None  # (B, K) float64, -inf where not eligible
+
+    @functools.cached_property
+    def probs(self) -> torch.Tensor:
+        """softmax(logits) in float64, (B, K, V)."""
+        return F.softmax(self.logits.to(torch.float64), dim=-1)
+
+    @functools.cached_property
+    def entropy(self) -> torch.Tensor:
+        """Each position's predictive entropy in nats, (B, K)."""
+        return -(self.probs * torch.log(self.probs.clamp(min=1e-300))).sum(-1)
+
+    @functools.cached_property
+    def margin(self) -> torch.Tensor:
+        """Top-1 minus top-2 probability, (B, K)."""
+        top = self.probs.topk(min(2, self.probs.shape[-1]), dim=-1).values  # (B, K, 2)
+        return top[..., 0] - top[..., -1]
+
+
+@register(CONFIDENCES, "low_confidence")
+def proposal_probability(p: Proposals, noise: Noise) -> torch.Tensor:
+    """LLaDA's low-confidence remasking: the probability of the proposed token (B, K)."""
+    return p.probs.gather(-1, p.tokens[..., None]).squeeze(-1)
+
+
+@register(CONFIDENCES, "random")
+def random_confidence(p: Proposals, noise: Noise) -> torch.Tensor:
+    """LLaDA's random remasking: a uniform draw per position (B, K)."""
+    return noise.uniform
+
+
+random_confidence.needs_uniforms = True  # draw_noise draws them for a measure that says so
+
+
+def propose(logits: torch.Tensor, eligible: torch.Tensor, config: DecodeConfig, noise: Noise,
+            tokens: torch.Tensor | None = None, pieces: Pieces | None = None) -> Proposals:
+    """A proposal for every position of the logits (B, K, V) and its confidence, -inf where not
+    `eligible` (B, K). `tokens`: the proposals if the step already sampled them. The input is not
+    changed."""
+    pieces = pieces or Pieces.for_config(config)
+    # 1) Proposal: the argmax, or a sample at temperature > 0.
+    tokens = pieces.sample(logits, config, noise) if tokens is None else tokens  # (B, K)
+    # 2) confidence_eos_eot_inf: EOS and EOT get no probability in the confidence, so the
+    #    threshold and top-k rules commit them last.
+    if config.confidence_eos_eot_inf and pieces.hidden:
+        logits = logits.index_fill(-1, torch.tensor(pieces.hidden, device=logits.device), -torch.inf)
+    # 3) Confidence by the config's measure; only eligible positions can be committed.
+    p = Proposals(tokens, logits, eligible)
+    conf = pieces.confidence(p, noise)  # (B, K)
+    p.confidence = torch.where(eligible, conf, torch.full_like(conf, -torch.inf))
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Commit rules: which proposals become tokens
 # ---------------------------------------------------------------------------------------------
 
 
@@ -219,73 +325,6 @@ def transfer_count(masked: torch.Tensor, steps: int, step: int) -> torch.Tensor:
     return masked // steps + (step < masked % steps).long()  # (B,)
 
 
-@dataclass
-class Noise:
-    """The random numbers one step uses: Gumbel noise for sampling, uniforms for random remasking."""
-
-    gumbel: torch.Tensor | None = None  # (B, K, V) float64, -log(u); None at temperature 0
-    uniform: torch.Tensor | None = None  # (B, K) float64; None for low-confidence remasking
-
-
-def draw_noise(config: DecodeConfig, generator, shape, logits_range: tuple[int, int], device, draws: int = 1) -> Noise:
-    """Draw one step's random numbers exactly as the originals do, so seeded runs match them.
-
-    The originals draw noise over every query token of the forward, shape (B, Q, V), not only
-    over the block; we draw the same tensors and keep the block's slice `logits_range` = [a, b).
-    `draws` > 1 discards draws first (a quirk of Fast-dLLM's prefix cache).
-    """
-    a, b = logits_range
-    noise = Noise()
-    if config.temperature > 0:
-        for _ in range(draws - 1):
-            torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
-        noise.gumbel = -torch.log(torch.rand(shape, generator=generator, device=device, dtype=torch.float64))[:, a:b]
-    if config.remasking == "random":
-        noise.uniform = torch.rand(shape[:2], generator=generator, device=device, dtype=torch.float64)[:, a:b]
-    return noise
-
-
-def sample(logits: torch.Tensor, config: DecodeConfig, noise: Noise) -> torch.Tensor:
-    """The proposed token at every position, (B, K, V) -> (B, K): the argmax at temperature 0,
-    otherwise a sample of softmax(logits / T) by the Gumbel-max trick: the argmax of
-    logits + T * g with g = -log(-log u) standard Gumbel noise (Noise holds -log u).
-    The input is not changed."""
-    if config.logits_eos_inf:
-        logits = logits.index_fill(-1, torch.tensor([config.eos_id], device=logits.device), -torch.inf)
-    if config.temperature > 0:
-        scores = config.quirks.gumbel_scores(logits, config.temperature, noise.gumbel)
-    else:
-        scores = logits
-    # The mask token is never a proposal: committing it would leave the position masked forever
-    # (a trained LLaDA never predicts it, so this changes nothing there; the confidences in
-    # propose still use the full softmax, as the original's do).
-    scores = scores.index_fill(-1, torch.tensor([config.mask_id], device=scores.device), -torch.inf)
-    return scores.argmax(dim=-1)  # (B, K)
-
-
-def propose(logits: torch.Tensor, eligible: torch.Tensor, config: DecodeConfig, noise: Noise):
-    """A proposal x0 for every position and its confidence, -inf where not `eligible`.
-
-    logits (B, K, V) are the block's; eligible (B, K) marks masked positions of the block.
-    Returns x0 (B, K) and confidence (B, K) in float64. The input is not changed.
-    """
-    # 1) Proposal: the argmax, or a sample at temperature > 0.
-    x0 = sample(logits, config, noise)  # (B, K)
-    # 2) confidence_eos_eot_inf: EOS and EOT get no probability in the confidence, so the
-    #    threshold and top-k rules commit them last.
-    if config.confidence_eos_eot_inf:
-        hidden = [i for i in config.quirks.confidence_hidden(config) if i is not None]
-        logits = logits.index_fill(-1, torch.tensor(hidden, device=logits.device), -torch.inf)
-    # 3) Confidence: the proposal's probability, or a uniform draw for 'random' remasking.
-    if config.remasking == "low_confidence":
-        p = F.softmax(logits.to(torch.float64), dim=-1)  # (B, K, V)
-        conf = p.gather(-1, x0[..., None]).squeeze(-1)  # (B, K)
-    else:
-        conf = noise.uniform  # (B, K)
-    # 4) Only eligible positions can be committed.
-    return x0, torch.where(eligible, conf, torch.full_like(conf, -torch.inf))
-
-
 def confidence_rank(conf: torch.Tensor) -> torch.Tensor:
     """Rank of each position by descending confidence, 0 = most confident: (B, K) -> (B, K)."""
     order = conf.argsort(dim=-1, descending=True, stable=True)  # (B, K)
@@ -295,98 +334,48 @@ def confidence_rank(conf: torch.Tensor) -> torch.Tensor:
 
 
 def select_topk(conf: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """LLaDA's rule: commit each row's k most confident eligible positions. k (B,) -> (B, K) bool."""
+    """Each row's k (B,) most confident eligible positions, (B, K) -> (B, K) bool."""
     return (confidence_rank(conf) < k[:, None]) & (conf > -torch.inf)
 
 
+@register(COMMIT_RULES, "topk")
+def topk_rule(p: Proposals, config: DecodeConfig, k: torch.Tensor) -> torch.Tensor:
+    """LLaDA: commit the k most confident proposals, k (B,) from the schedule (transfer_count)."""
+    return select_topk(p.confidence, k)
+
+
 def select_threshold(conf: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Fast-dLLM: commit every eligible position with confidence >= threshold, and always the
-    single most confident one, so every step makes progress. (B, K) -> (B, K) bool."""
+    """Every eligible position with confidence >= threshold, and always the single most confident
+    one, so every step makes progress. (B, K) -> (B, K) bool."""
     eligible = conf > -torch.inf
     return eligible & ((conf >= threshold) | (confidence_rank(conf) == 0))
 
 
-def select_factor(conf: torch.Tensor, factor: float, quirks: Quirks | None = None) -> torch.Tensor:
-    """Fast-dLLM's factor rule: sort eligible confidences descending; rank k (1-based) is accepted
-    while c_k >= 1 - factor / (k + 1); rank 1 always. (B, K) -> (B, K) bool."""
-    eligible = conf > -torch.inf
-    n_eligible = eligible.sum(-1)  # (B,)
+@register(COMMIT_RULES, "threshold")
+def threshold_rule(p: Proposals, config: DecodeConfig, k: torch.Tensor) -> torch.Tensor:
+    """Fast-dLLM's threshold rule (select_threshold)."""
+    return select_threshold(p.confidence, config.threshold)
+
+
+def factor_passes(conf: torch.Tensor, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fast-dLLM's factor bound: sort eligible confidences descending; rank k (1-based) passes
+    while c_k >= 1 - factor / (k + 1); rank 1 always. Returns (leading ranks that pass, eligible
+    positions), both (B,)."""
+    n_eligible = (conf > -torch.inf).sum(-1)  # (B,)
     sorted_conf = conf.sort(dim=-1, descending=True).values  # (B, K)
     k = torch.arange(1, conf.shape[1] + 1, device=conf.device)  # 1-based ranks (K,)
-    bound = 1 - factor / (k + 1)  # (K,)
-    passes = (sorted_conf >= bound) | (k == 1)  # (B, K)
-    n_accept = passes.long().cumprod(-1).sum(-1).clamp(max=n_eligible)  # leading ranks that pass (B,)
-    n_accept = (quirks or Quirks()).factor_count(n_accept, n_eligible)
-    return select_topk(conf, n_accept)
+    passes = (sorted_conf >= 1 - factor / (k + 1)) | (k == 1)  # (B, K)
+    return passes.long().cumprod(-1).sum(-1).clamp(max=n_eligible), n_eligible
 
 
-def commit_rule(conf: torch.Tensor, config: DecodeConfig, k: torch.Tensor) -> torch.Tensor:
-    """Which proposals to commit, by the config's one rule: (B, K) -> (B, K) bool. k (B,) is the
-    top-k schedule's count for this step. A new rule is a field, its name in RULES, and a branch."""
-    if config.rule == "threshold":
-        return select_threshold(conf, config.threshold)
-    if config.rule == "factor":
-        return select_factor(conf, config.factor, config.quirks)
-    if config.rule == "topk":
-        return select_topk(conf, k)
-    raise ValueError(f"commit rule {config.rule!r} has no branch in commit_rule")
-
-
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists into (B, P) ids and a (B, P) attention mask (1 = real token)."""
-    P = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), P), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
-        mask[i, P - len(p):] = 1
-    return ids, mask
-
-
-def check_inputs(model, prompt_ids, config, attention_mask):
-    """Clear errors for a user's mistakes, before any compute."""
-    model_config = model.config
-    V = model_config.embedding_size
-    if config.mask_id is None:
-        raise ValueError("config.mask_id is not set; build the config with DecodeConfig.for_model(model.config, ...)")
-    for name in ("mask_id", "eos_id", "eot_id"):
-        value = getattr(config, name)
-        if value is not None and not 0 <= value < V:
-            raise ValueError(f"{name} {value} is outside the vocabulary [0, {V})")
-    bad = [i for i in config.delimiter_ids or () if not 0 <= i < V]
-    if bad:
-        raise ValueError(f"delimiter_ids {bad} are outside the vocabulary [0, {V})")
-    if (config.logits_eos_inf or config.confidence_eos_eot_inf or config.stop_at_eos) and config.eos_id is None:
-        raise ValueError("logits_eos_inf / confidence_eos_eot_inf / stop_at_eos need config.eos_id")
-    if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
-        raise ValueError(f"prompt_ids must be a (B, P) tensor with P > 0, got "
-                         f"{tuple(prompt_ids.shape) if isinstance(prompt_ids, torch.Tensor) else type(prompt_ids).__name__}")
-    if prompt_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-        raise ValueError(f"prompt_ids must hold integer token ids, got dtype {prompt_ids.dtype}")
-    if attention_mask is not None:
-        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != prompt_ids.shape:
-            shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
-            raise ValueError(f"attention_mask shape {shape} != prompt shape {tuple(prompt_ids.shape)}")
-        if ((attention_mask != 0) & (attention_mask != 1)).any():  # before any cast: 0.5 must not become 0
-            raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
-        m = attention_mask.long()
-        if (m[:, 1:] < m[:, :-1]).any():
-            raise ValueError("attention_mask must be left padding: zeros, then ones")
-        if (m.sum(1) == 0).any():
-            raise ValueError("attention_mask has a row with no real token")
-    real = prompt_ids if attention_mask is None else prompt_ids[attention_mask.bool()]
-    if real.numel() and (real.min() < 0 or real.max() >= V):
-        raise ValueError(f"prompt token ids must lie in [0, {V}), got values from {int(real.min())} to {int(real.max())}")
-    if (real == config.mask_id).any():
-        raise ValueError(f"the prompt contains the mask token {config.mask_id}")
-    total = prompt_ids.shape[1] + config.gen_length
-    if total > model_config.max_sequence_length:
-        raise ValueError(f"prompt ({prompt_ids.shape[1]}) + gen_length ({config.gen_length}) = {total} "
-                         f"exceeds the model's max_sequence_length {model_config.max_sequence_length}")
+@register(COMMIT_RULES, "factor")
+def factor_rule(p: Proposals, config: DecodeConfig, k: torch.Tensor) -> torch.Tensor:
+    """Fast-dLLM's factor rule: commit the leading ranks that pass the bound (factor_passes)."""
+    return select_topk(p.confidence, factor_passes(p.confidence, config.factor)[0])
 
 
 # ---------------------------------------------------------------------------------------------
-# The decoding state and the loop's pieces
+# The canvas and the block rules
 # ---------------------------------------------------------------------------------------------
 
 
@@ -394,22 +383,20 @@ def check_inputs(model, prompt_ids, config, attention_mask):
 class DecodeState:
     """Everything one request carries from step to step."""
 
-    slots: torch.Tensor  # (B, L + 1) the canvas plus one trash slot, where padded queries' commits go
+    slots: torch.Tensor  # (B, L + 1) the canvas, then the trash slot where padded queries' commits go
     P: int  # prompt length (after left padding)
-    start: torch.Tensor  # (B,) each row's current block is [start, end) on the canvas
+    start: torch.Tensor  # (B,) each row's current block is [start, end) on the canvas: the block bounds
     end: torch.Tensor  # (B,)
     bounds: tuple[list[int], list[int]] | None = None  # start and end on the host, read once per block
     #   (and once more where AdaBlock moves the end)
+    busy: list[bool] | None = None  # per row, on the host: its block still had masks at the last wait
     to_commit: torch.Tensor | None = None  # (B,) masks in each row's block at its start (top-k schedule)
     key_mask: torch.Tensor | None = None  # (rows, L) 1 = real token; None when nothing is padded
-    cache: KVCache | None = None  # the request's K/V buffers (cached policies only)
+    cache: KVCache | None = None  # the request's buffers (cached policies only)
     step: int = 0  # forwards spent on the current block
     nfe: int = 0  # forwards spent on the request
     query_tokens: int = 0  # tokens pushed through the model, summed over forwards
     window: Window | None = None  # what the last forward computed
-    busy: list[bool] | None = None  # per row, on the host: its block still had masks at the last check
-    finite: torch.Tensor | None = None  # () bool on the device: the last step's logits were all finite
-    committed: torch.Tensor | None = None  # () bool on the device: the last step committed a token
     extras: dict = field(default_factory=dict)  # method-specific measurements, copied to the result
 
     @property
@@ -419,12 +406,12 @@ class DecodeState:
 
     @property
     def L(self) -> int:
+        """The canvas length, P + G; also the index of the trash slot."""
         return self.slots.shape[1] - 1
 
 
-def setup(model, prompt_ids, config: DecodeConfig, attention_mask=None) -> DecodeState:
-    """The canvas (prompt + gen_length masks), the key-padding mask and, for cached policies,
-    the request's preallocated cache."""
+def setup(model, prompt_ids, config: DecodeConfig, attention_mask=None, pieces: Pieces | None = None) -> DecodeState:
+    """The canvas (prompt + gen_length masks), the key-padding mask and the cache policy's buffers."""
     device = model.device
     B, P = prompt_ids.shape
     L = P + config.gen_length
@@ -439,22 +426,36 @@ def setup(model, prompt_ids, config: DecodeConfig, attention_mask=None) -> Decod
         # The key-padding mask covers the whole canvas: generated positions are always real.
         key_mask = torch.ones((B, L), dtype=torch.long, device=device)  # (B, L)
         key_mask[:, :P] = attention_mask
+        if config.cfg_scale > 0:
+            key_mask = key_mask.repeat(2, 1)  # (2B, L): guidance's unconditional copies
     slots[:, :P] = prompt_ids
-    # Classifier-free guidance runs a second, unconditional copy of every row (prompt masked) in
-    # the same batched forward: 2B rows, one NFE.
-    rows = 2 * B if config.cfg_scale > 0 else B
-    if key_mask is not None and rows != B:
-        key_mask = key_mask.repeat(2, 1)  # (2B, L)
-    # One cache per request, allocated once; every cached step writes into it by position.
-    cache = None
-    if config.cache != "none":
-        kind = FeatureCache if config.cache == "dllm" else KVCache
-        cache = kind.for_model(model.config, batch=rows, capacity=L, device=device, dtype=model.dtype)
+    cache = (pieces or Pieces.for_config(config)).cache.new_cache(model, B, L)  # allocated once
     at_prompt_end = torch.full((B,), P, dtype=torch.long, device=device)
     return DecodeState(slots=slots, P=P, start=at_prompt_end, end=at_prompt_end.clone(), key_mask=key_mask,
                        cache=cache, busy=[True] * B)
 
 
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into (B, P) ids and a (B, P) attention mask (1 = real token)."""
+    if len(prompts) == 0:
+        raise ValueError("left_pad needs at least one prompt, got none")
+    P = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, P - len(p):] = 1
+    return ids, mask
+
+
+def masked_in_block(state: DecodeState, mask_id: int) -> torch.Tensor:
+    """(B, L) True at the masked positions of each row's current block."""
+    pos = torch.arange(state.L, device=state.slots.device)  # (L,)
+    in_block = (pos >= state.start[:, None]) & (pos < state.end[:, None])  # (B, L)
+    return in_block & (state.canvas == mask_id)
+
+
+@register(BLOCK_RULES, "fixed")
 class FixedBlocks:
     """The block rule of LLaDA and Fast-dLLM: blocks of block_length on a fixed grid."""
 
@@ -465,55 +466,29 @@ class FixedBlocks:
         """Where the block ends, as far as is known before its first forward: (B,)."""
         return (state.start + self.block_length).clamp(max=state.L)
 
-    def adapt(self, state: DecodeState, logits: torch.Tensor, positions: torch.Tensor, noise: Noise) -> None:
-        """After the block's first forward: nothing to change on a fixed grid."""
+    def adapt(self, state: DecodeState, logits: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor):
+        """After the block's first forward (logits and proposals at canvas positions (B, K)):
+        nothing to change on a fixed grid."""
 
 
-def masked_in_block(state: DecodeState, mask_id: int) -> torch.Tensor:
-    """(B, L) True at the masked positions of each row's current block."""
-    pos = torch.arange(state.L, device=state.slots.device)  # (L,)
-    in_block = (pos >= state.start[:, None]) & (pos < state.end[:, None])  # (B, L)
-    return in_block & (state.canvas == mask_id)
-
-
-def next_block(state: DecodeState, rule, config: DecodeConfig) -> bool:
+def next_block(state: DecodeState, blocks, config: DecodeConfig) -> bool:
     """Move every row to its next block, which starts where the last one ended and ends where
     the block rule says. False when every row has reached the end of the canvas."""
     state.start = state.end
-    state.end = rule.first_end(state)
+    state.end = blocks.first_end(state)
     state.step = 0
-    state.to_commit = masked_in_block(state, config.mask_id).sum(1)  # (B,) for the top-k schedule
-    state.bounds = (state.start.tolist(), state.end.tolist())  # one wait for the device per block
+    masked = masked_in_block(state, config.mask_id)  # (B, L)
+    state.to_commit = masked.sum(1)  # (B,) for the top-k schedule
+    B = state.start.shape[0]
+    # One wait for the device per block: the bounds and which rows have masks, on the host.
+    host = torch.cat([state.start, state.end, masked.any(1).long()]).tolist()
+    state.bounds, state.busy = (host[:B], host[B:2 * B]), [bool(m) for m in host[2 * B:]]
     return any(s < state.L for s in state.bounds[0])
 
 
-def block_done(state: DecodeState, config: DecodeConfig) -> bool:
-    """A block is done when no row has a mask left in it (within the forward budget that
-    `Quirks.forward_budget` gives: none, unless an original's quirk caps or fixes it).
-
-    This is where the loop waits for the device, once per step: it reads which rows still have
-    masks, whether the last step's logits were finite and whether it committed anything, in one
-    transfer.
-    """
-    masked = masked_in_block(state, config.mask_id).any(1)  # (B,) bool, on the device
-    if state.finite is None:  # before a block's first step: nothing to check yet
-        flags = torch.ones(2, dtype=torch.bool, device=masked.device)  # (2,) finite, committed
-    else:  # decode_step sets both flags together
-        flags = torch.stack([state.finite, state.committed])
-    finite, committed, *state.busy = torch.cat([flags, masked]).tolist()
-    state.finite = state.committed = None
-    if not finite:
-        raise FloatingPointError(
-            f"non-finite logits at step {state.step - 1} of the block starting at position {min(state.bounds[0])} "
-            f"(forward {state.nfe}): the model overflowed its float type (a float16 model, a huge cfg_scale: "
-            f"{config.cfg_scale}), or its weights or config (e.g. rms_norm_eps) are bad")
-    least, most = config.quirks.forward_budget(config)
-    if state.step >= most:
-        return True
-    if not committed and any(state.busy) and most == math.inf:  # a new commit rule's usual bug
-        raise RuntimeError(f"the commit rule {config.rule!r} committed nothing at step {state.step - 1} while "
-                           f"masks remain in the block: it would never finish (a rule must commit at least one)")
-    return state.step >= least and not any(state.busy)
+# ---------------------------------------------------------------------------------------------
+# Cache policies: which canvas positions each step's forward computes
+# ---------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -524,37 +499,131 @@ class Window:
     positions: torch.Tensor  # (Q,) shared by every row, or (B, Q) padded with the trash slot L
     logits_range: tuple[int, int]  # [a, b): the query indices whose logits the step reads
     full: bool
-    refresh: Refresh | None = None  # dLLM-Cache: what each row's layers recompute (dllm_refresh)
+    refresh: Refresh | None = None  # dLLM-Cache: what each row's layers recompute
 
 
-def query_window(state: DecodeState, config: DecodeConfig) -> Window:
-    """The cache policy: which canvas positions this step's forward computes.
+def model_forward(model, tokens, window: Window, cache, key_mask) -> torch.Tensor:
+    """Run the model on the query tokens (rows, Q) at the window's positions; logits of the
+    window's logits range, (rows, K, V). The queries' K/V go into the cache (if any) and
+    attention reads the rest from it."""
+    return model(tokens, positions=window.positions, cache=cache, attention_mask=key_mask,
+                 logits_range=window.logits_range)
 
-    - 'none': always the whole canvas (vanilla LLaDA); so does 'dllm', whose forward chooses
-      per layer which of those tokens it really recomputes (`dllm_refresh`, `dllm_forward`).
-    - 'prefix': the whole canvas at the block's first step (refreshing every cached position),
-      then the block plus everything after it; the prefix is read from the cache.
-    - 'dual': the whole canvas at the first step, then the block alone; prefix and suffix are
-      read from the cache (stale), the block's fresh K/V are written over its cached ones.
-    With refresh_interval n > 0, every n-th step of the block is a full refresh as well.
-    Sizes come from the block bounds on the host: no wait for the device.
+
+@register(CACHE_POLICIES, "none")
+class NoCache:
+    """Vanilla LLaDA: every step is a full forward over the whole canvas.
+
+    A policy answers four questions: the buffers a request needs (`new_cache`), what a step's
+    forward computes (`window`), how it runs (`forward`), and how many forwards a block may take
+    (`budget`). `lookback` is the model's logit shift: a shifted model (Dream) predicts position i
+    from the row before it, so a window that does not start at 0 starts that many rows earlier.
     """
-    L, device = state.L, state.slots.device
-    starts, ends = state.bounds
-    step, n = state.step, config.refresh_interval
-    if config.cache in ("none", "dllm") or step == 0 or (n and step % n == 0):
-        lo = state.P if config.quirks.masks_behind(config) else min(starts)  # where commits may land
-        refresh = dllm_refresh(state, config) if config.cache == "dllm" else None
-        return Window(torch.arange(L, device=device), (lo, max(ends)), True, refresh)
-    stops = [L] * len(ends) if config.cache == "prefix" else ends
-    logits_range = (0, max(e - s for s, e in zip(starts, ends)))
-    if len(set(starts)) == 1 and len(set(stops)) == 1:  # the common case: one window for the batch
-        return Window(torch.arange(starts[0], stops[0], device=device), logits_range, False)
-    # Rows with blocks of their own: each row's window, padded to the longest with the trash slot.
-    Q = max(e - s for s, e in zip(starts, stops))
-    pos = state.start[:, None] + torch.arange(Q, device=device)  # (B, Q)
-    stop = torch.tensor(stops, device=device)[:, None]  # (B, 1)
-    return Window(torch.where(pos < stop, pos, L), logits_range, False)
+
+    every_step = {}  # the settings under which a policy recomputes everything at every step (= no cache)
+
+    def __init__(self, config: DecodeConfig, lookback: int = 0):
+        self.config, self.lookback = config, lookback
+
+    def new_cache(self, model, batch: int, L: int):
+        return None
+
+    def budget(self) -> tuple[int, float]:
+        """(fewest, most) forwards a block may take; it ends early only when it has no masks."""
+        return 0, math.inf
+
+    def window(self, state: DecodeState) -> Window:
+        return self.full_window(state)
+
+    def full_window(self, state: DecodeState) -> Window:
+        """The whole canvas, with logits from the earliest block start to the latest block end."""
+        starts, ends = state.bounds
+        return Window(torch.arange(state.L, device=state.slots.device), (min(starts), max(ends)), True)
+
+    def commit_from(self, state: DecodeState, window: Window) -> torch.Tensor:
+        """(B,) the first position a commit may land on: the block's start."""
+        return state.start
+
+    def forward(self, model, tokens, window: Window, cache, key_mask) -> torch.Tensor:
+        return model_forward(model, tokens, window, cache, key_mask)
+
+
+@register(CACHE_POLICIES, "prefix")
+class PrefixCache(NoCache):
+    """Fast-dLLM's prefix cache: a full forward at the block's first step (refreshing every
+    cached position), then the block plus everything after it; the prefix is read from the cache.
+    With refresh_interval n > 0, every n-th step of a block is a full refresh as well."""
+
+    every_step = {"refresh_interval": 1}
+
+    def new_cache(self, model, batch: int, L: int):
+        rows = 2 * batch if self.config.cfg_scale > 0 else batch  # guidance's copies have rows of their own
+        return KVCache.for_model(model.config, batch=rows, capacity=L, device=model.device, dtype=model.dtype)
+
+    def window(self, state: DecodeState) -> Window:
+        n = self.config.refresh_interval
+        if state.step == 0 or (n and state.step % n == 0):
+            return self.full_window(state)
+        return self.block_window(state, self.stops(state))
+
+    def stops(self, state: DecodeState) -> list[int]:
+        """Where each row's window ends: the canvas end (the block and everything after it)."""
+        return [state.L] * len(state.bounds[0])
+
+    def block_window(self, state: DecodeState, stops: list[int]) -> Window:
+        """Each row's positions [start - lookback, stop), logits for its block. Sizes come from
+        the host's block bounds: no wait for the device."""
+        starts, ends, back = *state.bounds, self.lookback
+        logits_range = (back, back + max(e - s for s, e in zip(starts, ends)))
+        if len(set(starts)) == 1 and len(set(stops)) == 1:  # the common case: one window for the batch
+            return Window(torch.arange(starts[0] - back, stops[0], device=state.slots.device), logits_range, False)
+        # Rows with blocks of their own: each row's window, padded to the longest with the trash slot.
+        Q = max(e - s for s, e in zip(starts, stops)) + back
+        pos = state.start[:, None] - back + torch.arange(Q, device=state.slots.device)  # (B, Q)
+        stop = torch.tensor(stops, device=state.slots.device)[:, None]  # (B, 1)
+        return Window(torch.where(pos < stop, pos, state.L), logits_range, False)
+
+
+@register(CACHE_POLICIES, "dual")
+class DualCache(PrefixCache):
+    """Fast-dLLM's DualCache: a full forward at the block's first step, then the block alone;
+    prefix and suffix are read from the cache (stale), the block's fresh K/V overwrite its own."""
+
+    def stops(self, state: DecodeState) -> list[int]:
+        """Where each row's window ends: its block's end."""
+        return state.bounds[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The decoding loop
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Pieces:
+    """One decoding method, assembled from the registries by the config's names: the seams a new
+    method plugs into. The originals' quirks swap whole pieces (`with_quirks`, near the end)."""
+
+    sample: Callable  # (logits, config, noise) -> (B, K) proposals
+    step_noise: Callable  # (config, generator, window, logits) -> Noise
+    confidence: Callable  # (proposals, noise) -> (B, K), from CONFIDENCES
+    rule: Callable  # (proposals, config, k) -> (B, K) bool, from COMMIT_RULES
+    blocks: object  # a block rule, from BLOCK_RULES
+    cache: NoCache  # a cache policy, from CACHE_POLICIES
+    forward: Callable  # (model, tokens, window, cache, key_mask) -> (rows, K, V)
+    hidden: tuple[int, ...]  # the ids confidence_eos_eot_inf takes out of the confidence
+
+    @classmethod
+    def for_config(cls, config: DecodeConfig, lookback: int = 0) -> "Pieces":
+        """The registered pieces the config names; lookback: the model's logit shift."""
+        cache = lookup(CACHE_POLICIES, "cache", config.cache)(config, lookback)
+        pieces = cls(sample=sample, step_noise=step_noise,
+                     confidence=lookup(CONFIDENCES, "remasking", config.remasking),
+                     rule=lookup(COMMIT_RULES, "commit rule", config.rule),
+                     blocks=lookup(BLOCK_RULES, "block rule", config.block_rule)(config),
+                     cache=cache, forward=cache.forward,
+                     hidden=tuple(i for i in (config.eos_id, config.eot_id) if i is not None))
+        return with_quirks(pieces, config)
 
 
 def query_tokens(state: DecodeState, config: DecodeConfig, positions: torch.Tensor):
@@ -578,14 +647,6 @@ def guided(logits: torch.Tensor, config: DecodeConfig) -> torch.Tensor:
     return uncond + (config.cfg_scale + 1) * (cond - uncond)
 
 
-def model_forward(model, tokens, window: Window, cache, key_mask) -> torch.Tensor:
-    """Run the model on the query tokens (rows, Q) at the window's positions; logits of the
-    window's logits range, (rows, K, V). The queries' K/V go into the cache (if any) and
-    attention reads the rest from it."""
-    return model(tokens, positions=window.positions, cache=cache, attention_mask=key_mask,
-                 logits_range=window.logits_range)
-
-
 def fill_after_eos(gen: torch.Tensor, eos_id: int, mask_id: int) -> torch.Tensor:
     """Rows of generated tokens (B, G) whose first EOS has nothing masked before it are finished:
     every position after that EOS becomes EOS (in place). Returns which rows are finished, (B,)."""
@@ -598,47 +659,78 @@ def fill_after_eos(gen: torch.Tensor, eos_id: int, mask_id: int) -> torch.Tensor
     return done
 
 
-# ---------------------------------------------------------------------------------------------
-# The decoding loop (vanilla LLaDA, Fast-dLLM caches and parallel commit rules)
-# ---------------------------------------------------------------------------------------------
-
-
-def decode_step(model, state: DecodeState, config: DecodeConfig, generator, rule, forward=model_forward):
-    """One denoising step: run the model over the query window, propose, commit."""
-    # 1) Pick the query window by cache policy and run the model over it.
-    window = query_window(state, config)
+def decode_step(model, state: DecodeState, config: DecodeConfig, generator, pieces: Pieces) -> None:
+    """One denoising step: run the model over the query window, propose, commit, then wait for
+    the device once."""
+    B = state.slots.shape[0]
+    # 1) The cache policy picks the query window; the model runs over it.
+    window = pieces.cache.window(state)
     tokens, positions = query_tokens(state, config, window.positions)  # (rows, Q)
-    logits = forward(model, tokens, replace(window, positions=positions), state.cache, state.key_mask)
+    logits = pieces.forward(model, tokens, replace(window, positions=positions), state.cache, state.key_mask)
     logits = guided(logits, config)  # (B, K, V)
-    state.nfe += 1
-    state.query_tokens += window.positions.shape[-1]
-    state.window = window
-    state.finite = torch.isfinite(logits).all()  # checked by block_done, with the masks left
-    # 2) Propose a token and a confidence for every masked position of each row's block.
+    state.nfe, state.query_tokens, state.window = state.nfe + 1, state.query_tokens + window.positions.shape[-1], window
+    # 2) Propose a token for every position whose logits we have; at a block's first step the
+    #    block rule may now fix where the block ends.
     a, b = window.logits_range
-    block_pos = window.positions[..., a:b].expand(state.slots.shape[0], -1)  # (B, K) canvas positions
-    noise = draw_noise(config, generator, (state.slots.shape[0], window.positions.shape[-1], logits.shape[-1]),
-                       window.logits_range, logits.device, draws=config.quirks.noise_draws(config, window.full))
+    block_pos = window.positions[..., a:b].expand(B, -1)  # (B, K) canvas positions
+    noise = pieces.step_noise(config, generator, window, logits)
+    proposed = pieces.sample(logits, config, noise)  # (B, K)
     if state.step == 0:
-        rule.adapt(state, logits, block_pos, noise)  # the block rule may now fix where the block ends
-    lo = torch.full_like(state.start, state.P) if window.full and config.quirks.masks_behind(config) else state.start
+        pieces.blocks.adapt(state, logits, block_pos, proposed)
+    # 3) Their confidence, and the commit rule's choice: masked positions of each row's block only.
+    lo = pieces.cache.commit_from(state, window)  # (B,)
     in_block = (block_pos >= lo[:, None]) & (block_pos < state.end[:, None])  # (B, K); trash is never inside
     eligible = in_block & (state.slots.gather(1, block_pos) == config.mask_id)  # (B, K)
-    x0, conf = propose(logits, eligible, config, noise)
-    # 3) Choose which proposals to commit: a fixed count (LLaDA's schedule), a threshold or a
-    #    factor bound, by the config's one rule.
-    k = transfer_count(state.to_commit, config.steps_per_block, state.step)  # (B,)
-    commit = commit_rule(conf, config, k)  # (B, K)
+    proposals = propose(logits, eligible, config, noise, tokens=proposed, pieces=pieces)
+    k = transfer_count(state.to_commit, config.steps_per_block, state.step)  # (B,) the top-k schedule's count
+    commit = pieces.rule(proposals, config, k)  # (B, K)
     # 4) Commit: write the chosen proposals at their canvas positions (the rest go to the trash
     #    slot); committed tokens are final.
-    state.slots.scatter_(1, torch.where(commit, block_pos, state.L), x0)
-    state.committed = commit.any()  # checked by block_done
+    state.slots.scatter_(1, torch.where(commit, block_pos, state.L), proposed)
     if config.stop_at_eos:
         # A finished row's blocks end at the canvas end: from the next block on, its windows are trash.
         done = fill_after_eos(state.canvas[:, state.P:], config.eos_id, config.mask_id)  # (B,)
         state.start = torch.where(done, state.L, state.start)
         state.end = torch.where(done, state.L, state.end)
     state.step += 1
+    wait_for_step(state, config, pieces, torch.isfinite(logits).all(), commit.any())
+
+
+def wait_for_step(state: DecodeState, config: DecodeConfig, pieces: Pieces, finite, committed) -> None:
+    """The one place a step waits for the device: in one transfer, whether the logits were finite
+    (finite, a () bool), whether the step committed anything (committed) and which rows still have
+    masks in their block (state.busy). Non-finite logits, or a rule that committed nothing, would
+    decode garbage or loop forever: both are errors here."""
+    masked = masked_in_block(state, config.mask_id).any(1)  # (B,) bool
+    finite, committed, *state.busy = torch.cat([torch.stack([finite, committed]), masked]).tolist()
+    if not finite:
+        raise FloatingPointError(
+            f"non-finite logits at step {state.step - 1} of the block starting at position {min(state.bounds[0])} "
+            f"(forward {state.nfe}): the model overflowed its float type (a float16 model, a huge cfg_scale: "
+            f"{config.cfg_scale}), or its weights or config (e.g. rms_norm_eps) are bad")
+    if not committed and any(state.busy) and pieces.cache.budget()[1] == math.inf:  # a new rule's usual bug
+        raise RuntimeError(f"the commit rule {config.rule!r} committed nothing at step {state.step - 1} while "
+                           f"masks remain in the block: it would never finish (a rule must commit at least one)")
+
+
+def block_done(state: DecodeState, budget: tuple[int, float]) -> bool:
+    """Whether the block is finished: no row has a mask left in it (as of the last wait), within
+    the cache policy's forward budget (fewest, most)."""
+    least, most = budget
+    return state.step >= most or (state.step >= least and not any(state.busy))
+
+
+def decode_blocks(model, state: DecodeState, config: DecodeConfig, generator, pieces: Pieces, on_step=None):
+    """Blocks left to right; within a block, steps until no row has a mask in it. Returns the
+    forwards each block took."""
+    nfe_per_block = []
+    while next_block(state, pieces.blocks, config):
+        while not block_done(state, pieces.cache.budget()):
+            decode_step(model, state, config, generator, pieces)
+            if on_step is not None:
+                on_step(state)
+        nfe_per_block.append(state.step)
+    return nfe_per_block
 
 
 @torch.no_grad()
@@ -651,20 +743,13 @@ def generate(model, prompt_ids: torch.Tensor, config: DecodeConfig, generator: t
     attention_mask: (B, P), 1 for real tokens, 0 for left padding (the original has no such mask).
     on_step: optional callback(state) after every step, e.g. to show the denoising live.
     """
-    check_inputs(model, prompt_ids, config, attention_mask)
-    state = setup(model, prompt_ids, config, attention_mask)
-    forward = dllm_forward if config.cache == "dllm" else model_forward
-    forward = measuring_drift(forward, state, config) if config.measure_drift else forward
-    rule = AdaBlock(config) if config.delimiter_ids is not None else FixedBlocks(config)
-    nfe_per_block = []
-    # Blocks left to right; within a block, steps until no row has a mask in it.
-    while next_block(state, rule, config):
-        while not block_done(state, config):
-            decode_step(model, state, config, generator, rule, forward)
-            if on_step is not None:
-                on_step(state)
-        nfe_per_block.append(state.step)
-
+    config = replace(config)  # checked again: a field may have been changed since it was built
+    check_inputs(model, prompt_ids, config, attention_mask, generator)
+    pieces = Pieces.for_config(config, lookback=getattr(model, "logit_shift", 0))
+    state = setup(model, prompt_ids, config, attention_mask, pieces)
+    if config.measure_drift:
+        pieces = replace(pieces, forward=measuring_drift(pieces.forward, state, config))
+    nfe_per_block = decode_blocks(model, state, config, generator, pieces, on_step)
     masks_left = int((state.canvas[:, state.P:] == config.mask_id).sum())
     if masks_left:
         warnings.warn(f"{masks_left} masks left in the output: the DualCache step cap (quirks) allows "
@@ -689,7 +774,7 @@ class Refresh:
     response: torch.Tensor  # (rows,) bool: recompute the whole response (every K_r-th step)
     verify: torch.Tensor  # (rows,) bool: otherwise V-verify: refresh values, recompute n_verify tokens
     n_verify: int  # tokens V-verify recomputes per row, int(rho * G)
-    first_layer: torch.Tensor | None = None  # (rows,) bool: rows whose layer 0 refreshes everything (quirk)
+    first_layer: torch.Tensor | None = None  # (rows,) bool: rows whose layer 0 refreshes everything
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(prompt, response, verify) for layer i."""
@@ -698,33 +783,61 @@ class Refresh:
         return self.prompt, self.response, self.verify
 
 
-def dllm_refresh(state: DecodeState, config: DecodeConfig) -> Refresh:
-    """The refresh schedule, per row: a row's step counter t counts its own forwards from 1; the
-    prompt refreshes when (t - 1) % K_p == 0, the response when (t - 1) % K_r == 0; otherwise
-    V-verify recomputes int(rho * G) response tokens. Rows with nothing left to commit in their
-    block (waiting for the batch) recompute nothing."""
-    cache, n_layers = state.cache, state.cache.n_layers
-    busy = torch.tensor(config.quirks.dllm_busy(state.busy))  # (B,) on the host
-    cache.steps += busy.long()  # this forward is step t of each busy row
-    t = cache.steps
-    n_verify = int(config.transfer_ratio * config.gen_length)
-    prompt = busy & ((t - 1) % config.prompt_interval_steps == 0)  # (B,)
-    response = busy & ((t - 1) % config.gen_interval_steps == 0)  # (B,)
-    verify = busy & ~response & (n_verify > 0)  # (B,)
-    first = busy if config.quirks.dllm_layer0_refresh else None
-    # What the plan recomputes, in token-layer rows (the rows' sum), for the method's own report.
-    P, G = state.P, state.L - state.P
-    later = n_layers - 1 if first is not None else n_layers  # layers that follow the schedule
-    done = state.extras.setdefault("recomputed_rows", {"prompt": 0, "response": 0})
-    done["prompt"] += P * (later * int(prompt.sum()) + (int(first.sum()) if first is not None else 0))
-    done["response"] += (later * (G * int(response.sum()) + n_verify * int(verify.sum()))
-                         + (G * int(first.sum()) if first is not None else 0))
-    state.extras["recomputed_fraction"] = (done["prompt"] + done["response"]) / max(1, int(t.sum()) * n_layers * state.L)
-    rows = 2 if config.cfg_scale > 0 else 1  # classifier-free guidance's copies follow their rows
-    device = state.slots.device
-    return Refresh(P=P, prompt=prompt.repeat(rows).to(device), response=response.repeat(rows).to(device),
-                   verify=verify.repeat(rows).to(device), n_verify=n_verify,
-                   first_layer=None if first is None else first.repeat(rows).to(device))
+@register(CACHE_POLICIES, "dllm")
+class DLLMCache(NoCache):
+    """dLLM-Cache (Liu et al., "dLLM-Cache: Accelerating Diffusion Large Language Models with
+    Adaptive Caching", arXiv 2506.06295). Every step is a full window, but each layer recomputes
+    only what the step's refresh plan asks (`dllm_forward`). Each row counts its own steps t from
+    1: the prompt refreshes when (t - 1) % K_p == 0, the response when (t - 1) % K_r == 0;
+    otherwise V-verify recomputes int(rho * G) response tokens."""
+
+    every_step = {"prompt_interval_steps": 1, "gen_interval_steps": 1}
+
+    def new_cache(self, model, batch: int, L: int):
+        rows = 2 * batch if self.config.cfg_scale > 0 else batch
+        self.steps = torch.zeros(batch, dtype=torch.long)  # (B,) on the host: each row's forwards so far
+        return FeatureCache.for_model(model.config, batch=rows, capacity=L, device=model.device, dtype=model.dtype)
+
+    def window(self, state: DecodeState) -> Window:
+        return replace(self.full_window(state), refresh=self.plan(state))
+
+    def counting(self, busy: list[bool]) -> torch.Tensor:
+        """Which rows this forward is a step of: those with masks in their block, (B,) bool."""
+        return torch.tensor(busy)
+
+    def first_layer(self, counted: torch.Tensor) -> torch.Tensor | None:
+        """Rows whose layer 0 refreshes everything at this step: none (the paper's schedule)."""
+        return None
+
+    def plan(self, state: DecodeState) -> Refresh:
+        """This forward's refresh plan, per row; rows waiting for the batch recompute nothing."""
+        config = self.config
+        counted = self.counting(state.busy)  # (B,) on the host
+        self.steps += counted.long()  # this forward is step t of each counted row
+        t = self.steps
+        n_verify = int(config.transfer_ratio * config.gen_length)
+        prompt = counted & ((t - 1) % config.prompt_interval_steps == 0)  # (B,)
+        response = counted & ((t - 1) % config.gen_interval_steps == 0)  # (B,)
+        verify = counted & ~response & (n_verify > 0)  # (B,)
+        first = self.first_layer(counted)
+        self.record(state, prompt, response, verify, first, n_verify)
+        copies, device = 2 if config.cfg_scale > 0 else 1, state.slots.device  # guidance's copies follow their rows
+        rows = [None if r is None else r.repeat(copies).to(device) for r in (prompt, response, verify, first)]
+        return Refresh(state.P, *rows[:3], n_verify=n_verify, first_layer=rows[3])
+
+    def record(self, state: DecodeState, prompt, response, verify, first, n_verify: int) -> None:
+        """What the plan recomputes, in token-layer rows summed over rows, for the method's report
+        (extras 'recomputed_rows' and 'recomputed_fraction')."""
+        P, G, N = state.P, state.L - state.P, state.cache.n_layers
+        later = N - 1 if first is not None else N  # layers that follow the schedule
+        whole = int(first.sum()) if first is not None else 0
+        done = state.extras.setdefault("recomputed_rows", {"prompt": 0, "response": 0})
+        done["prompt"] += P * (later * int(prompt.sum()) + whole)
+        done["response"] += later * (G * int(response.sum()) + n_verify * int(verify.sum())) + G * whole
+        state.extras["recomputed_fraction"] = (done["prompt"] + done["response"]) / max(1, int(self.steps.sum()) * N * state.L)
+
+    def forward(self, model, tokens, window: Window, cache, key_mask) -> torch.Tensor:
+        return dllm_forward(model, tokens, window, cache, key_mask)
 
 
 def least_similar(similarity: torch.Tensor, n: int) -> torch.Tensor:
@@ -734,76 +847,76 @@ def least_similar(similarity: torch.Tensor, n: int) -> torch.Tensor:
     return torch.topk(similarity, k=n, dim=-1, largest=False).indices
 
 
+def v_verify(block, cache: FeatureCache, x, plan: Refresh, verify):
+    """V-verify: fresh values of every response token, compared with the cached ones. Returns the
+    n_verify least similar tokens as a part to recompute (normed inputs (rows, n, C), canvas
+    positions (rows, n), rows) and every response token's fresh values (rows, Hkv, G, D)."""
+    layer, P, L = block.layer_idx, plan.P, x.shape[1]
+    h = block.attn_norm(x[:, P:])  # (rows, G, C)
+    v_new = block.v_proj(h)  # (rows, G, Hkv*D)
+    similarity = F.cosine_similarity(v_new, cache.values(layer, P, L), dim=-1)  # (rows, G)
+    chosen = least_similar(similarity, plan.n_verify)  # (rows, n) response indices
+    picked = h.gather(1, chosen[..., None].expand(-1, -1, h.shape[-1]))  # (rows, n, C)
+    return (picked, chosen + P, verify), block.heads(v_new, block.n_kv_heads)
+
+
+def write_kv(block, cache: FeatureCache, rope, h_normed, positions, keep):
+    """Queries, keys and values of normed tokens (rows, n, C) at canvas positions (rows, n); the
+    keys and values go into the cache, rows not in `keep` (rows,) writing to the trash slot.
+    Returns the queries (rows, H, n, D) and where they sit (rows, n)."""
+    c, s = (t.gather(2, positions[:, None, :, None].expand(-1, 1, -1, t.shape[-1])) for t in rope)
+    q, k, v = block.project(h_normed, c, s)
+    if keep is not None and not bool(keep.all()):
+        positions = torch.where(keep[:, None], positions, cache.trash)  # (rows, n)
+    cache.update(block.layer_idx, k, v, positions)
+    return q, positions
+
+
 def dllm_layer(block, cache: FeatureCache, x, rope, key_mask, plan: Refresh):
     """One transformer block under dLLM-Cache: x (rows, L, C) is the block's input for the whole
     canvas (prompt [0, P), response [P, L)); the output is x + attention + MLP for every position,
     fresh for the tokens a row recomputes here and read from the cache for the rest. rope is the
     canvas's (cos, sin) tables.
 
-    Per row, as the plan says for this layer (prompt, response, verify are (rows,) bools):
-    - the prompt, when it refreshes: queries, keys and values, attention and MLP;
-    - the whole response, when it refreshes: the same;
-    - with verify (V-verify): fresh values for every response token, and the n_verify tokens
-      whose values moved most (lowest cosine with the cached values) get queries, keys,
-      attention and MLP. All response values are replaced, only those tokens' keys.
-    Rows are batched: a part any row needs is computed for all, and a row that does not need it
-    writes it to the cache's trash slot. The recomputed tokens' queries attend, in one call, over
+    Per row, as the plan says for this layer (prompt, response, verify are (rows,) bools): the
+    prompt and the whole response, when they refresh, get queries, keys, values, attention and
+    MLP; with V-verify every response value is refreshed and the n_verify tokens whose values
+    moved most get the rest. A part any row needs is computed for all; a row that does not need
+    it writes to the cache's trash slot. The recomputed tokens' queries attend, in one call, over
     the keys/values as the cache holds them after this layer's writes (fresh or stale).
     """
-    layer, L, P, n_verify = block.layer_idx, x.shape[1], plan.P, plan.n_verify
+    layer, L, P = block.layer_idx, x.shape[1], plan.P
     prompt, response, verify = plan.layer(layer)
-    rows, device, trash = x.shape[0], x.device, cache.trash
-    queries, where = [], []  # fresh queries (rows, H, n, D) and their canvas positions (rows, n)
-
-    def recompute(h_normed, positions, keep):  # q/k/v of normed tokens at canvas positions (rows, n)
-        c, s = (t.gather(2, positions[:, None, :, None].expand(-1, 1, -1, t.shape[-1])) for t in rope)
-        q, k, v = block.project(h_normed, c, s)
-        if keep is not None and not bool(keep.all()):  # rows that skip this part write to the trash
-            positions = torch.where(keep[:, None], positions, trash)  # (rows, n)
-        cache.update(layer, k, v, positions)
-        queries.append(q)
-        where.append(positions)
-
-    def span(a, b):  # canvas positions [a, b) for every row, (rows, b - a)
-        return torch.arange(a, b, device=device).expand(rows, -1)
-
+    span = lambda a, b: torch.arange(a, b, device=x.device).expand(x.shape[0], -1)  # noqa: E731 (rows, b - a)
+    fresh_values = None
     if bool(prompt.all() and response.all()):
-        recompute(block.attn_norm(x), span(0, L), None)  # every row, every token: an ordinary layer
+        parts = [(block.attn_norm(x), span(0, L), None)]  # every row, every token: an ordinary layer
     else:
-        if prompt.any():
-            recompute(block.attn_norm(x[:, :P]), span(0, P), prompt)
-        if response.any():
-            recompute(block.attn_norm(x[:, P:]), span(P, L), response)
+        parts = [(block.attn_norm(x[:, :P]), span(0, P), prompt)] if prompt.any() else []
+        parts += [(block.attn_norm(x[:, P:]), span(P, L), response)] if response.any() else []
         if verify.any():
-            # V-verify: fresh values of every response token, compared with the cached ones.
-            h = block.attn_norm(x[:, P:])  # (rows, G, C)
-            v_new = block.v_proj(h)  # (rows, G, Hkv*D)
-            similarity = F.cosine_similarity(v_new, cache.values(layer, P, L), dim=-1)  # (rows, G)
-            chosen = least_similar(similarity, n_verify)  # (rows, n) response indices
-            picked = h.gather(1, chosen[..., None].expand(-1, -1, h.shape[-1]))  # (rows, n, C)
-            recompute(picked, chosen + P, verify)  # the chosen tokens get fresh queries and keys
-            fresh = block.heads(v_new, block.n_kv_heads)  # (rows, Hkv, G, D): every token's fresh values
-            if not bool(verify.all()):
-                fresh = torch.where(verify[:, None, None, None], fresh, cache.v[layer, :, :, P:L])
-            cache.v[layer, :, :, P:L] = fresh
+            part, fresh_values = v_verify(block, cache, x, plan, verify)
+            parts.append(part)
+    written = [write_kv(block, cache, rope, *part) for part in parts]
+    if fresh_values is not None:  # V-verify replaces every response value of its rows
+        cache.v[layer, :, :, P:L] = torch.where(verify[:, None, None, None], fresh_values, cache.v[layer, :, :, P:L])
     attn_out, mlp_out = cache.attn[layer], cache.mlp[layer]  # (rows, L + 1, C): read, updated in place
-    if queries:
+    if written:
         # One attention call for every recomputed token, over all keys/values (prompt + response).
-        positions = torch.cat(where, dim=1)  # (rows, R); the trash slot where a row skipped a part
+        positions = torch.cat([where for _, where in written], dim=1)  # (rows, R); trash where a row skipped
         k, v = cache.k[layer, :, :, :L], cache.v[layer, :, :, :L]  # (rows, Hkv, L, D)
-        a = block.attend(torch.cat(queries, dim=2), k, v, key_mask)  # (rows, R, C)
+        a = block.attend(torch.cat([q for q, _ in written], dim=2), k, v, key_mask)  # (rows, R, C)
         attn_out.scatter_(1, positions[..., None].expand_as(a), a)
     h = x + attn_out[:, :L]  # (rows, L, C): the residual stream stays fresh; attention fresh or reused
-    if queries:
+    if written:
         index = positions[..., None].expand(-1, -1, h.shape[-1])  # (rows, R, C)
         mlp_out.scatter_(1, index, block.mlp(block.ff_norm(h.gather(1, index.clamp(max=L - 1)))))
     return h + mlp_out[:, :L]
 
 
 def dllm_forward(model, tokens, window: Window, cache: FeatureCache, key_mask) -> torch.Tensor:
-    """dLLM-Cache (Liu et al., "dLLM-Cache: Accelerating Diffusion Large Language Models with
-    Adaptive Caching", arXiv 2506.06295): the whole canvas goes in, but each layer recomputes
-    only what the window's refresh plan asks (dllm_layer); logits of the logits range."""
+    """The whole canvas goes in, but each layer recomputes only what the window's refresh plan
+    asks (dllm_layer); logits of the logits range, (rows, K, V)."""
     cos, sin, key_mask = model.rope_and_mask(window.positions, key_mask, tokens.shape[0])
     x = model.embed(tokens)  # (rows, L, C)
     for block in model.blocks:
@@ -817,18 +930,18 @@ def dllm_forward(model, tokens, window: Window, cache: FeatureCache, key_mask) -
 # ---------------------------------------------------------------------------------------------
 
 
+@register(BLOCK_RULES, "adablock")
 class AdaBlock:
     """AdaBlock-dLLM (Lu et al., "AdaBlock-dLLM: Semantic-Aware Diffusion LLM Inference via
     Adaptive Block Size", arXiv 2509.26432): a block ends where a line of reasoning does.
 
     The block's first forward (a full one: it also refreshes any cache) predicts every position
     of a look-ahead window, the next min(window_fraction * G, remaining) positions. Among those
-    whose prediction (the argmax; a sample at temperature > 0, as the step's proposals) is a
-    delimiter, take the most confident (the first on ties); if its probability reaches
-    delimiter_threshold the block ends on it, inclusive, else the block has the default length
-    min(block_length, remaining). No other clamp: a block may be one token long, or longer than
-    block_length. Rows choose their own ends; the batch waits for its slowest row's block (see
-    query_window for how rows with different blocks share a forward).
+    whose proposal (the argmax; a sample at temperature > 0) is a delimiter, take the most
+    confident (the first on ties); if its probability reaches delimiter_threshold the block ends
+    on it, inclusive, else the block has the default length min(block_length, remaining). No
+    other clamp: a block may be one token long, or longer than block_length. Rows choose their
+    own ends; the batch waits for its slowest row's block.
     """
 
     def __init__(self, config: DecodeConfig):
@@ -842,17 +955,15 @@ class AdaBlock:
         # Provisional: the first forward's logits must cover the block and the look-ahead window.
         return (state.start + max(self.block_length, self.window)).clamp(max=state.L)
 
-    def adapt(self, state: DecodeState, logits: torch.Tensor, positions: torch.Tensor, noise: Noise) -> None:
+    def adapt(self, state: DecodeState, logits: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor):
         remaining = state.L - state.start  # (B,)
         window = remaining.clamp(max=self.window)  # (B,)
         offset = positions - state.start[:, None]  # (B, K) distance from each row's block start
         in_window = (offset >= 0) & (offset < window[:, None])  # (B, K)
-        # 1) The most confident delimiter prediction of each row's window. The predictions are the
-        #    step's proposals (samples at temperature > 0, with the step's noise, as the original
-        #    does), their confidence the plain softmax probability of the predicted token.
-        pred = sample(logits, self.config, noise)  # (B, K)
-        p = F.softmax(logits.to(torch.float64), dim=-1).gather(-1, pred[..., None]).squeeze(-1)  # (B, K)
-        is_delim = in_window & torch.isin(pred, self.delimiters.to(pred.device))  # (B, K)
+        # 1) The most confident delimiter proposal of each row's window, by the plain softmax
+        #    probability of the proposed token.
+        p = F.softmax(logits.to(torch.float64), dim=-1).gather(-1, tokens[..., None]).squeeze(-1)  # (B, K)
+        is_delim = in_window & torch.isin(tokens, self.delimiters.to(tokens.device))  # (B, K)
         score = torch.where(is_delim, p, torch.full_like(p, -1.0))  # (B, K)
         best = score.argmax(dim=1)  # (B,) the first index among equal maxima
         best_p = score.gather(1, best[:, None]).squeeze(1)  # (B,)
@@ -871,7 +982,7 @@ class AdaBlock:
 
 
 # ---------------------------------------------------------------------------------------------
-# Measuring the cache's approximation
+# Measuring the cache's approximation (a wrapper around the forward; the loop does not know it)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -904,16 +1015,18 @@ def measuring_drift(forward, state: DecodeState, config: DecodeConfig):
 class Quirks:
     """The original implementations' deviations from their papers, each reproduced behind one
     flag so that parity with their code stays exact. All off by default (the papers' rules);
-    `DecodeConfig(quirks=True)` and `BlockBatchConfig(quirks=True)` turn on every one. The loop
-    asks the methods below; dLLM-Cache's layer reads dllm_layer0_refresh, and blockbatch.py reads
-    the blockbatch_* flags in its quirk functions (at its end) and in `result`."""
+    `DecodeConfig(quirks=True)` and `BlockBatchConfig(quirks=True)` turn on every one. Nothing in
+    the loop or the methods reads them: `with_quirks` below swaps whole pieces, and blockbatch.py
+    does the same for its flags in its last section."""
 
     # Fast-dLLM (NVlabs/Fast-dLLM)
     factor_off_by_one: bool = False  # factor rule: when only the last rank fails its bound, all commit
     dual_cache_step_cap: bool = False  # DualCache: at most steps / num_blocks forwards per block (masks
     #   can remain; a later full forward makes them eligible again)
     prefix_cache_noise_twice: bool = False  # prefix cache: Gumbel noise is drawn twice per cached step
-    # LLaDA (ML-GSAI/LLaDA)
+    # LLaDA (ML-GSAI/LLaDA) and every sampler built on its code
+    noise_over_queries: bool = False  # random numbers are drawn for every query position x vocabulary
+    #   of the forward, not only for the positions the step reads
     gumbel_exp_form: bool = False  # samples argmax(exp(logits) / g^T) in float64: the same law, other rounding
     eos_eot_aliasing: bool = False  # confidence_eos_eot_inf also hides EOS only at temperature 0 (the two
     #   -inf writes alias one tensor there, two at T > 0)
@@ -933,48 +1046,232 @@ class Quirks:
         """Every quirk on: the original code's behaviour."""
         return cls(**{f.name: True for f in fields(cls)})
 
-    # -- What the loop asks (decode.py) ---------------------------------------------------------
 
-    def forward_budget(self, config: DecodeConfig) -> tuple[int, float]:
-        """(fewest, most) forwards a block may take; a block stops early only when it has no masks."""
-        if self.dllm_fixed_steps and config.cache == "dllm" and config.rule == "topk":
-            return config.steps_per_block, config.steps_per_block
-        if self.dual_cache_step_cap and config.cache == "dual" and config.delimiter_ids is None:
-            return 0, config.steps_per_block  # (AdaBlock's own DualCache loop has no cap)
-        return 0, math.inf
+def with_quirks(pieces: Pieces, config: DecodeConfig) -> Pieces:
+    """The pieces with the config's quirks swapped in, each where its original applies."""
+    q, swap = config.quirks, {}
+    if q.gumbel_exp_form:
+        swap["sample"] = functools.partial(sample, scores=exp_form_scores)
+    if q.noise_over_queries:
+        swap["step_noise"] = noise_over_queries
+    if q.prefix_cache_noise_twice and config.cache == "prefix" and config.delimiter_ids is None:
+        swap["step_noise"] = noise_twice_on_cached_steps  # (AdaBlock's prefix loop draws once)
+    if q.eos_eot_aliasing and config.temperature > 0:
+        swap["hidden"] = tuple(i for i in (config.eot_id,) if i is not None)
+    if q.factor_off_by_one and config.rule == "factor":
+        swap["rule"] = factor_rule_off_by_one
+    mixins = [mixin for wanted, mixin in (
+        (q.dual_cache_step_cap and config.cache == "dual" and config.delimiter_ids is None, StepCap),
+        (q.dllm_fixed_steps and config.cache == "dllm" and config.rule == "topk", FixedSteps),
+        (q.dllm_layer0_refresh and config.cache == "dllm", Layer0Refresh)) if wanted]
+    if mixins:  # the original's policy: ours with the quirks' methods in front
+        policy = type(pieces.cache)
+        swap["cache"] = type(f"Original{policy.__name__}", (*mixins, policy), {})(config, pieces.cache.lookback)
+        swap["forward"] = swap["cache"].forward
+    return replace(pieces, **swap)
 
-    def masks_behind(self, config: DecodeConfig) -> bool:
-        """Whether masks can remain behind the current block (then every full forward makes the
-        positions from the prompt end on eligible, as the capped original does)."""
-        return self.forward_budget(config)[1] < math.inf
 
-    def noise_draws(self, config: DecodeConfig, full: bool) -> int:
-        """How many noise draws a step makes (the last is used)."""
-        twice = self.prefix_cache_noise_twice and config.cache == "prefix" and not full
-        return 2 if twice and config.delimiter_ids is None else 1  # (AdaBlock's prefix loop draws once)
+def exp_form_scores(logits: torch.Tensor, temperature: float, gumbel: torch.Tensor) -> torch.Tensor:
+    """LLaDA's Gumbel-max form, exp(logits) / (-log u)^T in float64 (gumbel_exp_form). Past logits
+    of 709 exp overflows, and the log form takes over."""
+    scores = logits.to(torch.float64).exp() / gumbel ** temperature
+    return gumbel_max_scores(logits, temperature, gumbel) if torch.isinf(scores).any() else scores
 
-    def gumbel_scores(self, logits: torch.Tensor, temperature: float, gumbel: torch.Tensor) -> torch.Tensor:
-        """The Gumbel-max scores whose argmax is the sample; gumbel holds -log u (B, K, V) float64."""
-        if self.gumbel_exp_form:
-            scores = logits.to(torch.float64).exp() / gumbel ** temperature
-            if not torch.isinf(scores).any():  # exp overflows past logits of 709: then the log form
-                return scores
-        # logits + T * G with G = -log g standard Gumbel noise: argmax samples softmax(logits / T).
-        return logits.to(torch.float64) - temperature * gumbel.log()
 
-    def confidence_hidden(self, config: DecodeConfig) -> tuple:
-        """The token ids confidence_eos_eot_inf takes out of the confidence."""
-        if self.eos_eot_aliasing and config.temperature > 0:
-            return (config.eot_id,)
-        return (config.eos_id, config.eot_id)
+def noise_over_queries(config: DecodeConfig, generator, window: Window, logits: torch.Tensor) -> Noise:
+    """The originals draw over every query position of the forward, (B, Q, V), and keep the
+    logits range's slice (noise_over_queries)."""
+    B, Q, V = logits.shape[0], window.positions.shape[-1], logits.shape[-1]
+    a, b = window.logits_range
+    noise = draw_noise(config, generator, (B, Q, V), logits.device)
+    return Noise(None if noise.gumbel is None else noise.gumbel[:, a:b],
+                 None if noise.uniform is None else noise.uniform[:, a:b])
 
-    def factor_count(self, n_accept: torch.Tensor, n_eligible: torch.Tensor) -> torch.Tensor:
-        """How many ranks the factor rule commits, (B,)."""
-        if self.factor_off_by_one:
-            return torch.where(n_accept >= n_eligible - 1, n_eligible, n_accept)
-        return n_accept
 
-    def dllm_busy(self, busy: list[bool]) -> list[bool]:
-        """Which rows a dLLM-Cache forward counts as a step of theirs: those with masks in their
-        block (with fixed steps, every row: the batch moves in lockstep)."""
-        return [True] * len(busy) if self.dllm_fixed_steps else busy
+def noise_twice_on_cached_steps(config: DecodeConfig, generator, window: Window, logits: torch.Tensor) -> Noise:
+    """Fast-dLLM's prefix cache draws its Gumbel noise twice on a cached step and uses the second
+    (prefix_cache_noise_twice)."""
+    if config.temperature > 0 and not window.full:
+        B, Q, V = logits.shape[0], window.positions.shape[-1], logits.shape[-1]
+        torch.rand((B, Q, V), generator=generator, device=logits.device, dtype=torch.float64)
+    return noise_over_queries(config, generator, window, logits)
+
+
+def factor_rule_off_by_one(p: Proposals, config: DecodeConfig, k: torch.Tensor) -> torch.Tensor:
+    """Fast-dLLM's factor rule as its code runs: when only the last rank fails, all commit."""
+    n_accept, n_eligible = factor_passes(p.confidence, config.factor)
+    return select_topk(p.confidence, torch.where(n_accept >= n_eligible - 1, n_eligible, n_accept))
+
+
+class StepCap:
+    """Fast-dLLM's DualCache: at most steps / num_blocks forwards per block (dual_cache_step_cap).
+    Masks can remain behind the block, so a full forward's commits may land from the prompt end on."""
+
+    def budget(self):
+        return 0, self.config.steps_per_block
+
+    def full_window(self, state):
+        window = super().full_window(state)
+        return replace(window, logits_range=(state.P, window.logits_range[1]))
+
+    def commit_from(self, state, window):
+        return torch.full_like(state.start, state.P) if window.full else state.start
+
+
+class FixedSteps:
+    """dLLM-Cache's sampler is LLaDA's fixed-step loop: steps / num_blocks forwards on every block,
+    and every row counts each of them as a step (dllm_fixed_steps)."""
+
+    def budget(self):
+        return self.config.steps_per_block, self.config.steps_per_block
+
+    def counting(self, busy):
+        return torch.ones(len(busy), dtype=torch.bool)
+
+
+class Layer0Refresh:
+    """dLLM-Cache's layer 0 recomputes prompt and response at every step (dllm_layer0_refresh)."""
+
+    def first_layer(self, counted):
+        return counted
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking settings and inputs: a user's mistake is one clear line, before any compute
+# ---------------------------------------------------------------------------------------------
+
+
+def check_finite(name, value, low=None, high=None, low_open=False):
+    """A ValueError naming the valid range unless `value` is a finite number inside it."""
+    bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+    bad = bad or (low is not None and (value <= low if low_open else value < low)) or (high is not None and value > high)
+    if bad:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+        hi = "" if high is None else f"<= {high}"
+        raise ValueError(f"{name} must be a finite number {' and '.join(p for p in (lo, hi) if p)}, got {value!r}")
+
+
+def check_int(name, value, low=None, optional=False):
+    """A ValueError unless `value` is an integer (not a bool) >= low, or None where optional."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+        what = "a positive integer" if low == 1 else "an integer" + (f" >= {low}" if low is not None else "")
+        what += " or None" if optional else ""
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
+def check_config(config: DecodeConfig) -> None:
+    """Every DecodeConfig setting, when it is built (and again when generate starts)."""
+    for name in ("gen_length", "block_length", "steps", "prompt_interval_steps", "gen_interval_steps"):
+        check_int(name, getattr(config, name), low=1)
+    check_int("refresh_interval", config.refresh_interval, low=0)
+    for name in ("mask_id", "eos_id", "eot_id"):
+        check_int(name, getattr(config, name), low=0, optional=True)
+    for name in ("eos_id", "eot_id"):  # a mask that is also EOS would read every committed EOS as a mask
+        if config.mask_id is not None and getattr(config, name) == config.mask_id:
+            raise ValueError(f"mask_id and {name} are both {config.mask_id}: the mask token must be its own id")
+    for f in fields(config):  # flags are real booleans: a string like "no" would read as True
+        if f.type == "bool" and not isinstance(getattr(config, f.name), bool):
+            raise ValueError(f"{f.name} must be True or False, got {getattr(config, f.name)!r}")
+    if isinstance(config.quirks, bool):
+        config.quirks = Quirks.original() if config.quirks else Quirks()
+    elif not isinstance(config.quirks, Quirks):
+        raise ValueError(f"quirks must be True, False or a decode.Quirks, got {config.quirks!r}")
+    for name, registry in (("remasking", CONFIDENCES), ("cache", CACHE_POLICIES)):
+        if getattr(config, name) not in registry:
+            raise ValueError(f"unknown {name} {getattr(config, name)!r}; use one of {tuple(registry)}")
+    check_finite("temperature", config.temperature, low=0)
+    check_finite("cfg_scale", config.cfg_scale, low=0)
+    check_finite("transfer_ratio", config.transfer_ratio, low=0, high=1)
+    check_rules(config)
+    check_blocks(config)
+
+
+def check_rules(config: DecodeConfig) -> None:
+    """At most one commit rule set, each with an implementation and a value in its range."""
+    chosen = [name for name in RULES if getattr(config, name) is not None]
+    if len(chosen) > 1:  # one rule decides; a silent precedence would hide the other
+        raise ValueError(f"set one commit rule, not {' and '.join(chosen)}")
+    for name in chosen:
+        if name not in COMMIT_RULES:
+            raise ValueError(f"commit rule {name!r} has no implementation: register one with "
+                             f"@register(COMMIT_RULES, {name!r})")
+    if config.threshold is not None:
+        check_finite("threshold", config.threshold, low=0, high=1, low_open=True)
+    if config.factor is not None:
+        check_finite("factor", config.factor, low=0, low_open=True)
+
+
+def check_blocks(config: DecodeConfig) -> None:
+    """The block grid and LLaDA's schedule, or AdaBlock's settings."""
+    # AdaBlock's own settings are checked even without delimiter_ids: a bad value is a mistake
+    # whether or not it is used this time.
+    t = config.delimiter_threshold
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or math.isnan(t) or t < 0:
+        raise ValueError(f"delimiter_threshold must be >= 0 (inf = never adapt), got {t!r}")
+    check_finite("window_fraction", config.window_fraction, low=0, high=1, low_open=True)
+    if config.delimiter_ids is not None:
+        ids = config.delimiter_ids
+        ids = list(ids) if not isinstance(ids, (int, str, bytes)) and hasattr(ids, "__iter__") else ids
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise ValueError(f"delimiter_ids must be a non-empty list of token ids, got {config.delimiter_ids!r}")
+        config.delimiter_ids = tuple(ids)
+        if config.rule == "topk":
+            raise ValueError("AdaBlock (delimiter_ids) decodes each block until it has no masks with a "
+                             f"confidence rule: set threshold (0.9 in the paper) or {', '.join(RULES[1:])}")
+        return
+    if config.gen_length % config.block_length != 0:
+        raise ValueError(f"gen_length {config.gen_length} is not divisible by block_length {config.block_length}")
+    if config.steps % config.num_blocks != 0:
+        raise ValueError(f"steps {config.steps} is not divisible by the number of blocks {config.num_blocks} "
+                         f"(gen_length {config.gen_length} / block_length {config.block_length})")
+    if config.steps > config.gen_length:  # a step past the last token commits nothing: wasted forwards
+        raise ValueError(f"steps must be in 1..gen_length ({config.gen_length}), got {config.steps}")
+
+
+def check_inputs(model, prompt_ids, config, attention_mask, generator=None):
+    """Clear errors for a user's mistakes, before any compute."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator (or None), got {generator!r}")
+    model_config = model.config
+    V = model_config.embedding_size
+    if config.mask_id is None:
+        raise ValueError("config.mask_id is not set; build the config with DecodeConfig.for_model(model.config, ...)")
+    for name in ("mask_id", "eos_id", "eot_id"):
+        value = getattr(config, name)
+        if value is not None and not 0 <= value < V:
+            raise ValueError(f"{name} {value} is outside the vocabulary [0, {V})")
+    bad = [i for i in config.delimiter_ids or () if not 0 <= i < V]
+    if bad:
+        raise ValueError(f"delimiter_ids {bad} are outside the vocabulary [0, {V})")
+    if (config.logits_eos_inf or config.confidence_eos_eot_inf or config.stop_at_eos) and config.eos_id is None:
+        raise ValueError("logits_eos_inf / confidence_eos_eot_inf / stop_at_eos need config.eos_id")
+    if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dim() != 2 or 0 in prompt_ids.shape:
+        raise ValueError(f"prompt_ids must be a (B, P) tensor with B > 0 and P > 0, got "
+                         f"{tuple(prompt_ids.shape) if isinstance(prompt_ids, torch.Tensor) else type(prompt_ids).__name__}")
+    for name, t in (("prompt_ids", prompt_ids), ("attention_mask", attention_mask)):
+        if isinstance(t, torch.Tensor) and t.device.type == "meta":
+            raise ValueError(f"{name} is on the meta device, which holds no values: pass a CPU or GPU tensor")
+    if prompt_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise ValueError(f"prompt_ids must hold integer token ids, got dtype {prompt_ids.dtype}")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != prompt_ids.shape:
+            shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+            raise ValueError(f"attention_mask shape {shape} != prompt shape {tuple(prompt_ids.shape)}")
+        if ((attention_mask != 0) & (attention_mask != 1)).any():  # before any cast: 0.5 must not become 0
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (real token)")
+        m = attention_mask.long()
+        if (m[:, 1:] < m[:, :-1]).any():
+            raise ValueError("attention_mask must be left padding: zeros, then ones")
+        if (m.sum(1) == 0).any():
+            raise ValueError("attention_mask has a row with no real token")
+    real = prompt_ids if attention_mask is None else prompt_ids[attention_mask.bool()]
+    if real.numel() and (real.min() < 0 or real.max() >= V):
+        raise ValueError(f"prompt token ids must lie in [0, {V}), got values from {int(real.min())} to {int(real.max())}")
+    if (real == config.mask_id).any():
+        raise ValueError(f"the prompt contains the mask token {config.mask_id}")
+    total = prompt_ids.shape[1] + config.gen_length
+    if total > model_config.max_sequence_length:
+        raise ValueError(f"prompt ({prompt_ids.shape[1]}) + gen_length ({config.gen_length}) = {total} "
+                         f"exceeds the model's max_sequence_length {model_config.max_sequence_length}")

@@ -63,6 +63,14 @@ def random_model():
     return model
 
 
+@pytest.fixture(scope="session")
+def random_model64(random_model):
+    """The random model in float64, for exact comparisons where float32 rounding could flip a near-tie."""
+    import copy
+
+    return copy.deepcopy(random_model).to(torch.float64)
+
+
 # Device-independent tests take the `device` fixture: they run on the CPU, and on CUDA when torch
 # sees a GPU (marked `cuda`, skipped cleanly otherwise). `pytest -m cuda` runs only the GPU ones.
 def pytest_configure(config):

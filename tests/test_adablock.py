@@ -6,7 +6,7 @@ from conftest import golden_cases, needs_golden, random_prompts
 from hypothesis import given
 from hypothesis import strategies as st
 
-from decode import DecodeConfig, generate, left_pad
+from decode import DecodeConfig, Quirks, generate, left_pad
 
 
 def config_for_case(case, model):
@@ -128,8 +128,10 @@ def original_adablock(model, prompt, cfg):
 @given(s=ada_settings, temperature=st.sampled_from([0.5, 1.0, 2.0]))
 def test_sampling_matches_the_original_loop(random_model, s, temperature):
     """At temperature > 0 the block ends where the *sampled* predictions put a delimiter, and the
-    random stream is the original's: a seeded run gives the original loop's tokens and lengths."""
-    cfg = ada_config(random_model, s, cache="none", temperature=temperature)
+    random stream is the original's (drawn over the whole canvas, in LLaDA's exp form: two quirks):
+    a seeded run gives the original loop's tokens and lengths."""
+    cfg = ada_config(random_model, s, cache="none", temperature=temperature,
+                     quirks=Quirks(noise_over_queries=True, gumbel_exp_form=True))
     prompt = torch.tensor(random_prompts(s, 1))
     torch.manual_seed(s["seed"])
     ref_ids, ref_lengths = original_adablock(random_model, prompt, cfg)

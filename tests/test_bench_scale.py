@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import blockbatch
 from model import ModelConfig
 from tools import bench_scale
-from tools.bench_scale import POLICIES, ScaleSettings, build_model, recorder_config, replay, representative
+from tools.bench_scale import POLICIES, NeverEOS, ScaleSettings, build_model, recorder_config, replay, representative
 from tools.roofline import (Forward, Hardware, forward_bytes, forward_flops, kv_bytes_read, param_count,
                             preset_config, published_peak, roofline, weight_bytes_read)
 
@@ -234,9 +234,8 @@ def test_the_random_recorder_runs_blockbatch_one_token_per_forward(recorder, ran
     recorded = POLICIES["blockbatch"].record(recorder, prompt_of(8, high=14), G, 0)
     kinds = [r.forward.kind for r in recorded]
     assert len(recorded) == G and kinds.count("batched refresh") == G // 32 - 1 and kinds[0] == "init forward"
-    config = blockbatch.BlockBatchConfig.for_model(recorder.config, gen_length=G, block_sizes=(4, 8, 16, 32, 64),
-                                                   eos_id=recorder.config.mask_token_id)
-    out = blockbatch.generate(recorder, prompt_of(8, high=14), config)  # the run the recording made
+    config = blockbatch.BlockBatchConfig.for_model(recorder.config, gen_length=G, block_sizes=(4, 8, 16, 32, 64))
+    out = blockbatch.generate(NeverEOS(recorder), prompt_of(8, high=14), config)  # the run the recording made
     assert out.extras["merges"] == out.extras["syncs"] == 0 and out.extras["exit"] == "natural"
     sure = copy.deepcopy(recorder)  # the same model with its logits scaled up: every proposal is certain
     with torch.no_grad():

@@ -9,7 +9,7 @@ from conftest import golden_cases, needs_golden
 from hypothesis import given
 from hypothesis import strategies as st
 
-from decode import (DecodeConfig, Noise, Quirks, draw_noise, generate, left_pad, propose, select_factor,
+from decode import (DecodeConfig, Noise, Proposals, Quirks, draw_noise, generate, left_pad, propose,
                     select_threshold, select_topk, transfer_count)
 
 # Which original function maps to which cache policy.
@@ -199,17 +199,26 @@ def test_threshold_always_commits_the_best():
     assert select_threshold(conf, 0.9).tolist() == [[True, False, False], [True, True, False]]
 
 
+def factor_commits(conf, factor, quirks=Quirks()):
+    """The factor rule's choice for confidences (B, K), as generate picks it for these quirks."""
+    from decode import Pieces
+
+    cfg = DecodeConfig(gen_length=8, block_length=8, steps=8, factor=factor, quirks=quirks)
+    p = Proposals(torch.zeros_like(conf, dtype=torch.long), None, conf > -torch.inf, conf)
+    return Pieces.for_config(cfg).rule(p, cfg, None)
+
+
 def test_factor_rule_and_its_off_by_one():
     # Sorted: 0.99, 0.3. Rank 2 needs >= 1 - 1/3; it fails, but it is the last rank: the original
     # commits both. The rule as stated commits one.
     conf = torch.tensor([[0.3, 0.99]], dtype=torch.float64)
-    assert select_factor(conf, 1.0, Quirks(factor_off_by_one=True)).tolist() == [[True, True]]
-    assert select_factor(conf, 1.0).tolist() == [[False, True]]
+    assert factor_commits(conf, 1.0, Quirks(factor_off_by_one=True)).tolist() == [[True, True]]
+    assert factor_commits(conf, 1.0).tolist() == [[False, True]]
     # Three eligible, rank 2 fails: one committed either way.
     conf = torch.tensor([[0.99, 0.3, 0.2]], dtype=torch.float64)
-    assert select_factor(conf, 1.0).sum() == 1
+    assert factor_commits(conf, 1.0).sum() == 1
     # Rows with nothing eligible commit nothing.
-    assert not select_factor(torch.full((1, 3), -torch.inf, dtype=torch.float64), 1.0).any()
+    assert not factor_commits(torch.full((1, 3), -torch.inf, dtype=torch.float64), 1.0).any()
 
 
 def test_topk_respects_per_row_counts():
@@ -221,26 +230,27 @@ def test_topk_respects_per_row_counts():
 def test_eos_eot_confidence_flag(quirks):
     """The flag takes EOS and EOT out of the confidence. LLaDA's code (the quirk) does that at
     T = 0 but only for EOT at T > 0. propose leaves its input untouched."""
+    from decode import Pieces
+
     eos, eot, mask_id = 1, 2, 3
     logits = torch.tensor([[[0.0, 5.0, 0.0, 0.0], [0.0, 0.0, 5.0, 0.0]]])  # proposals: EOS, EOT
     mask = torch.ones(1, 2, dtype=torch.bool)
     for temperature in (0.0, 0.5):
         cfg = DecodeConfig(gen_length=2, block_length=2, steps=2, mask_id=mask_id, eos_id=eos, eot_id=eot,
                            confidence_eos_eot_inf=True, temperature=temperature, quirks=quirks)
-        noise = draw_noise(cfg, torch.Generator().manual_seed(0), (1, 2, 4), (0, 2), device="cpu")
+        noise = draw_noise(cfg, torch.Generator().manual_seed(0), (1, 2, 4), device="cpu")
         before = logits.clone()
-        x0, conf = propose(logits, mask, cfg, noise)
+        p = propose(logits, mask, cfg, noise, pieces=Pieces.for_config(cfg))
         assert torch.equal(logits, before)
-        assert x0.tolist() == [[eos, eot]]  # the proposals themselves are unchanged
-        assert conf[0, 1] == 0  # EOT: suppressed in both cases
-        assert (conf[0, 0] == 0) == (not quirks or temperature == 0)
+        assert p.tokens.tolist() == [[eos, eot]]  # the proposals themselves are unchanged
+        assert p.confidence[0, 1] == 0  # EOT: suppressed in both cases
+        assert (p.confidence[0, 0] == 0) == (not quirks or temperature == 0)
 
 
 def test_mask_token_is_never_proposed():
     logits = torch.tensor([[[0.0, 1.0, 0.0, 9.0]]])  # the mask token (3) has the top logit
     cfg = DecodeConfig(gen_length=1, block_length=1, steps=1, mask_id=3, eos_id=0)
-    x0, _ = propose(logits, torch.ones(1, 1, dtype=torch.bool), cfg, Noise())
-    assert x0.item() == 1
+    assert propose(logits, torch.ones(1, 1, dtype=torch.bool), cfg, Noise()).tokens.item() == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,7 +329,7 @@ def test_stop_at_eos_keeps_the_answer_and_saves_forwards(random_model, s):
 def test_rows_with_blocks_of_their_own_decode_as_alone(random_model):
     """The loop's pieces take any block rule: here each row has its own fixed block length, so
     rows of one batch have different block bounds at every step, and each gets what it gets alone."""
-    from decode import FixedBlocks, block_done, decode_step, next_block, setup
+    from decode import FixedBlocks, Pieces, decode_blocks, setup
 
     class RowBlocks(FixedBlocks):  # block_length per row
         def __init__(self, lengths):
@@ -331,10 +341,9 @@ def test_rows_with_blocks_of_their_own_decode_as_alone(random_model):
     def run(prompt, lengths, cache):
         cfg = DecodeConfig.for_model(random_model.config, gen_length=12, block_length=12, steps=12, cache=cache,
                                      threshold=0.7)
-        state, rule = setup(random_model, prompt, cfg), RowBlocks(lengths)
-        while next_block(state, rule, cfg):  # generate's loop, with our own block rule
-            while not block_done(state, cfg):
-                decode_step(random_model, state, cfg, None, rule)
+        pieces = dataclasses.replace(Pieces.for_config(cfg), blocks=RowBlocks(lengths))  # our own block rule
+        state = setup(random_model, prompt, cfg, pieces=pieces)
+        decode_blocks(random_model, state, cfg, None, pieces)  # generate's loop
         return state.canvas
 
     prompt = torch.randint(0, 47, (3, 4), generator=torch.Generator().manual_seed(0))

@@ -131,15 +131,16 @@ def test_recomputed_rows_follow_the_schedule(random_model, s, quirks):
 def test_features_after_a_refresh_equal_a_fresh_computation(random_model, s):
     """After the first forward (t = 1 refreshes everything) the cached K/V, attention and MLP
     outputs of every layer equal the model's own pieces run on the same canvas."""
-    from decode import dllm_forward, query_window, setup
+    from decode import Pieces, dllm_forward, setup
 
     cfg = dllm_config(random_model, s)
     prompt = torch.tensor(random_prompts(s, 2)[0:1])
     with torch.no_grad():
-        state = setup(random_model, prompt, cfg)
+        pieces = Pieces.for_config(cfg)
+        state = setup(random_model, prompt, cfg, pieces=pieces)
         L = state.L
         state.bounds = ([state.P], [state.P + cfg.block_length])
-        dllm_forward(random_model, state.canvas, query_window(state, cfg), state.cache, None)
+        dllm_forward(random_model, state.canvas, pieces.cache.window(state), state.cache, None)
         fc = state.cache
         cos, sin, _ = random_model.rope_and_mask(torch.arange(L), None, 1)
         x = random_model.embed(state.canvas)
@@ -212,3 +213,21 @@ def test_threshold_batch_rows_follow_their_own_schedule(adablock):
     alone = [generate(model, prompts[i:i + 1], cfg) for i in range(8)]
     assert [row.tolist() for row in batched.ids] == [a.ids[0].tolist() for a in alone]
     assert len({a.nfe for a in alone}) > 1  # the rows do finish their blocks at different steps
+
+
+@pytest.mark.parametrize("quirks", [False, True])
+@pytest.mark.parametrize("rule", [dict(threshold=0.1), dict(factor=8.0), dict()], ids=["threshold", "factor", "topk"])
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.0])
+def test_rows_alone_with_quirks_and_guidance(random_model64, quirks, rule, cfg_scale):
+    """Every row of a batch gets the tokens it gets alone, with the original's quirks (whose
+    lockstep steps belong to the top-k schedule only) and with classifier-free guidance (whose
+    unconditional copies follow their rows' step counters). Float64: near-ties take no part."""
+    cfg = DecodeConfig.for_model(random_model64.config, gen_length=16, block_length=8, steps=16, cache="dllm",
+                                 prompt_interval_steps=3, gen_interval_steps=2, transfer_ratio=0.25,
+                                 quirks=quirks, cfg_scale=cfg_scale, **rule)
+    prompt = torch.randint(0, 47, (4, 5), generator=torch.Generator().manual_seed(0))
+    batched = generate(random_model64, prompt, cfg)
+    alone = [generate(random_model64, prompt[i:i + 1], cfg) for i in range(4)]
+    assert batched.ids.tolist() == [a.ids[0].tolist() for a in alone]
+    if "threshold" in rule:
+        assert len({a.nfe for a in alone}) > 1  # rows finish their blocks at different steps

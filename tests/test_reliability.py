@@ -255,7 +255,7 @@ def test_a_rule_that_commits_nothing_is_an_error_not_a_hang(cache, monkeypatch):
     gone): the loop names the rule instead, after the first such step."""
     import decode
 
-    monkeypatch.setattr(decode, "commit_rule", lambda conf, config, k: torch.zeros_like(conf, dtype=torch.bool))
+    monkeypatch.setitem(decode.COMMIT_RULES, "threshold", lambda p, config, k: torch.zeros_like(p.eligible))
     stub = StubModel(adversarial("random", 0), limit=3)
     config = DecodeConfig.for_model(SMALL, gen_length=8, block_length=8, steps=8, cache=cache, threshold=0.9)
     with pytest.raises(RuntimeError, match="the commit rule 'threshold' committed nothing at step 0"):
@@ -306,8 +306,9 @@ def test_huge_temperature_samples_every_token(quirks):
     K = 4000
     config = DecodeConfig(gen_length=8, block_length=8, steps=8, temperature=1e6, mask_id=MASK, quirks=quirks)
     logits = torch.randn((1, K, V), generator=torch.Generator().manual_seed(0)) * 5  # any logits: T flattens them
-    noise = draw_noise(config, torch.Generator().manual_seed(1), (1, K, V), (0, K), device="cpu")
-    x0, conf = propose(logits, torch.ones((1, K), dtype=torch.bool), config, noise)
+    noise = draw_noise(config, torch.Generator().manual_seed(1), (1, K, V), device="cpu")
+    p = propose(logits, torch.ones((1, K), dtype=torch.bool), config, noise)
+    x0, conf = p.tokens, p.confidence
     counts = torch.bincount(x0.flatten(), minlength=V)
     expected = K / (V - 1)  # every id but the mask token
     assert counts[MASK] == 0
@@ -572,3 +573,62 @@ def test_attention_mask_values_are_not_truncated():
         with pytest.raises(ValueError, match="only 0 .padding. and 1"):
             generate(StubModel(adversarial("random", 0)), torch.tensor([[1, 2, 3]]), cfg,
                      attention_mask=torch.tensor([[bad, 1.0, 1.0]]))
+
+
+# ---------------------------------------------------------------------------------------------
+# The API's edges: settings changed after construction, odd containers, empty or data-less input
+# ---------------------------------------------------------------------------------------------
+
+
+def test_mask_id_equal_to_eos_is_refused():
+    """A mask id that is also EOS (or EOT) would make every committed EOS read as a mask."""
+    for other in ("eos_id", "eot_id"):
+        with pytest.raises(ValueError, match=f"mask_id and {other} are both 5"):
+            DecodeConfig(gen_length=8, block_length=8, steps=8, mask_id=5, **{other: 5})
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("cache", "dualx", "unknown cache 'dualx'"),
+    ("threshold", 7.0, "threshold must be a finite number > 0 and <= 1, got 7.0"),
+    ("eos_id", MASK, f"mask_id and eos_id are both {MASK}"),
+    ("steps", 3, "steps 3 is not divisible"),
+])
+def test_a_field_changed_after_construction_is_checked_again(field, value, message):
+    """generate checks the settings again: a field set on a built config (here an unknown cache,
+    which once ran DualCache under that name) is refused before any forward."""
+    stub = StubModel(adversarial("random", 0))
+    cfg = DecodeConfig.for_model(SMALL, gen_length=8, block_length=4, steps=8)
+    setattr(cfg, field, value)
+    with pytest.raises(ValueError, match=message):
+        generate(stub, PROMPT, cfg)
+    assert stub.calls == 0
+
+
+@pytest.mark.parametrize("cache", ["none", "prefix", "dual", "dllm"])
+def test_an_empty_batch_is_one_clear_error_with_every_cache(cache):
+    stub = StubModel(adversarial("random", 0))
+    cfg = DecodeConfig.for_model(SMALL, gen_length=8, block_length=8, steps=8, cache=cache)
+    with pytest.raises(ValueError, match=r"prompt_ids must be a \(B, P\) tensor with B > 0 and P > 0, got \(0, 3\)"):
+        generate(stub, torch.zeros((0, 3), dtype=torch.long), cfg)
+
+
+def test_api_edges_are_one_line_errors():
+    from decode import left_pad
+
+    with pytest.raises(ValueError, match="left_pad needs at least one prompt, got none"):
+        left_pad([], pad_id=EOS)
+    cfg = DecodeConfig.for_model(SMALL, gen_length=8, block_length=8, steps=8)
+    with pytest.raises(ValueError, match="generator must be a torch.Generator .or None., got 42"):
+        generate(StubModel(adversarial("random", 0)), PROMPT, cfg, generator=42)
+    with pytest.raises(ValueError, match="prompt_ids is on the meta device"):
+        generate(StubModel(adversarial("random", 0)), PROMPT.to("meta"), cfg)
+
+
+def test_iterables_of_ids_are_read_once():
+    """block_sizes and delimiter_ids given as generators: read once, not emptied by a check."""
+    from blockbatch import BlockBatchConfig
+
+    cfg = BlockBatchConfig(gen_length=16, block_sizes=(b for b in (8, 4)), mask_id=MASK, eos_id=EOS)
+    assert cfg.block_sizes == (4, 8)
+    cfg = DecodeConfig(gen_length=8, block_length=4, steps=8, threshold=0.9, delimiter_ids=(i for i in (NEWLINE,)))
+    assert cfg.delimiter_ids == (NEWLINE,)

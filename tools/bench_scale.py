@@ -104,9 +104,8 @@ class Recorded:
 
 def recorder_config(max_sequence_length: int) -> ModelConfig:
     """The random recorder's shape: one layer, width 8, 16 tokens. It takes any request the target
-    model takes. (BlockBatch's recording gives it the mask id as its EOS id: a random
-    model proposes any token, and a committed EOS would end a request at a random point; the mask
-    is never proposed.)"""
+    model takes. (BlockBatch's recording hides its EOS, `NeverEOS`: a random model proposes any
+    token, and a committed EOS would end a request at a random point.)"""
     return ModelConfig(d_model=8, n_heads=2, n_kv_heads=2, n_layers=1, mlp_hidden_size=16, vocab_size=16,
                        rope_theta=500000.0, max_sequence_length=max_sequence_length, mask_token_id=15,
                        eos_token_id=14, pad_token_id=14)
@@ -160,14 +159,34 @@ def blockbatch_sizes(G: int) -> tuple[int, ...]:
     return sizes
 
 
+class NeverEOS(torch.nn.Module):
+    """A model whose EOS logit is always -1e4 (finite: BlockBatch refuses non-finite logits), so
+    EOS is never proposed and no request ends early."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    @property
+    def device(self):
+        return self.model.device
+
+    @property
+    def dtype(self):
+        return self.model.dtype
+
+    def forward(self, *args, **kwargs):
+        logits = self.model(*args, **kwargs)  # (rows, K, V)
+        return logits.index_fill(-1, torch.tensor([self.config.eos_token_id], device=logits.device), -1e4)
+
+
 def record_blockbatch(recorder, prompt: torch.Tensor, G: int, K: int) -> list[Recorded]:
     """BlockBatch's forwards, from blockbatch.generate's extras["forwards"]: (rows R, query tokens
     Q, logits K) of each batched forward. A full forward (Q = L) is replayed over the whole canvas;
     a block step as R rows of Q positions (its padded tokens cost as much as real ones). The block
     length K is unused: each branch has its own (the default sizes that divide G)."""
-    config = blockbatch.BlockBatchConfig.for_model(recorder.config, gen_length=G, block_sizes=blockbatch_sizes(G),
-                                                   eos_id=recorder.config.mask_token_id)  # never committed
-    out = blockbatch.generate(recorder, prompt, config)
+    config = blockbatch.BlockBatchConfig.for_model(recorder.config, gen_length=G, block_sizes=blockbatch_sizes(G))
+    out = blockbatch.generate(NeverEOS(recorder), prompt, config)
     P = prompt.shape[1]
     L = P + G
     seen = []

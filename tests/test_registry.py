@@ -1,0 +1,182 @@
+"""Every registered method gets the loop's invariants, drawn from decode.py's registries (not from a
+hand-written list): a method added to a registry is covered here at once.
+
+- batch = rows alone, over every cache policy x commit rule x block rule x confidence measure x
+  stop_at_eos x guidance x quirks (float64: near-ties take no part);
+- every step commits at least one token in each row whose block still has masks, committed tokens
+  never change, and nothing is left masked;
+- a cache policy under its `every_step` settings (recompute everything at every step) is no cache;
+- a name with no implementation fails loudly, wherever it is used.
+"""
+
+import dataclasses
+import warnings
+from dataclasses import fields
+
+import pytest
+import torch
+from conftest import random_prompts
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+import decode
+from decode import BLOCK_RULES, CACHE_POLICIES, COMMIT_RULES, CONFIDENCES, DecodeConfig, Quirks, generate, left_pad
+
+DELIMITERS = (16, 21, 30)  # AdaBlock's delimiters on the random model: ids it proposes
+
+
+def rule_values(rule: str) -> list:
+    """Values a rule field takes in these tests: its `sweep` metadata (what the benchmark sweeps)."""
+    return list(next(f for f in fields(DecodeConfig) if f.name == rule).metadata["sweep"])
+
+
+# Every registered method, drawn by name. Confidence measures that read random numbers are left
+# out of batch = alone (a batch draws its noise in one tensor), not out of the other properties.
+methods = st.fixed_dictionaries({
+    "cache": st.sampled_from(sorted(CACHE_POLICIES)),
+    "rule": st.sampled_from(sorted(COMMIT_RULES)),
+    "blocks": st.sampled_from(sorted(BLOCK_RULES)),
+    "remasking": st.sampled_from(sorted(CONFIDENCES)),
+    "value_index": st.integers(0, 100),
+    "stop_at_eos": st.booleans(),
+    "cfg_scale": st.sampled_from([0.0, 1.0]),
+    "quirks": st.booleans(),
+    "block_length": st.sampled_from([2, 4]),
+    "num_blocks": st.integers(1, 3),
+    "prompt_len": st.integers(1, 5),
+    "seed": st.integers(0, 1000),
+})
+
+
+def config_of(model, m, **over) -> DecodeConfig:
+    """The DecodeConfig of a drawn method (AdaBlock needs a confidence rule: top-k is assumed away)."""
+    assume(not (m["blocks"] == "adablock" and m["rule"] == "topk"))
+    G = m["block_length"] * m["num_blocks"]
+    kw = dict(gen_length=G, block_length=m["block_length"], steps=G, cache=m["cache"], remasking=m["remasking"],
+              stop_at_eos=m["stop_at_eos"], cfg_scale=m["cfg_scale"], quirks=m["quirks"],
+              prompt_interval_steps=2, gen_interval_steps=3)
+    if m["rule"] != "topk":
+        values = rule_values(m["rule"])
+        kw[m["rule"]] = values[m["value_index"] % len(values)]
+    if m["blocks"] == "adablock":
+        kw.update(delimiter_ids=DELIMITERS, delimiter_threshold=0.1)
+    kw.update(over)
+    config = DecodeConfig.for_model(model.config, **kw)
+    assert config.block_rule == m["blocks"] and config.rule == m["rule"]  # every registered name is reachable
+    return config
+
+
+def quietly(*args, **kwargs):
+    """generate, without the warning of a quirk that leaves masks (DualCache's step cap)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return generate(*args, **kwargs)
+
+
+@given(m=methods)
+def test_batch_equals_rows_alone(random_model64, m):
+    """Left-padded rows of different lengths, decoded in one batch, get the tokens each gets alone."""
+    assume(not getattr(CONFIDENCES[m["remasking"]], "needs_uniforms", False))
+    cfg = config_of(random_model64, m)
+    rows = random_prompts(m, 3)
+    ids, mask = left_pad(rows, random_model64.config.pad_token_id)
+    batched = quietly(random_model64, ids, cfg, attention_mask=mask)
+    for i, p in enumerate(rows):
+        alone = quietly(random_model64, torch.tensor([p]), cfg)
+        assert batched.generated[i].tolist() == alone.generated[0].tolist()
+
+
+@given(m=methods)
+def test_every_step_commits_and_commits_are_final(random_model, m):
+    """Each step commits at least one token; committed tokens and the prompt never change (but
+    stop_at_eos ends a row at its first EOS); nothing is left masked (the papers' rules: no cap)."""
+    cfg = config_of(random_model, m, quirks=False)
+    prompt = torch.tensor([random_prompts(m, 1)[0]] * 2)
+    history = []
+
+    def seen(state):
+        history.append((state.canvas.clone(), state.window))
+
+    out = generate(random_model, prompt, cfg, generator=torch.Generator().manual_seed(m["seed"]), on_step=seen)
+    prev = torch.cat([prompt, torch.full((2, cfg.gen_length), cfg.mask_id)], dim=1)
+    for canvas, _ in history:
+        committed = prev != cfg.mask_id
+        if cfg.stop_at_eos:  # a finished row's tokens after its first EOS become EOS: the answer ends there
+            is_eos = canvas == cfg.eos_id
+            first = torch.where(is_eos.any(1), is_eos.int().argmax(1), canvas.shape[1])  # (B,)
+            committed &= torch.arange(canvas.shape[1])[None, :] <= first[:, None]
+        assert torch.equal(canvas[committed], prev[committed])
+        assert ((prev == cfg.mask_id) & (canvas != cfg.mask_id)).any(1).any()  # at least one commit per step
+        prev = canvas
+    assert out.masks_left == 0 and out.nfe == len(history)
+
+
+@given(m=methods)
+def test_a_policy_recomputing_everything_is_no_cache(random_model, m):
+    """Each cache policy under its `every_step` settings gives no cache's tokens and forwards."""
+    assume(not m["stop_at_eos"])
+    policy = CACHE_POLICIES[m["cache"]]
+    prompt = torch.tensor(random_prompts(m, 2)[:1])
+    cached = config_of(random_model, m, quirks=False, **policy.every_step)
+    plain = dataclasses.replace(cached, cache="none")
+    a = generate(random_model, prompt, cached, generator=torch.Generator().manual_seed(0))
+    b = generate(random_model, prompt, plain, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a.ids, b.ids) and a.nfe == b.nfe
+
+
+@pytest.mark.parametrize("kind, registry, field, name", [
+    ("cache", CACHE_POLICIES, "cache", "ring"),
+    ("remasking", CONFIDENCES, "remasking", "entropy_typo"),
+])
+def test_an_unregistered_name_fails_loudly(random_model, kind, registry, field, name):
+    """Refused when the config is built, and again when generate starts (a field set later)."""
+    with pytest.raises(ValueError, match=f"unknown {kind} {name!r}"):
+        DecodeConfig.for_model(random_model.config, gen_length=4, block_length=4, steps=4, **{field: name})
+    cfg = DecodeConfig.for_model(random_model.config, gen_length=4, block_length=4, steps=4)
+    setattr(cfg, field, name)
+    with pytest.raises(ValueError, match=f"unknown {kind} {name!r}"):
+        generate(random_model, torch.tensor([[1, 2]]), cfg)
+
+
+def test_a_rule_field_without_an_implementation_fails_loudly(random_model, monkeypatch):
+    """A commit rule chosen by its field but removed from COMMIT_RULES (or never registered) is an
+    error naming how to register it, never another rule."""
+    monkeypatch.delitem(COMMIT_RULES, "factor")
+    with pytest.raises(ValueError, match=r"commit rule 'factor' has no implementation: register one with "
+                                         r"@register\(COMMIT_RULES, 'factor'\)"):
+        DecodeConfig.for_model(random_model.config, gen_length=4, block_length=4, steps=4, factor=1.0)
+    with pytest.raises(ValueError, match="unknown block rule 'spiral'"):
+        decode.lookup(BLOCK_RULES, "block rule", "spiral")
+
+
+def test_the_quirks_are_swapped_pieces_not_branches():
+    """With quirks off the pieces are the registered ones; with quirks on, only the pieces a
+    quirk names are replaced, and the registries themselves never change."""
+    before = {name: dict(r) for name, r in (("rules", COMMIT_RULES), ("caches", CACHE_POLICIES))}
+    plain = decode.Pieces.for_config(DecodeConfig(gen_length=8, block_length=4, steps=8, cache="dual", factor=1.0))
+    assert plain.rule is COMMIT_RULES["factor"] and type(plain.cache) is CACHE_POLICIES["dual"]
+    original = decode.Pieces.for_config(DecodeConfig(gen_length=8, block_length=4, steps=8, cache="dual", factor=1.0,
+                                                     quirks=Quirks.original()))
+    assert original.rule is not COMMIT_RULES["factor"] and isinstance(original.cache, CACHE_POLICIES["dual"])
+    assert original.cache.budget() == (0, 4)  # the step cap: steps / num_blocks
+    assert {"rules": dict(COMMIT_RULES), "caches": dict(CACHE_POLICIES)} == before
+
+
+def test_noise_covers_only_the_logits_a_step_reads(random_model, monkeypatch):
+    """At temperature > 0 the float64 noise is drawn for the positions whose logits the step reads
+    (the block), not for every query position x vocabulary; the originals' full draw is a quirk."""
+    shapes = []
+    real = torch.rand
+
+    def spy(*size, **kwargs):
+        shapes.append(tuple(size[0]) if len(size) == 1 and not isinstance(size[0], int) else size)
+        return real(*size, **kwargs)
+
+    monkeypatch.setattr(torch, "rand", spy)
+    prompt = torch.tensor([[1, 2, 3, 4, 5, 6]])
+    for quirks, widest in ((Quirks(), 4), (Quirks(noise_over_queries=True), 6 + 16)):
+        shapes.clear()
+        cfg = DecodeConfig.for_model(random_model.config, gen_length=16, block_length=4, steps=16, temperature=0.7,
+                                     quirks=quirks)
+        generate(random_model, prompt, cfg, generator=torch.Generator().manual_seed(0))
+        assert max(s[1] for s in shapes) == widest, shapes[:3]
