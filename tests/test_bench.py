@@ -227,7 +227,7 @@ def test_a_stopped_run_keeps_its_finished_rows_beside_the_earlier_results(error,
     except BaseException as raw:  # noqa: B036 (a raw KeyboardInterrupt would otherwise stop pytest itself)
         pytest.fail(f"raw {type(raw).__name__} instead of one line")
     assert status == code and text.startswith(message) and "\n" not in text
-    assert f"the 1 finished rows are in {tmp_path / 'bench.partial.json'}" in text
+    assert f"1 finished row written to {tmp_path / 'bench.partial.json'}" in text
     assert [r["method"] for r in json.loads((tmp_path / "bench.partial.json").read_text())["rows"]] == ["vanilla"]
     assert "| 32 | vanilla |" in (tmp_path / "bench.partial.md").read_text()
     assert all((tmp_path / name).read_text() == t for name, t in EARLIER.items())

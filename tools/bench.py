@@ -613,15 +613,18 @@ def main(argv=None):
 
 def kept(rows: list, progress: dict) -> str:
     """Write a stopped run's finished rows as *.partial.* files; what to tell the user about them."""
-    if not rows or "files" not in progress:
+    if not rows:
         return "; no row had finished, nothing was written"
+    if "files" not in progress:  # stopped while writing the complete results: all or none of them
+        return "; the result files are whole (the earlier ones or this run's)"
     rows = list(rows)
+    finished = f"{len(rows)} finished row{'s' * (len(rows) != 1)}"
     try:
         files = progress["files"](rows)
         paths = write_files(progress["out"], {partial_name(n): t for n, t in files.items()})
     except OSError as err:
-        return f"; the {len(rows)} finished rows could not be written ({err.strerror or err})"
-    return f"; the {len(rows)} finished rows are in {', '.join(paths)} (the earlier results are unchanged)"
+        return f"; the {finished} could not be written ({err.strerror or err})"
+    return f"; {finished} written to {', '.join(paths)} (the earlier results are unchanged)"
 
 
 def run(argv, rows: list, progress: dict):
