@@ -251,6 +251,8 @@ def bench(args, model, families, problem_sets, plan, rows: list, progress: dict)
     """One row per entry of `plan`, appended to `rows` as it finishes; `progress` names the row
     being decoded (what an interrupted run reports)."""
     for G, problems in problem_sets.items():
+        if not any(length == G for length, _, _ in plan):
+            continue  # every method was skipped at this length
         # Warm-up (allocator, kernels) so the first timed row is not penalised.
         progress["at"] = f"the warm-up at --lengths {G}"
         decode_all(model, problems[:1], DecodeConfig.for_model(model.config, gen_length=args.block_length,
@@ -544,8 +546,9 @@ def write_files(folder: str, files: dict[str, str]) -> list[str]:
     Each text goes to a temporary file beside its target and is flushed to the disk (fsync);
     only when every one is written are they renamed into place (`publish`). A full disk or a
     crash while writing leaves the earlier files whole and matching each other, never a truncated
-    bench.json beside a newer bench.md (pip installs and git writes its index the same way).
-    Returns the paths written.
+    bench.json beside a newer bench.md (git writes its index the same way: a lock file, then a
+    rename). Only a crash between two of the renames, which need no space, could leave a new file
+    beside an old one. Returns the paths written.
     """
     staged = []
     try:

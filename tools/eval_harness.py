@@ -11,8 +11,9 @@ given; under `accelerate launch -m` or `torchrun -m` each process takes a share 
 
 Compared with LLaDA's and Fast-dLLM's `eval_llada.py`: prompts are left-padded with an attention
 mask; a task's `max_gen_toks` sets the generation length unless `gen_length` is given; the chat
-template is applied only under `--apply_chat_template`; Monte-Carlo masks are seeded per request,
-so a score does not depend on how requests are split across ranks. The toy tasks (tools/eval_tasks/,
+template is applied only under `--apply_chat_template`; Monte-Carlo masks and sampled responses
+are seeded per request, so a score does not depend on how requests are split across ranks or
+batches. The toy tasks (tools/eval_tasks/,
 rebuilt by `--write-toy-tasks`) are task.py's held-out problems; `--num_fewshot K` gives each the
 K-shot prompt of task.few_shot (seed 0). Needs `pip install -r tools/requirements-eval.txt`.
 
