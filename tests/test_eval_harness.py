@@ -400,3 +400,161 @@ def test_cli_defaults():
                                                          "--include_path", eh.TASK_DIR]
     assert eh.with_defaults(["--model", "hf", "--include_path", "x"]) == ["--model", "hf", "--include_path", "x"]
     assert eh.with_defaults(["ls", "tasks"]) == ["ls", "tasks"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reliability: the task writer keeps what it did not write; sampling, results, Ctrl-C, memory
+# ---------------------------------------------------------------------------------------------
+
+
+def write_toy_tasks_cli(*args):
+    """`python -m tools.eval_harness --write-toy-tasks ARGS`: its exit status (0 when it returns)."""
+    try:
+        eh.main(["--write-toy-tasks", *map(str, args)])
+    except SystemExit as exit:
+        return exit.code
+    return 0
+
+
+def folder(path):
+    return {f.name: f.read_text() for f in path.iterdir()}
+
+
+def test_task_writer_refuses_a_checkpoint_that_is_not_there(tmp_path, capsys):
+    """A typo (checkpoints/mx) used to read as the default spec: exit 0, and the task files of
+    the families it lacks deleted. Now one line and nothing touched."""
+    out = tmp_path / "tasks"
+    assert write_toy_tasks_cli("--checkpoint", os.path.join(ROOT, "checkpoints", "mix"), "--out", out) == 0
+    before = folder(out)
+    assert "toy_long.yaml" in before and "toy_pair.jsonl" in before
+    assert write_toy_tasks_cli("--checkpoint", tmp_path / "mx", "--out", out) == 2
+    assert f"--checkpoint {tmp_path / 'mx'}: no such checkpoint directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()  # a folder that is no checkpoint (a parent folder, say)
+    assert write_toy_tasks_cli("--checkpoint", tmp_path / "empty", "--out", out) == 2
+    assert "is not a checkpoint: it holds neither task.json nor config.json" in capsys.readouterr().err
+    assert folder(out) == before
+
+
+def test_task_writer_writes_beside_files_it_does_not_own(tmp_path, capsys):
+    """Only files the writer wrote itself (its manifest, with hashes) are replaced or removed:
+    a same-named file of the user's (or one edited since) stops the run before anything is
+    written; other files stay; its own files of families the new spec lacks go."""
+    out = tmp_path / "tasks"
+    out.mkdir()
+    (out / "toy_short.yaml").write_text("# my own task\n")
+    assert write_toy_tasks_cli("--out", out) == 2
+    assert "toy_short.yaml, not written by --write-toy-tasks" in capsys.readouterr().err
+    assert folder(out) == {"toy_short.yaml": "# my own task\n"}
+
+    (out / "toy_short.yaml").unlink()
+    (out / "toy_mine.yaml").write_text("task: toy_mine\n")  # a task of the user's, beside the toy ones
+    assert write_toy_tasks_cli("--checkpoint", os.path.join(ROOT, "checkpoints", "mix"), "--out", out) == 0
+    (out / "toy_pair.yaml").write_text((out / "toy_pair.yaml").read_text() + "# edited\n")  # the user's now
+    assert write_toy_tasks_cli("--out", out) == 0  # the shipped checkpoint: the short family only
+    names = set(folder(out))
+    assert {"toy_short.yaml", "toy_mine.yaml", "toy_pair.yaml"} <= names  # its own, the user's, an edited one
+    assert not names & {"toy_long.yaml", "toy_long.jsonl", "toy_long_mc.yaml", "toy_pair.jsonl"}  # its stale ones
+    assert "kept toy_mine.yaml, toy_pair.yaml in" in capsys.readouterr().err
+    assert json.loads((out / eh.MANIFEST).read_text()).keys() == {
+        "toy_spec.json", "toy_short.jsonl", "toy_short.yaml", "toy_short_mc.jsonl", "toy_short_mc.yaml"}
+
+
+def sampled_responses(batch_size, prompts):
+    """generate_until at temperature 2, where the toy model's samples vary (one prompt asked twice,
+    as lm-eval's `repeats` asks)."""
+    from lm_eval.api.instance import Instance
+
+    lm = eh.DiffusionLM(**MODEL_ARGS, temperature=2.0, batch_size=batch_size)
+    requests = [Instance("generate_until", {}, (p, {"until": [], "max_gen_toks": 32}), i)
+                for i, p in enumerate(prompts)]
+    return lm.generate_until(requests)
+
+
+def test_sampled_responses_do_not_depend_on_batch_size():
+    """The seed is per request: at temperature > 0 a response is the same at batch_size 1, 2 or
+    4 (decode.generate draws one noise tensor for the whole batch, so sampled requests are decoded
+    one at a time). Each response is decode.generate on its prompt alone with the request's seed."""
+    problems = short_family().test_set(3)
+    prompts = [problems[0].prompt, problems[1].prompt, problems[0].prompt, problems[2].prompt]
+    alone = sampled_responses(1, prompts)
+    assert sampled_responses(2, prompts) == alone and sampled_responses(4, prompts) == alone
+    model = load_model(SHIPPED, device="cpu")
+    cfg = DecodeConfig.for_model(model.config, **DECODE, temperature=2.0)
+    greedy = bench_responses(problems, batch_size=1)
+    expected = []
+    for i, p in enumerate(prompts):
+        ids = task.encode(p)
+        generator = torch.Generator().manual_seed(eh.request_seed(1234, ids, prompts[:i].count(p)))
+        out = generate(model, torch.tensor([ids]), cfg, generator=generator).generated[0].tolist()
+        expected.append(task.decode(out))
+    assert alone == expected
+    assert alone[:2] + alone[3:] != greedy, "temperature 2 should sample something else than the argmax somewhere"
+    assert alone[0] != alone[2], "a repeated request should get a sample of its own"
+
+
+def run_cli(monkeypatch, *args):
+    """`python -m tools.eval_harness --tasks toy_short --limit 2 ARGS` in this process: its exit
+    status (0 when it returns) and stderr's last line."""
+    import lm_eval.tasks
+
+    class OurTasksOnly(lm_eval.tasks.TaskManager):  # without the index of lm-eval's ~200 task folders (slow)
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "include_defaults": False})
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", OurTasksOnly)
+    monkeypatch.setattr(sys, "argv", ["eval_harness"])
+    argv = ["--tasks", "toy_short", "--limit", "2", "--model_args", "gen_length=32,steps=8", *map(str, args)]
+    try:
+        eh.main(argv)
+    except SystemExit as exit:
+        return (1 if isinstance(exit.code, str) else exit.code), exit.code
+    except BaseException as raw:  # noqa: B036 (a raw KeyboardInterrupt would otherwise stop pytest itself)
+        pytest.fail(f"raw {type(raw).__name__}: {raw}")
+    return 0, None
+
+
+def test_an_unwritable_output_path_fails_before_the_run(tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("")
+    status, message = run_cli(monkeypatch, "--output_path", tmp_path / "a_file" / "out")
+    assert status == 1
+    assert message == f"python -m tools.eval_harness: error: --output_path {tmp_path / 'a_file' / 'out'}: cannot " \
+                      f"write there (Not a directory)"
+
+
+def test_results_are_renamed_into_place_or_the_run_fails(tmp_path, monkeypatch):
+    """lm-eval writes into a staging folder beside the output and the files are renamed into
+    place when complete; where lm-eval could not save them (it warns and exits 0 alone), the
+    run fails."""
+    from lm_eval.loggers.evaluation_tracker import EvaluationTracker
+
+    out = tmp_path / "results"
+    assert run_cli(monkeypatch, "--output_path", out / "run.json", "--log_samples") == (0, None)
+    names = sorted(f.name for f in out.iterdir())
+    assert len(names) == 2 and names[0].startswith("run_") and names[1].startswith("samples_toy_short_")
+    assert json.loads((out / names[0]).read_text())["results"]["toy_short"]["alias"] == "toy_short"
+    monkeypatch.setattr(EvaluationTracker, "save_results_aggregated", lambda self, *a, **k: None)  # saves nothing
+    status, message = run_cli(monkeypatch, "--output_path", out / "again.json")
+    assert status == 1 and "lm-eval could not save the results to --output_path" in message
+    assert sorted(f.name for f in out.iterdir()) == names  # no staging folder left behind
+
+
+@pytest.mark.parametrize("error, code, message", [
+    (KeyboardInterrupt(), 130, None),
+    (torch.OutOfMemoryError("CUDA out of memory"), 1, "python -m tools.eval_harness: error: out of memory: use a "
+                                                      "smaller batch_size in --model_args"),
+    (MemoryError(), 1, "python -m tools.eval_harness: error: out of memory"),
+])
+def test_ctrl_c_and_out_of_memory_are_one_line(error, code, message, tmp_path, monkeypatch, capsys):
+    def stop(self, requests):
+        raise error
+
+    monkeypatch.setattr(eh.DiffusionLM, "generate_until", stop)
+    status, text = run_cli(monkeypatch, "--output_path", tmp_path / "out")
+    assert status == code
+    if code == 130:
+        text = capsys.readouterr().err.strip().splitlines()[-1]
+        assert text == f"python -m tools.eval_harness: interrupted; nothing was saved to {tmp_path / 'out'} (lm-eval " \
+                       "saves its results at the end)"
+    else:
+        assert text.startswith(message) and "\n" not in text
+    assert list((tmp_path / "out").iterdir()) == []  # no staging folder left behind

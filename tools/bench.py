@@ -233,16 +233,34 @@ def problem_sets(args, families) -> dict[int, list]:
     return sets
 
 
-def bench(args, model, families, problem_sets):
-    rows = []
+def plan_rows(args, model, problem_sets) -> list[tuple[int, str, object]]:
+    """Every (G, method, config) of the run, built before anything is decoded. A method whose
+    settings do not fit a length (blocks of 64 in a 96-token window) is left out with one line
+    saying why, so a run never dies halfway with its finished rows unwritten."""
+    plan = []
+    for G in problem_sets:
+        for name in args.methods:
+            try:
+                plan.append((G, name, method_config(model, name, G, args.block_length, args.quirks)))
+            except ValueError as err:
+                print(f"bench.py: skipped {name} at --lengths {G}: {err}", file=sys.stderr)
+    return plan
+
+
+def bench(args, model, families, problem_sets, plan, rows: list, progress: dict) -> list[dict]:
+    """One row per entry of `plan`, appended to `rows` as it finishes; `progress` names the row
+    being decoded (what an interrupted run reports)."""
     for G, problems in problem_sets.items():
+        if not any(length == G for length, _, _ in plan):
+            continue  # every method was skipped at this length
         # Warm-up (allocator, kernels) so the first timed row is not penalised.
+        progress["at"] = f"the warm-up at --lengths {G}"
         decode_all(model, problems[:1], DecodeConfig.for_model(model.config, gen_length=args.block_length,
                                                                block_length=args.block_length,
                                                                steps=args.block_length), 1)
         vanillas = {}  # block length -> (outputs, seconds, right) of the vanilla row at that block length
-        for name in args.methods:
-            config = method_config(model, name, G, args.block_length, args.quirks)
+        for name, config in [(name, config) for length, name, config in plan if length == G]:
+            progress["at"] = f"{name} at --lengths {G}"
             print(f"[G={G}] {name}: {len(problems)} problems ...", file=sys.stderr, flush=True)
             extras = []
             outputs, nfe, query, seconds = decode_all(model, problems, config, args.batch_size, extras)
@@ -344,14 +362,31 @@ SUMMARY = [("method", "method"), ("block", "block"), ("accuracy", "accuracy [95%
 
 
 def summary(files: list[str]) -> str:
-    """The README's short table from bench.json files: one row per method, its run's command above."""
+    """The README's short table from bench.json files: one row per method, its run's command above.
+    A file that is missing, not JSON or not a bench.json is a ValueError naming it."""
+    if not files:
+        raise ValueError("give one or more bench.json files: --summary RUN/bench.json ...")
     lines = ["| " + " | ".join(h for _, h in SUMMARY) + " |", "|" + "---|" * len(SUMMARY)]
     commands = []
     for file in files:
-        with open(file) as f:
-            run = json.load(f)
+        try:
+            with open(file, encoding="utf-8") as f:
+                run = json.load(f)
+        except OSError as err:
+            raise ValueError(f"{file}: cannot read it ({err.strerror or err})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:  # (JSONDecodeError is a ValueError)
+            raise ValueError(f"{file}: not a JSON file ({err})") from None
+        rows = run.get("rows") if isinstance(run, dict) else None
+        if not (isinstance(run, dict) and isinstance(run.get("command"), str) and isinstance(rows, list)
+                and all(isinstance(r, dict) and "method" in r for r in rows)):
+            raise ValueError(f"{file}: not a bench.json (expected a 'command' string and 'rows', each with a "
+                             f"'method'; a sweep.json has no summary)")
         commands.append(run["command"])
-        lines += ["| " + " | ".join(cell(r, k) if k in r else "–" for k, _ in SUMMARY) + " |" for r in run["rows"]]
+        for i, r in enumerate(rows):
+            try:
+                lines.append("| " + " | ".join(cell(r, k) if k in r else "–" for k, _ in SUMMARY) + " |")
+            except (TypeError, ValueError, IndexError) as err:  # a value of the wrong kind, e.g. "accuracy": "high"
+                raise ValueError(f"{file}: row {i} ({r['method']!r}) has a value of the wrong type ({err})") from None
     return "\n".join(commands) + "\n\n" + "\n".join(lines)
 
 
@@ -367,25 +402,36 @@ def markdown(rows, header_note: str, families) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def sweep(args, model, families) -> list[dict]:
-    """One row per (series, value, family): accuracy and mean NFE per problem."""
-    G = args.lengths[0]
-    problems = problems_for(families, G, args.problems, args.shots)
-    rows = []
+def sweep_plan(args, model) -> list[tuple[str, float, DecodeConfig]]:
+    """Every (series, value, config) of the sweep, built before anything is decoded; a point whose
+    settings do not fit (8 tokens per step in blocks of 4) is left out with one line saying why."""
+    G, plan = args.lengths[0], []
+    settings = dict(gen_length=G, block_length=args.block_length, steps=G, cache=args.sweep_cache, quirks=args.quirks)
     for series, values in SWEEP.items():
         for value in values:
-            settings = dict(gen_length=G, block_length=args.block_length, steps=G, cache=args.sweep_cache,
-                            quirks=args.quirks)
-            config = DecodeConfig.for_model(model.config, **{**settings, **sweep_overrides(series, value, G)})
-            print(f"[G={G}] {series} {value}: {len(problems)} problems ...", file=sys.stderr, flush=True)
-            for name in dict.fromkeys(p.family for p in problems):
-                group = [p for p in problems if p.family == name]
-                outputs, nfe, _, seconds = decode_all(model, group, config, args.batch_size)
-                rows.append({"series": series, "value": value, "family": name, "problems": len(group),
-                             "accuracy": score_by_family(group, outputs, families)[name],
-                             "nfe": nfe / len(group), "seconds": seconds,
-                             "example": task.decode(outputs[0])})
-                print(f"  {name}: {100 * rows[-1]['accuracy']:.1f}% at NFE {rows[-1]['nfe']:.1f}", file=sys.stderr)
+            try:
+                plan.append((series, value, DecodeConfig.for_model(model.config, **{**settings,
+                                                                                   **sweep_overrides(series, value, G)})))
+            except ValueError as err:
+                print(f"bench.py: skipped the sweep's {series} {value:g}: {err}", file=sys.stderr)
+    return plan
+
+
+def sweep(args, model, families, plan, rows: list, progress: dict) -> list[dict]:
+    """One row per (series, value, family), appended to `rows`: accuracy and mean NFE per problem."""
+    G = args.lengths[0]
+    problems = problems_for(families, G, args.problems, args.shots)
+    for series, value, config in plan:
+        progress["at"] = f"the sweep's {series} {value:g}"
+        print(f"[G={G}] {series} {value}: {len(problems)} problems ...", file=sys.stderr, flush=True)
+        for name in dict.fromkeys(p.family for p in problems):
+            group = [p for p in problems if p.family == name]
+            outputs, nfe, _, seconds = decode_all(model, group, config, args.batch_size)
+            rows.append({"series": series, "value": value, "family": name, "problems": len(group),
+                         "accuracy": score_by_family(group, outputs, families)[name],
+                         "nfe": nfe / len(group), "seconds": seconds,
+                         "example": task.decode(outputs[0])})
+            print(f"  {name}: {100 * rows[-1]['accuracy']:.1f}% at NFE {rows[-1]['nfe']:.1f}", file=sys.stderr)
     return rows
 
 
@@ -396,7 +442,8 @@ def sweep_markdown(rows, header_note: str) -> str:
     lines = [header_note, "", "| rule | value | " + " | ".join(f"{f} acc (NFE)" for f in fams) + " |",
              "|---|---|" + "---|" * len(fams)]
     for series, value in dict.fromkeys((r["series"], r["value"]) for r in rows):
-        cells = [f"{100 * c['accuracy']:.0f}% ({c['nfe']:.1f})" for f in fams if (c := cell[(series, value, f)])]
+        cells = [f"{100 * c['accuracy']:.0f}% ({c['nfe']:.1f})" if (c := cell.get((series, value, f))) else "–"
+                 for f in fams]  # (a family a stopped run never reached: –)
         lines.append(f"| {series} | {value:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -474,6 +521,53 @@ def profile_dual_step(model, gen_length: int, block_length: int, repeats: int = 
 
 
 # ---------------------------------------------------------------------------------------------
+# Result files: written whole or not at all
+# ---------------------------------------------------------------------------------------------
+
+
+def publish(staged: list[tuple[str, str]]) -> None:
+    """Rename each complete, fsynced (temporary, final) path pair into place with os.replace,
+    atomic on POSIX and Windows: a reader sees the old file or the new one, never a part. Then
+    sync the folders, so the renames survive a power cut too."""
+    for tmp, path in staged:
+        os.replace(tmp, path)
+    if os.name == "posix":  # (Windows has no folder handle to sync)
+        for folder in dict.fromkeys(os.path.dirname(path) or "." for _, path in staged):
+            fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def write_files(folder: str, files: dict[str, str]) -> list[str]:
+    """Write `files` (name -> text, UTF-8) into `folder`: all of them, each whole, or none.
+
+    Each text goes to a temporary file beside its target and is flushed to the disk (fsync);
+    only when every one is written are they renamed into place (`publish`). A full disk or a
+    crash while writing leaves the earlier files whole and matching each other, never a truncated
+    bench.json beside a newer bench.md (git writes its index the same way: a lock file, then a
+    rename). Only a crash between two of the renames, which need no space, could leave a new file
+    beside an old one. Returns the paths written.
+    """
+    staged = []
+    try:
+        for name, text in files.items():
+            tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+            staged.append((tmp, os.path.join(folder, name)))
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        publish(staged)
+    finally:
+        for tmp, _ in staged:  # what was not renamed (a failed write) leaves nothing behind
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return [path for _, path in staged]
+
+
+# ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
 
@@ -488,10 +582,62 @@ def cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
+def out_of_memory(err: BaseException) -> bool:
+    """Whether `err` says memory ran out: torch's OutOfMemoryError (CUDA), Python's MemoryError,
+    or the RuntimeError torch's CPU allocator raises ("can't allocate memory")."""
+    return (isinstance(err, (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError))
+            or isinstance(err, RuntimeError) and "can't allocate memory" in str(err))
+
+
+def partial_name(name: str) -> str:
+    """Where a stopped run's finished rows go, beside the complete results: bench.json -> bench.partial.json."""
+    stem, ext = os.path.splitext(name)
+    return f"{stem}.partial{ext}"
+
+
 def main(argv=None):
+    """Run the benchmark. A stopped run ends with one line: Ctrl-C with exit status 130 (128 +
+    SIGINT), out of memory with 1 and what to reduce. Either way the rows it finished are written
+    beside the earlier results (bench.partial.json, bench.partial.md), never over them."""
+    rows, progress = [], {}
+    try:
+        run(argv, rows, progress)
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        sys.stderr.write(f"\nbench.py: interrupted at {progress.get('at', 'the start')}{kept(rows, progress)}\n")
+        sys.exit(130)
+    except (RuntimeError, MemoryError) as err:
+        if not out_of_memory(err):
+            raise
+        batch = f" (now {progress['batch_size']})" if "batch_size" in progress else ""
+        sys.exit(f"bench.py: error: out of memory at {progress.get('at', 'the start')}: use a smaller --batch-size"
+                 f"{batch}, shorter --lengths or fewer --shots{kept(rows, progress)}")
+
+
+def kept(rows: list, progress: dict) -> str:
+    """Write a stopped run's finished rows as *.partial.* files; what to tell the user about them."""
+    if not rows:
+        return "; no row had finished, nothing was written"
+    if "files" not in progress:  # stopped while writing the complete results: all or none of them
+        return "; the result files are whole (the earlier ones or this run's)"
+    rows = list(rows)
+    finished = f"{len(rows)} finished row{'s' * (len(rows) != 1)}"
+    try:
+        files = progress["files"](rows)
+        paths = write_files(progress["out"], {partial_name(n): t for n, t in files.items()})
+    except OSError as err:
+        return f"; the {finished} could not be written ({err.strerror or err})"
+    return f"; {finished} written to {', '.join(paths)} (the earlier results are unchanged)"
+
+
+def run(argv, rows: list, progress: dict):
+    """The benchmark's command line; appends each finished result row to `rows`."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--summary"]:  # the short table of earlier runs: --summary RUN/bench.json ...
-        return print(summary(argv[1:]))
+        try:
+            return print(summary(argv[1:]))
+        except ValueError as err:
+            sys.exit(f"bench.py --summary: error: {err}")
     if "--scale" in argv:  # per-forward cost at model scale: bench_scale.py, with flags of its own
         return bench_scale.main([a for a in argv if a != "--scale"], prog="-m tools.bench --scale")
     ap = argparse.ArgumentParser(description="Benchmark decoding methods on the trained checkpoint.")
@@ -526,6 +672,9 @@ def main(argv=None):
     for flag in ("batch_size", "block_length", "threads"):
         if getattr(args, flag) < 1:
             ap.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    cpus = os.cpu_count() or 1
+    if args.threads > cpus:  # (as train.py: more threads than CPUs only contend, and 10^5 crash torch)
+        ap.error(f"--threads must be in 1..{cpus} (this machine's CPUs), got {args.threads}")
     if not 0 <= args.shots <= task.MAX_SHOTS:
         ap.error(f"--shots must be in 0..{task.MAX_SHOTS}, got {args.shots}")
     args.lengths = args.lengths or ([64] if args.sweep else [64, 256, 1024])
@@ -561,24 +710,41 @@ def main(argv=None):
     note = (f"`{command}` — checkpoint {os.path.relpath(args.model, ROOT)}, {args.shots}-shot, block length "
             f"{args.block_length}, batch size {args.batch_size}, temperature 0, "
             f"{'the original code (quirks on)' if args.quirks else 'the papers' + chr(39) + ' rules (quirks off)'}, {device}")
-    started = time.perf_counter()
+    # Every row's settings, built before anything is decoded (vanilla rows first: the others'
+    # speedups and differences are relative to them).
     if args.sweep:
-        rows = sweep(args, model, families)
-        table = sweep_markdown(rows, note + f", G = {args.lengths[0]}, cache {args.sweep_cache}")
-        files = {"sweep.json": json.dumps({"command": note, "rows": rows}, indent=1), "sweep.md": table,
-                 "sweep.svg": sweep_svg(rows, args.lengths[0], f"Accuracy vs NFE, G = {args.lengths[0]}, "
-                                        f"block {args.block_length}, {args.shots}-shot, cache {args.sweep_cache}")}
+        plan = sweep_plan(args, model)
     else:
-        # The vanilla rows first: the others' speedups and differences are relative to them.
         args.methods = sorted(dict.fromkeys(args.methods), key=lambda m: not m.startswith("vanilla"))
-        rows = bench(args, model, families, sets)
-        note += f"; the run took {(time.perf_counter() - started) / 60:.1f} min"
-        table = markdown(rows, note, families)
-        files = {"bench.json": json.dumps({"command": note, "rows": rows}, indent=1), "bench.md": table}
-    print(table)
-    for name, text in files.items():
-        with open(os.path.join(args.out, name), "w") as f:
-            f.write(text)
+        plan = plan_rows(args, model, sets)
+    if not plan:
+        ap.error("no row of this run fits its settings (each one's reason is above)")
+    started = time.perf_counter()
+
+    def result_files(rows) -> dict[str, str]:
+        """The result files of `rows` (name -> text)."""
+        if args.sweep:
+            table = sweep_markdown(rows, note + f", G = {args.lengths[0]}, cache {args.sweep_cache}")
+            return {"sweep.json": json.dumps({"command": note, "rows": rows}, indent=1), "sweep.md": table,
+                    "sweep.svg": sweep_svg(rows, args.lengths[0], f"Accuracy vs NFE, G = {args.lengths[0]}, block "
+                                           f"{args.block_length}, {args.shots}-shot, cache {args.sweep_cache}")}
+        took = note + f"; the run took {(time.perf_counter() - started) / 60:.1f} min"
+        return {"bench.json": json.dumps({"command": took, "rows": rows}, indent=1),
+                "bench.md": markdown(rows, took, families)}
+
+    progress.update(out=args.out, files=result_files, batch_size=args.batch_size)
+    if args.sweep:
+        sweep(args, model, families, plan, rows, progress)
+    else:
+        bench(args, model, families, sets, plan, rows, progress)
+    progress.pop("files")  # done: nothing partial to write from here on
+    files = result_files(rows)
+    print(files["sweep.md" if args.sweep else "bench.md"])
+    try:  # all or none, each file whole: a full disk leaves the earlier results as they were
+        write_files(args.out, files)
+    except OSError as err:
+        sys.exit(f"bench.py: error: could not write the results to {args.out} ({err.strerror or err}); "
+                 f"the files there are unchanged")
 
 
 if __name__ == "__main__":

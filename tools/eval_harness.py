@@ -11,8 +11,9 @@ given; under `accelerate launch -m` or `torchrun -m` each process takes a share 
 
 Compared with LLaDA's and Fast-dLLM's `eval_llada.py`: prompts are left-padded with an attention
 mask; a task's `max_gen_toks` sets the generation length unless `gen_length` is given; the chat
-template is applied only under `--apply_chat_template`; Monte-Carlo masks are seeded per request,
-so a score does not depend on how requests are split across ranks. The toy tasks (tools/eval_tasks/,
+template is applied only under `--apply_chat_template`; Monte-Carlo masks and sampled responses
+are seeded per request, so a score does not depend on how requests are split across ranks or
+batches. The toy tasks (tools/eval_tasks/,
 rebuilt by `--write-toy-tasks`) are task.py's held-out problems; `--num_fewshot K` gives each the
 K-shot prompt of task.few_shot (seed 0). Needs `pip install -r tools/requirements-eval.txt`.
 
@@ -28,13 +29,16 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import hashlib
 import itertools
 import json
 import logging
 import math
 import os
 import random
+import shutil
 import sys
+import tempfile
 import time
 import types
 import typing
@@ -44,7 +48,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tools import task
+from tools import bench, task
 from decode import DecodeConfig, generate, left_pad
 
 try:
@@ -481,7 +485,12 @@ class DiffusionLM(LM):
         """Decode every request with decode.generate; cut each response at its first stop string.
 
         Consecutive requests with the same settings are batched (left padding plus an attention
-        mask); a prompt longer than the model allows keeps its last tokens.
+        mask); a prompt longer than the model allows keeps its last tokens. Where decoding draws
+        random numbers (temperature > 0, or random remasking), each request is decoded alone with
+        a generator seeded by `seed` and the request (its prompt, and which repeat of it this is):
+        decode.generate draws one (B, L, V) noise tensor per step for the whole batch, so a row's
+        draws would depend on its neighbours and on the padding. A sampled response is thus the
+        same at any batch_size or rank; the cost is that sampled requests are never batched.
         """
         from tqdm import tqdm
 
@@ -498,12 +507,22 @@ class DiffusionLM(LM):
             until = gen_kwargs.get("until") or []
             prepared.append((ids, [until] if isinstance(until, str) else list(until), config))
 
-        # Batches: runs of consecutive requests that share settings, at most batch_size long.
+        # Each request's seed: the run's seed, its prompt, and how many identical requests came
+        # before it (lm-eval's `repeats` asks for several samples of one prompt).
+        seen, seeds = {}, []
+        for ids, _, _ in prepared:
+            key = json.dumps(ids)
+            seen[key] = repeat = seen.get(key, -1) + 1
+            seeds.append(request_seed(self.config.seed, ids, repeat))
+
+        # Batches: runs of consecutive requests that share settings, at most batch_size long;
+        # one request each where decoding draws random numbers.
         batches, start = [], 0
         while start < len(prepared):
+            config = prepared[start][2]
+            size = 1 if config.temperature > 0 or config.remasking == "random" else self.config.batch_size
             end = start + 1
-            while (end < len(prepared) and end - start < self.config.batch_size
-                   and prepared[end][2] == prepared[start][2]):
+            while end < len(prepared) and end - start < size and prepared[end][2] == config:
                 end += 1
             batches.append((start, end))
             start = end
@@ -515,7 +534,7 @@ class DiffusionLM(LM):
             ids, mask = left_pad(prompts, self.pad_id)  # (B, P) each
             # Rows of one length need no mask: the unmasked forward is then the same as bench.py's.
             mask = None if all(len(p) == len(prompts[0]) for p in prompts) else mask.to(self.device)
-            generator = torch.Generator(device=self.device).manual_seed(request_seed(self.config.seed, prompts[0]))
+            generator = torch.Generator(device=self.device).manual_seed(seeds[start])  # (a batch of one where it draws)
             t0 = time.perf_counter()
             out = generate(self.model, ids.to(self.device), config, generator=generator, attention_mask=mask)
             seconds += time.perf_counter() - t0
@@ -651,33 +670,50 @@ def distractors(family, problem, count: int = 3) -> list[str]:
     return out
 
 
-def write_toy_tasks(out_dir: str = TASK_DIR, checkpoint: str = DEFAULT_CHECKPOINT, n: int = TOY_PROBLEMS) -> list[str]:
-    """Write the toy task files for every family of the checkpoint's task spec; returns their paths.
+MANIFEST = "toy_manifest.json"  # beside the task files: each file the writer wrote there, with its sha256
 
-    Per family: toy_<family>.yaml/.jsonl (generation, the family's own window as max_gen_toks);
-    for chain families also toy_<family>_mc.yaml/.jsonl (multiple choice). toy_spec.json keeps
-    the spec, so eval_tasks/utils.py scores and draws shots with the same families. Other toy_*
-    task files in out_dir (families of a previous checkpoint) are removed.
-    """
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def owned_files(out_dir: str) -> dict[str, str]:
+    """{name: sha256} of the files in out_dir that --write-toy-tasks wrote (its manifest says so)
+    and nobody changed since (the file still has the recorded hash): the only ones it may
+    replace or remove. A missing or unreadable manifest owns nothing."""
+    try:
+        with open(os.path.join(out_dir, MANIFEST), encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    owned = {}
+    for name, digest in (manifest.items() if isinstance(manifest, dict) else ()):
+        if not (isinstance(name, str) and name == os.path.basename(name) and name.startswith("toy_")):
+            continue  # only plain toy_* names in out_dir itself, whatever the manifest says
+        try:
+            with open(os.path.join(out_dir, name), encoding="utf-8") as f:
+                if sha256(f.read()) == digest:
+                    owned[name] = digest
+        except (OSError, UnicodeDecodeError):
+            pass
+    return owned
+
+
+def toy_task_files(checkpoint: str, n: int) -> dict[str, str]:
+    """{file name: text} of the toy tasks for every family of the checkpoint's task spec."""
     spec = task.load_task(checkpoint)
     name = os.path.relpath(checkpoint, ROOT) if os.path.abspath(checkpoint).startswith(ROOT) else checkpoint
     few_shot = FEW_SHOT_YAML.format(separator=json.dumps(task.SHOT_SEPARATOR))
-    written = []
-
-    def write(file, text):
-        with open(os.path.join(out_dir, file), "w") as f:
-            f.write(text)
-        written.append(os.path.join(out_dir, file))
 
     def jsonl(rows):
         return "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows)
 
-    write("toy_spec.json", json.dumps(spec, indent=2, sort_keys=True) + "\n")
+    files = {"toy_spec.json": json.dumps(spec, indent=2, sort_keys=True) + "\n"}
     for family, fam in task.families_for(spec).items():
         problems = fam.test_set(n)  # pair has only 13 distinct problems
-        write(f"toy_{family}.jsonl", jsonl(dataclasses.asdict(p) for p in problems))
-        write(f"toy_{family}.yaml", GENERATE_YAML.format(family=family, checkpoint=name, gen_length=fam.gen_length,
-                                                         few_shot=few_shot))
+        files[f"toy_{family}.jsonl"] = jsonl(dataclasses.asdict(p) for p in problems)
+        files[f"toy_{family}.yaml"] = GENERATE_YAML.format(family=family, checkpoint=name, gen_length=fam.gen_length,
+                                                           few_shot=few_shot)
         if not isinstance(fam, task.Chain):
             continue  # pair has several right answers: no single multiple-choice key
         rows = []
@@ -685,13 +721,58 @@ def write_toy_tasks(out_dir: str = TASK_DIR, checkpoint: str = DEFAULT_CHECKPOIN
             choices = [p.answer] + distractors(fam, p)
             random.Random(i).shuffle(choices)  # the right answer's position varies, reproducibly
             rows.append(dict(dataclasses.asdict(p), choices=choices, gold=choices.index(p.answer)))
-        write(f"toy_{family}_mc.jsonl", jsonl(rows))
-        write(f"toy_{family}_mc.yaml", MC_YAML.format(family=family, checkpoint=name, few_shot=few_shot))
-    # Families the spec no longer has (another checkpoint's) leave no stale task behind.
-    for file in os.listdir(out_dir):
-        path = os.path.join(out_dir, file)
-        if file.startswith("toy_") and file.endswith((".yaml", ".jsonl")) and path not in written:
-            os.remove(path)
+        files[f"toy_{family}_mc.jsonl"] = jsonl(rows)
+        files[f"toy_{family}_mc.yaml"] = MC_YAML.format(family=family, checkpoint=name, few_shot=few_shot)
+    return files
+
+
+def write_toy_tasks(out_dir: str = TASK_DIR, checkpoint: str = DEFAULT_CHECKPOINT, n: int = TOY_PROBLEMS) -> list[str]:
+    """Write the toy task files for every family of the checkpoint's task spec; returns their paths.
+
+    Per family: toy_<family>.yaml/.jsonl (generation, the family's own window as max_gen_toks);
+    for chain families also toy_<family>_mc.yaml/.jsonl (multiple choice). toy_spec.json keeps
+    the spec, so eval_tasks/utils.py scores and draws shots with the same families.
+
+    Nothing the writer does not own is replaced or removed, as git will not clobber a file it
+    does not track: toy_manifest.json lists what it wrote, with hashes. A file of the same name
+    that it did not write (or that was edited since) stops the run before anything is written,
+    unless it already holds the new text; the writer's own files that the new spec no longer has
+    (another checkpoint's families) are removed, all others kept. The files are written all or
+    none (bench.write_files). A checkpoint directory that does not exist, or that holds neither
+    task.json nor config.json (a typo, a parent folder), is a ValueError: it would otherwise
+    read as the default spec.
+    """
+    if not os.path.isdir(checkpoint):
+        raise ValueError(f"--checkpoint {checkpoint}: no such checkpoint directory")
+    if not any(os.path.isfile(os.path.join(checkpoint, f)) for f in ("task.json", "config.json")):
+        raise ValueError(f"--checkpoint {checkpoint} is not a checkpoint: it holds neither task.json nor config.json")
+    files = toy_task_files(checkpoint, n)
+    os.makedirs(out_dir, exist_ok=True)
+    owned = owned_files(out_dir)
+    foreign = []  # same-named files the writer did not write and would change
+    for name, text in files.items():
+        path = os.path.join(out_dir, name)
+        if os.path.lexists(path) and name not in owned:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    same = f.read() == text
+            except (OSError, UnicodeDecodeError):
+                same = False
+            if not same:
+                foreign.append(name)
+    if foreign:
+        raise ValueError(f"{out_dir} holds {', '.join(foreign)}, not written by --write-toy-tasks (or changed "
+                         f"since): move {'them' if len(foreign) > 1 else 'it'} away or give another --out")
+    stale = sorted(set(owned) - set(files))  # the writer's own files of families the spec no longer has
+    files[MANIFEST] = json.dumps({name: sha256(text) for name, text in files.items()}, indent=1, sort_keys=True) + "\n"
+    written = bench.write_files(out_dir, files)
+    for name in stale:
+        os.remove(os.path.join(out_dir, name))
+    others = sorted(f for f in os.listdir(out_dir) if f.startswith("toy_") and f.endswith((".yaml", ".jsonl"))
+                    and f not in files)
+    if others:  # e.g. an earlier writer's files, or a user's: kept, but lm-eval still sees the .yaml ones
+        print(f"kept {', '.join(others)} in {out_dir}: not written by --write-toy-tasks, or changed since",
+              file=sys.stderr)
     return written
 
 
@@ -727,6 +808,50 @@ def check_model_args(argv: list[str]) -> None:
         parse_arg_string(",".join(words))
 
 
+def output_folder(output_path: str) -> str:
+    """The folder lm-eval writes into for --output_path: a .json path's folder, else the path itself."""
+    return (os.path.dirname(output_path) or ".") if output_path.endswith(".json") else output_path
+
+
+def stage_output(output_path: str) -> tuple[str, str]:
+    """Check that --output_path can be written, before the run; returns (a new empty staging
+    folder inside its folder, the output path to give lm-eval instead). lm-eval writes its result
+    files into the staging folder, and `publish_output` renames them into place when it is done,
+    so a result file is never seen half-written. lm-eval alone would evaluate for hours, then
+    warn that it could not save and exit 0."""
+    folder = output_folder(output_path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".dllm-staging-", dir=folder)
+    except OSError as err:
+        raise ValueError(f"--output_path {output_path}: cannot write there ({err.strerror or err})") from None
+    staged = os.path.join(staging, os.path.basename(output_path)) if output_path.endswith(".json") else staging
+    return staging, staged
+
+
+def publish_output(output_path: str, staging: str) -> None:
+    """Move lm-eval's finished result files from `staging` to their place under --output_path,
+    each fsynced and renamed (bench.publish). On the process that gathers the results (rank 0),
+    no results file means lm-eval could not save them: an error, not a warning and exit 0."""
+    folder = output_folder(output_path)
+    staged = []
+    for here, _, names in os.walk(staging):
+        for name in names:
+            tmp = os.path.join(here, name)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            final = os.path.join(folder, os.path.relpath(tmp, staging))
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            staged.append((tmp, final))
+    rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+    if rank == 0 and not any(not os.path.basename(f).startswith("samples_") for f, _ in staged):
+        raise ValueError(f"lm-eval could not save the results to --output_path {output_path} (its warning above "
+                         "says why)")
+    bench.publish(staged)
+    for _, final in staged:
+        log.info("saved %s", final)
+
+
 def close_process_group() -> None:
     """Leave the launcher's process group cleanly (torch warns at exit otherwise)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -743,21 +868,54 @@ def main(argv: list[str] | None = None) -> None:
                                      description="Write the toy lm-eval task files from task.py's held-out problems.")
         ap.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="checkpoint whose task.json fixes the task")
         ap.add_argument("--problems", type=int, default=TOY_PROBLEMS, help="problems per family")
-        ap.add_argument("--out", default=TASK_DIR, help="where the task files go")
+        ap.add_argument("--out", default=TASK_DIR, help="where the task files go (files it did not write are kept)")
         args = ap.parse_args(argv[1:])
-        for path in write_toy_tasks(args.out, args.checkpoint, args.problems):
-            print(path)
+        if not 1 <= args.problems <= task.HELD_OUT:
+            ap.error(f"--problems must be in 1..{task.HELD_OUT} (each family's held-out set), got {args.problems}")
+        try:
+            paths = write_toy_tasks(args.out, args.checkpoint, args.problems)
+        except ValueError as err:
+            ap.error(str(err))
+        except OSError as err:
+            ap.exit(1, f"{ap.prog}: error: could not write the task files to {args.out} ({err.strerror or err})\n")
+        except KeyboardInterrupt:
+            ap.exit(130, f"\n{ap.prog}: interrupted; the files in {args.out} are unchanged\n")
+        print("\n".join(paths))
         return
 
-    from lm_eval.__main__ import cli_evaluate
+    from lm_eval._cli import HarnessCLI
+    from lm_eval.utils import setup_logging
 
     sys.argv = [sys.argv[0]] + with_defaults(argv)
+    output, staging = None, None
     try:
         check_model_args(argv)
-        cli_evaluate()
+        # lm-eval's own command line (lm_eval.__main__.cli_evaluate), with its output path
+        # checked before the run and its result files staged and renamed into place after it.
+        setup_logging()
+        cli = HarnessCLI()
+        args = cli.parse_args()
+        output = getattr(args, "output_path", None)
+        if output:
+            staging, args.output_path = stage_output(output)
+        cli.execute(args)
+        if staging:
+            publish_output(output, staging)
+    except KeyboardInterrupt:
+        sys.stdout.flush()
+        saved = f"; nothing was saved to {output} (lm-eval saves its results at the end)" if output else ""
+        sys.stderr.write(f"\npython -m tools.eval_harness: interrupted{saved}\n")
+        sys.exit(130)
     except (ValueError, NotImplementedError) as err:
         sys.exit(f"python -m tools.eval_harness: error: {err}")
+    except (RuntimeError, MemoryError) as err:
+        if not bench.out_of_memory(err):
+            raise
+        sys.exit("python -m tools.eval_harness: error: out of memory: use a smaller batch_size in --model_args "
+                 "(requests decoded together; Monte-Carlo samples per forward), or a shorter gen_length")
     finally:
+        if staging:
+            shutil.rmtree(staging, ignore_errors=True)
         close_process_group()
 
 
