@@ -15,14 +15,15 @@ branches, merges, syncs and an exit chosen among branches are not a rule of one 
 
 Changed from the original: no monkey-patching or flash-attn; ragged blocks are padded with the
 cache's trash slot (`block_positions` weighs padding against packing); one request per call. The
-original's quirks are opt-in (`quirks=True`; decode.Quirks lists them), the paper's rules default.
+paper's rules are the default; `quirks=True` (decode.Quirks lists them) swaps in the original's
+methods, subclass mixins in the last section but one.
 
     config = BlockBatchConfig.for_model(model.config, gen_length=256, generator_variant="bulk")
     out = generate(model, prompt_ids, config)   # out.ids (1, P + G), out.nfe, out.extras["winner_block_size"]
 
 Shape legend: Br branches (one cache row each), R rows of one forward (Br or fewer), P prompt,
-G generation, L = P + G, Q query tokens of a forward, K a block, J top tokens stored per position,
-V vocabulary.
+G generation, L = P + G (a canvas; index L is the trash slot), Q query tokens of a forward, K
+positions whose logits a step reads (a block), J top tokens stored per position, V vocabulary.
 """
 
 from __future__ import annotations
@@ -65,32 +66,7 @@ class BlockBatchConfig:
     quirks: bool | Quirks = False  # reproduce the original code (True, or a decode.Quirks to choose)
 
     def __post_init__(self):
-        decode.check_int("gen_length", self.gen_length, low=1)
-        if not isinstance(self.block_sizes, (int, str, bytes)) and hasattr(self.block_sizes, "__iter__"):
-            self.block_sizes = tuple(self.block_sizes)  # a generator is read once, here
-        if not isinstance(self.block_sizes, tuple) or not self.block_sizes:
-            raise ValueError(f"block_sizes must be a non-empty list of integers, got {self.block_sizes!r}")
-        for b in self.block_sizes:
-            decode.check_int("every block size", b, low=1)
-            if self.gen_length % b != 0:
-                raise ValueError(f"gen_length {self.gen_length} is not divisible by block size {b}")
-        if len(set(self.block_sizes)) != len(self.block_sizes):
-            raise ValueError(f"block_sizes has duplicates (two identical branches): {list(self.block_sizes)}")
-        self.block_sizes = tuple(sorted(self.block_sizes))  # the original sorts ascending
-        decode.check_finite("threshold", self.threshold, low=0, high=1, low_open=True)
-        decode.check_finite("temperature", self.temperature, low=0)
-        decode.check_finite("conf_threshold", self.conf_threshold, low=0, high=1)
-        if self.remasking not in decode.REMASKING:
-            raise ValueError(f"unknown remasking {self.remasking!r}; use one of {decode.REMASKING}")
-        decode.check_int("refresh_block_size", self.refresh_block_size, low=1)
-        decode.check_int("sync_threshold", self.sync_threshold, low=0)
-        if self.generator_variant not in GENERATORS:
-            raise ValueError(f"unknown generator_variant {self.generator_variant!r}; use one of {GENERATORS}")
-        self.step_config = decode.DecodeConfig(  # the per-step settings in decode.py's terms (also checks quirks)
-            gen_length=self.gen_length, block_length=self.gen_length, steps=self.gen_length,
-            temperature=self.temperature, remasking=self.remasking, mask_id=self.mask_id, eos_id=self.eos_id,
-            threshold=self.threshold, quirks=self.quirks)
-        self.quirks = self.step_config.quirks
+        check_config(self)  # (the checks stand in the last section)
 
     @classmethod
     def for_model(cls, model_config, **kwargs) -> "BlockBatchConfig":
@@ -117,8 +93,8 @@ class BlockBatch:
         self.model, self.config, self.generator = model, config, generator
         self.pieces = decode.Pieces.for_config(config.step_config)  # decode.py's sampler and confidence
         self.rms = config.generator_variant == "rms"
-        self.x = torch.full((Br, L), config.mask_id, dtype=torch.long, device=device)  # (Br, L) the canvases
-        self.x[:, :P] = prompt.to(device)
+        self.canvas = torch.full((Br, L), config.mask_id, dtype=torch.long, device=device)  # (Br, L) the canvases
+        self.canvas[:, :P] = prompt.to(device)
         self.cache = KVCache.for_model(model.config, batch=Br, capacity=L, device=device, dtype=model.dtype)
         self.P, self.sizes = P, list(config.block_sizes)
         self.start = [P] * Br  # each branch's current block [start, end), on its own grid
@@ -141,7 +117,7 @@ class BlockBatch:
 
     @property
     def L(self) -> int:
-        return self.x.shape[1]
+        return self.canvas.shape[1]
 
     @property
     def everyone(self) -> list[int]:
@@ -151,7 +127,7 @@ class BlockBatch:
         return [i for i in self.everyone if not self.done[i]]
 
     def block_has_mask(self, i: int) -> bool:
-        return bool((self.x[i, self.start[i]:self.end[i]] == self.config.mask_id).any())
+        return bool((self.canvas[i, self.start[i]:self.end[i]] == self.config.mask_id).any())
 
     def leader(self) -> int:
         """The branch that decoded the most tokens (the first on ties, done branches included)."""
@@ -160,7 +136,7 @@ class BlockBatch:
     def snap_window(self, i: int) -> None:
         """Move branch i to the block, on its own grid, holding its first remaining mask (the
         original's update_block_window); with no mask left the branch is done."""
-        masks = (self.x[i, self.P:] == self.config.mask_id).nonzero()
+        masks = (self.canvas[i, self.P:] == self.config.mask_id).nonzero()
         if len(masks) == 0:
             self.done[i], self.start[i], self.end[i] = True, self.L, self.L
             return
@@ -183,16 +159,16 @@ class BlockBatch:
         queries only trash.
         """
         Q = max(max(self.end[i] - self.start[i] for i in rows), 1)
-        offsets = torch.arange(Q, device=self.x.device)  # (Q,)
-        pos = torch.tensor([self.start[i] for i in rows], device=self.x.device)[:, None] + offsets  # (R, Q)
-        stop = torch.tensor([self.end[i] for i in rows], device=self.x.device)[:, None]  # (R, 1)
+        offsets = torch.arange(Q, device=self.canvas.device)  # (Q,)
+        pos = torch.tensor([self.start[i] for i in rows], device=self.canvas.device)[:, None] + offsets  # (R, Q)
+        stop = torch.tensor([self.end[i] for i in rows], device=self.canvas.device)[:, None]  # (R, 1)
         return torch.where(pos < stop, pos, self.cache.trash)  # (R, Q)
 
     def forward(self, rows: list[int], positions: torch.Tensor, logits_range, real_tokens: int) -> torch.Tensor:
         """One batched forward of the rows' canvases at `positions` ((Q,) shared or (R, Q)), each
         against its own cache row; logits of the query indices logits_range, (R, K, V)."""
         sub = self.sub_cache(rows, copy_in=positions.dim() == 2)  # a full forward rewrites every slot
-        x = self.x[torch.tensor(rows, device=self.x.device)]  # (R, L)
+        x = self.canvas[torch.tensor(rows, device=self.canvas.device)]  # (R, L)
         tokens = x if positions.dim() == 1 else x.gather(1, positions.clamp(max=self.L - 1))  # (R, Q)
         window = decode.Window(positions, logits_range, positions.dim() == 1)
         logits = decode.model_forward(self.model, tokens, window, sub, None)  # (R, K, V)
@@ -214,7 +190,7 @@ class BlockBatch:
         c = self.cache
         sub = KVCache(c.n_layers, len(rows), c.k.shape[2], c.k.shape[4], c.length, device=c.k.device, dtype=c.k.dtype)
         if copy_in:
-            index = torch.tensor(rows, device=self.x.device)
+            index = torch.tensor(rows, device=self.canvas.device)
             sub.k.copy_(c.k.index_select(1, index))
             sub.v.copy_(c.v.index_select(1, index))
         return sub
@@ -222,7 +198,7 @@ class BlockBatch:
     def put_back(self, rows: list[int], sub: KVCache) -> None:
         """Write a sub-cache's rows home, each to its own branch row."""
         if sub is not self.cache:
-            index = torch.tensor(rows, device=self.x.device)
+            index = torch.tensor(rows, device=self.canvas.device)
             self.cache.k.index_copy_(1, index, sub.k)
             self.cache.v.index_copy_(1, index, sub.v)
 
@@ -233,7 +209,7 @@ class BlockBatch:
         each position keeps its tokens above 0.1 (float32 softmax, as the original's dicts)."""
         probs = F.softmax(logits.float(), dim=-1)  # (R, K, V)
         p, tok = probs.topk(self.top_tok.shape[-1], dim=-1)  # (R, K, J) each
-        index = torch.tensor(rows, device=self.x.device)[:, None].expand_as(positions)  # (R, K)
+        index = torch.tensor(rows, device=self.canvas.device)[:, None].expand_as(positions)  # (R, K)
         self.top_tok[index, positions] = tok
         self.top_p[index, positions] = torch.where(p > PROB_FLOOR, p, torch.zeros_like(p))
 
@@ -243,7 +219,7 @@ class BlockBatch:
         step, noise = self.config.step_config, decode.Noise()
         if step.temperature == 0 and step.remasking != "random":
             return noise
-        R, device = len(lengths), self.x.device
+        R, device = len(lengths), self.canvas.device
         if step.temperature > 0:
             noise.gumbel = torch.ones((R, Q, V), dtype=torch.float64, device=device)  # (R, Q, V)
         if step.remasking == "random":
@@ -259,12 +235,12 @@ class BlockBatch:
     def commit(self, rows: list[int], logits: torch.Tensor, positions: torch.Tensor) -> None:
         """Threshold commits inside each row's current block (at least one token where any is
         masked), vectorized over the rows. logits (R, K, V) at canvas positions (R, K)."""
-        device = self.x.device
+        device = self.canvas.device
         start = torch.tensor([self.start[i] for i in rows], device=device)[:, None]  # (R, 1)
         end = torch.tensor([self.end[i] for i in rows], device=device)[:, None]  # (R, 1)
         index = torch.tensor(rows, device=device)
         in_block = (positions >= start) & (positions < end)  # (R, K); trash is never inside
-        eligible = in_block & (self.x[index].gather(1, positions.clamp(max=self.L - 1)) == self.config.mask_id)
+        eligible = in_block & (self.canvas[index].gather(1, positions.clamp(max=self.L - 1)) == self.config.mask_id)
         # Where each row's block starts in the logits, and its length, for per-branch noise.
         noise = self.noise([self.end[i] - self.start[i] for i in rows], in_block.int().argmax(1).tolist(),
                            positions.shape[1], logits.shape[-1])
@@ -272,7 +248,7 @@ class BlockBatch:
         x0, conf = p.tokens, p.confidence  # (R, K) each
         chosen = decode.select_threshold(conf, self.config.threshold)  # (R, K)
         r, c = chosen.nonzero(as_tuple=True)
-        self.x[index[r], positions[r, c]] = x0[r, c]
+        self.canvas[index[r], positions[r, c]] = x0[r, c]
         self.commit_conf[index[r], positions[r, c]] = conf[r, c]
         for j, n in zip(rows, chosen.sum(1).tolist()):
             self.decoded[j] += n
@@ -282,12 +258,12 @@ class BlockBatch:
         probability the EOS exit compares branches by."""
         for r, i in enumerate(rows):
             s, e = self.start[i], self.end[i]
-            block = self.x[i, s:e]
+            block = self.canvas[i, s:e]
             if e <= s or bool((block == self.config.mask_id).any()) or not bool((block == self.config.eos_id).any()):
                 continue
             at = s + int((block == self.config.eos_id).int().argmax())
             self.hit_eos[i] = True
-            self.eos_prob[i] = eos_probability(self, i, at, logits[r], positions[r])
+            self.eos_prob[i] = self.eos_probability(i, at, logits[r], positions[r])
 
     # -- The steps: full forward (init, refresh) and the batched block step ---------------------
 
@@ -299,7 +275,7 @@ class BlockBatch:
         current block. The stored probabilities of the whole generation are replaced; rms checks
         EOS here too."""
         L, P = self.L, self.P
-        positions = torch.arange(L, device=self.x.device)  # (L,)
+        positions = torch.arange(L, device=self.canvas.device)  # (L,)
         if init:
             logits = self.forward([0], positions, (P, L), real_tokens=L)  # (1, G, V): cache row 0
             self.cache.k.copy_(self.cache.k[:, :1].expand_as(self.cache.k))  # the same K/V in every row
@@ -308,7 +284,7 @@ class BlockBatch:
         else:
             logits = self.forward(rows, positions, (P, L), real_tokens=len(rows) * L)  # (R, G, V)
             self.counts["refreshes"] += 1
-        gen = torch.arange(P, L, device=self.x.device).expand(len(rows), -1)  # (R, G)
+        gen = torch.arange(P, L, device=self.canvas.device).expand(len(rows), -1)  # (R, G)
         self.store_probs(rows, logits, gen)
         self.commit(rows, logits, gen)
         if self.rms:
@@ -349,10 +325,10 @@ class BlockBatch:
 
     def compatible(self, dst: int, srcs: list[int]) -> list[int]:
         """The sources that agree with dst wherever both have committed a token."""
-        mask_id, gd = self.config.mask_id, self.x[dst, self.P:]  # (G,)
+        mask_id, gd = self.config.mask_id, self.canvas[dst, self.P:]  # (G,)
         out = []
         for s in srcs:
-            gs = self.x[s, self.P:]  # (G,)
+            gs = self.canvas[s, self.P:]  # (G,)
             both = (gd != mask_id) & (gs != mask_id)
             if bool((gd[both] == gs[both]).all()):
                 out.append(s)
@@ -365,22 +341,22 @@ class BlockBatch:
         region scanned: bulk, the union of the sources' current blocks; rms, the whole generation
         up to the furthest source block end. Returns the tokens filled."""
         L, mask_id = self.L, self.config.mask_id
-        pos = torch.arange(L, device=self.x.device)  # (L,)
+        pos = torch.arange(L, device=self.canvas.device)  # (L,)
         if self.rms:
             region = (pos >= self.P) & (pos < min(L, max(self.end[s] for s in srcs)))
         else:
-            region = torch.zeros(L, dtype=torch.bool, device=self.x.device)
+            region = torch.zeros(L, dtype=torch.bool, device=self.canvas.device)
             for s in srcs:
                 region |= (pos >= self.start[s]) & (pos < self.end[s])
-        src_tok = self.x[srcs]  # (Ns, L), Ns sources
+        src_tok = self.canvas[srcs]  # (Ns, L), Ns sources
         # dst's stored probability of each source's token: the matching top slot, or 0.
         match = self.top_tok[dst, :L][None] == src_tok[..., None]  # (Ns, L, J)
         prob = (match * self.top_p[dst, :L][None]).sum(-1)  # (Ns, L)
         prob = torch.where(src_tok == mask_id, torch.zeros_like(prob), prob)
         best_p, best_s = prob.max(dim=0)  # (L,) each; the first source on ties
         best_tok = src_tok.gather(0, best_s[None]).squeeze(0)  # (L,)
-        fill = region & (self.x[dst] == mask_id) & (best_p > self.config.conf_threshold)  # (L,)
-        self.x[dst] = torch.where(fill, best_tok, self.x[dst])
+        fill = region & (self.canvas[dst] == mask_id) & (best_p > self.config.conf_threshold)  # (L,)
+        self.canvas[dst] = torch.where(fill, best_tok, self.canvas[dst])
         # A merged token's confidence is dst's own probability of it, the one the fill was judged by.
         self.commit_conf[dst] = torch.where(fill, best_p.to(self.commit_conf.dtype), self.commit_conf[dst])
         return int(fill.sum())
@@ -389,7 +365,7 @@ class BlockBatch:
         """Overwrite branch dst with the leader: canvas, cache row and decoded count; dst then
         moves to the block of its own grid holding its first mask. rms also takes the leader's
         EOS state."""
-        self.x[dst] = self.x[leader]
+        self.canvas[dst] = self.canvas[leader]
         self.commit_conf[dst] = self.commit_conf[leader]  # the tokens come with their confidences
         self.cache.k[:, dst] = self.cache.k[:, leader]
         self.cache.v[:, dst] = self.cache.v[:, leader]
@@ -446,11 +422,11 @@ class BlockBatch:
         after a sync the test sits at a tie by construction, so rounding decides some steps. Our
         keys are stored after RoPE, the original's before: the same rotation for every row at a
         position, so r^2 and rho^2 are equal up to that rounding."""
-        index = torch.tensor(rows, device=self.x.device)
+        index = torch.tensor(rows, device=self.canvas.device)
         n, L = len(rows), self.L
         dtype = torch.float64 if exact else torch.float32
-        r2 = torch.zeros(n, dtype=dtype, device=self.x.device)  # (n,)
-        rho2 = torch.zeros((), dtype=dtype, device=self.x.device)
+        r2 = torch.zeros(n, dtype=dtype, device=self.canvas.device)  # (n,)
+        rho2 = torch.zeros((), dtype=dtype, device=self.canvas.device)
         count = 0
         for layer in range(self.cache.n_layers):
             for buf in (self.cache.k, self.cache.v):
@@ -470,12 +446,30 @@ class BlockBatch:
         ready = [i for i in self.everyone if self.hit_eos[i] and not self.block_has_mask(i)]
         return max(ready, key=lambda i: self.eos_prob[i]) if ready else None
 
+    def eos_probability(self, i: int, at: int, logits: torch.Tensor, positions: torch.Tensor) -> float:
+        """The EOS probability the exit compares branches by: the confidence the EOS at `at` was
+        committed with (by a forward, a merge or a sync)."""
+        return float(self.commit_conf[i, at])
+
+    def natural_winner(self) -> int:
+        """The branch a natural exit (every branch complete) returns: the leader, the branch with
+        the most decoded tokens."""
+        return self.leader()
+
+    def refresh_due(self, rows: list[int]) -> bool:
+        """rms: whether the rows' caches have drifted apart (`divergence`, decided exactly)."""
+        rmax2, bound = self.divergence(rows, exact=True)
+        return rmax2 > bound
+
+    def finish(self, ids: torch.Tensor) -> None:
+        """The returned canvas (1, L): after an EOS exit, EOS (not masks) after the first EOS."""
+        decode.fill_after_eos(ids[:, self.P:], self.config.eos_id, self.config.mask_id)
+
     def result(self, winner: int, exit: str) -> decode.DecodeResult:
-        ids = self.x[winner:winner + 1].clone()  # (1, L)
-        if not self.config.quirks.blockbatch_masks_after_eos:  # after an EOS exit: EOS, not masks
-            decode.fill_after_eos(ids[:, self.P:], self.config.eos_id, self.config.mask_id)
+        ids = self.canvas[winner:winner + 1].clone()  # (1, L)
+        self.finish(ids)
         extras = dict(winner_block_size=self.sizes[winner], exit=exit, **self.counts, forwards=self.forwards,
-                      packed_query_tokens=self.packed_tokens, branch_ids=self.x.clone())
+                      packed_query_tokens=self.packed_tokens, branch_ids=self.canvas.clone())
         return decode.DecodeResult(ids=ids, nfe=self.nfe, query_tokens=self.query_tokens,
                                    masks_left=int((ids[:, self.P:] == self.config.mask_id).sum()),
                                    prompt_length=self.P, extras=extras)
@@ -508,7 +502,7 @@ def bulk(run: BlockBatch) -> tuple[int, str]:
         run.advance_all()
         run.merge_and_sync()
         refresh_if_asked()
-    return natural_winner(run), "natural"
+    return run.natural_winner(), "natural"
 
 
 def rms(run: BlockBatch) -> tuple[int, str]:
@@ -522,7 +516,7 @@ def rms(run: BlockBatch) -> tuple[int, str]:
     just_synced = run.merge_and_sync() > 0
     while not all(run.done):
         active = run.active()
-        if not just_synced and len(active) >= 2 and refresh_due(run, active):
+        if not just_synced and len(active) >= 2 and run.refresh_due(active):
             run.full_forward(active, init=False)
         else:
             run.block_step(run.everyone)
@@ -531,7 +525,7 @@ def rms(run: BlockBatch) -> tuple[int, str]:
             return winner, "eos"
         run.advance_all()
         just_synced = run.merge_and_sync() > 0
-    return natural_winner(run), "natural"
+    return run.natural_winner(), "natural"
 
 
 @torch.no_grad()
@@ -558,36 +552,89 @@ def generate(model, prompt_ids: torch.Tensor, config: BlockBatchConfig, generato
                          f"{prompt_ids.shape[0]} prompts: call generate once per prompt")
     if attention_mask is not None:
         prompt_ids = prompt_ids[:, attention_mask[0].bool()]  # (1, P') the real tokens
-    run = BlockBatch(model, prompt_ids, config, generator)
+    run = with_quirks(config)(model, prompt_ids, config, generator)
     winner, exit = (rms if run.rms else bulk)(run)
     return run.result(winner, exit)
 
 
 # ---------------------------------------------------------------------------------------------
-# The original's quirks (decode.Quirks names them; off unless config.quirks)
+# The original's quirks (decode.Quirks names them): BlockBatch's methods, swapped
 # ---------------------------------------------------------------------------------------------
 
 
-def eos_probability(run: BlockBatch, i: int, at: int, logits: torch.Tensor, positions: torch.Tensor) -> float:
-    """The EOS probability the exit compares branches by: the confidence the EOS at `at` was
-    committed with (by a forward, a merge or a sync). The original reads it from this forward's
-    logits (K, V) at that position, in bfloat16, though the EOS may have been decoded long before
-    (blockbatch_eos_prob_last_forward)."""
-    if run.config.quirks.blockbatch_eos_prob_last_forward:
+class SmallestWins:
+    """A natural exit returns max(progress), which every branch has at G: the smallest block
+    size's branch (blockbatch_smallest_wins)."""
+
+    def natural_winner(self) -> int:
+        return 0
+
+
+class EOSProbabilityFromLastForward:
+    """The EOS exit reads P(EOS) from this forward's logits (K, V) at the EOS, in bfloat16, though
+    the EOS may have been decoded long before (blockbatch_eos_prob_last_forward)."""
+
+    def eos_probability(self, i: int, at: int, logits: torch.Tensor, positions: torch.Tensor) -> float:
         q = int((positions == at).int().argmax())
-        return float(F.softmax(logits[q].to(torch.bfloat16), dim=-1)[run.config.eos_id])
-    return float(run.commit_conf[i, at])
+        return float(F.softmax(logits[q].to(torch.bfloat16), dim=-1)[self.config.eos_id])
 
 
-def natural_winner(run: BlockBatch) -> int:
-    """The branch a natural exit (every branch complete) returns: the leader, the branch with
-    the most decoded tokens (`BlockBatch.decoded`). The original takes max(progress), which every
-    branch has at G, so its smallest block size wins (blockbatch_smallest_wins)."""
-    return 0 if run.config.quirks.blockbatch_smallest_wins else run.leader()
+class Float32Divergence:
+    """rms decides a refresh in float32, with the cancellation of `1 - |mu|^2`
+    (blockbatch_float32_divergence)."""
+
+    def refresh_due(self, rows: list[int]) -> bool:
+        rmax2, bound = self.divergence(rows, exact=False)
+        return rmax2 > bound
 
 
-def refresh_due(run: BlockBatch, rows: list[int]) -> bool:
-    """rms: whether the rows' caches have drifted apart; decided exactly unless the original's
-    float32 test is asked for (blockbatch_float32_divergence)."""
-    rmax2, bound = run.divergence(rows, exact=not run.config.quirks.blockbatch_float32_divergence)
-    return rmax2 > bound
+class MasksAfterEOS:
+    """An EOS exit returns the masks after the EOS as they are (blockbatch_masks_after_eos)."""
+
+    def finish(self, ids: torch.Tensor) -> None:
+        pass
+
+
+def with_quirks(config: BlockBatchConfig) -> type:
+    """BlockBatch, or the original's: ours with the quirks' methods in front."""
+    q = config.quirks
+    mixins = [mixin for wanted, mixin in ((q.blockbatch_smallest_wins, SmallestWins),
+                                          (q.blockbatch_eos_prob_last_forward, EOSProbabilityFromLastForward),
+                                          (q.blockbatch_float32_divergence, Float32Divergence),
+                                          (q.blockbatch_masks_after_eos, MasksAfterEOS)) if wanted]
+    return type("OriginalBlockBatch", (*mixins, BlockBatch), {}) if mixins else BlockBatch
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking settings: a user's mistake is one clear line, before any compute
+# ---------------------------------------------------------------------------------------------
+
+
+def check_config(config: BlockBatchConfig) -> None:
+    """Every BlockBatchConfig setting, when it is built (and again when generate starts)."""
+    decode.check_int("gen_length", config.gen_length, low=1)
+    if not isinstance(config.block_sizes, (int, str, bytes)) and hasattr(config.block_sizes, "__iter__"):
+        config.block_sizes = tuple(config.block_sizes)  # a generator is read once, here
+    if not isinstance(config.block_sizes, tuple) or not config.block_sizes:
+        raise ValueError(f"block_sizes must be a non-empty list of integers, got {config.block_sizes!r}")
+    for b in config.block_sizes:
+        decode.check_int("every block size", b, low=1)
+        if config.gen_length % b != 0:
+            raise ValueError(f"gen_length {config.gen_length} is not divisible by block size {b}")
+    if len(set(config.block_sizes)) != len(config.block_sizes):
+        raise ValueError(f"block_sizes has duplicates (two identical branches): {list(config.block_sizes)}")
+    config.block_sizes = tuple(sorted(config.block_sizes))  # the original sorts ascending
+    decode.check_finite("threshold", config.threshold, low=0, high=1, low_open=True)
+    decode.check_finite("temperature", config.temperature, low=0)
+    decode.check_finite("conf_threshold", config.conf_threshold, low=0, high=1)
+    if config.remasking not in decode.REMASKING:
+        raise ValueError(f"unknown remasking {config.remasking!r}; use one of {tuple(decode.REMASKING)}")
+    decode.check_int("refresh_block_size", config.refresh_block_size, low=1)
+    decode.check_int("sync_threshold", config.sync_threshold, low=0)
+    if config.generator_variant not in GENERATORS:
+        raise ValueError(f"unknown generator_variant {config.generator_variant!r}; use one of {GENERATORS}")
+    config.step_config = decode.DecodeConfig(  # the per-step settings in decode.py's terms (also checks quirks)
+        gen_length=config.gen_length, block_length=config.gen_length, steps=config.gen_length,
+        temperature=config.temperature, remasking=config.remasking, mask_id=config.mask_id, eos_id=config.eos_id,
+        threshold=config.threshold, quirks=config.quirks)
+    config.quirks = config.step_config.quirks

@@ -406,7 +406,12 @@ class DecodeState:
 
     @property
     def L(self) -> int:
-        """The canvas length, P + G; also the index of the trash slot."""
+        """The canvas length, P + G."""
+        return self.slots.shape[1] - 1
+
+    @property
+    def trash(self) -> int:
+        """The trash slot's index, L: one past the canvas, in `slots` and in every cache buffer."""
         return self.slots.shape[1] - 1
 
 
@@ -581,7 +586,7 @@ class PrefixCache(NoCache):
         Q = max(e - s for s, e in zip(starts, stops)) + back
         pos = state.start[:, None] - back + torch.arange(Q, device=state.slots.device)  # (B, Q)
         stop = torch.tensor(stops, device=state.slots.device)[:, None]  # (B, 1)
-        return Window(torch.where(pos < stop, pos, state.L), logits_range, False)
+        return Window(torch.where(pos < stop, pos, state.trash), logits_range, False)
 
 
 @register(CACHE_POLICIES, "dual")
@@ -686,7 +691,7 @@ def decode_step(model, state: DecodeState, config: DecodeConfig, generator, piec
     commit = pieces.rule(proposals, config, k)  # (B, K)
     # 4) Commit: write the chosen proposals at their canvas positions (the rest go to the trash
     #    slot); committed tokens are final.
-    state.slots.scatter_(1, torch.where(commit, block_pos, state.L), proposed)
+    state.slots.scatter_(1, torch.where(commit, block_pos, state.trash), proposed)
     if config.stop_at_eos:
         # A finished row's blocks end at the canvas end: from the next block on, its windows are trash.
         done = fill_after_eos(state.canvas[:, state.P:], config.eos_id, config.mask_id)  # (B,)

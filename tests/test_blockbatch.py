@@ -119,7 +119,7 @@ def traced(monkeypatch, name, check):
     original = getattr(bbm.BlockBatch, name)
 
     def wrapped(bb, *args):
-        before = bb.x.clone()
+        before = bb.canvas.clone()
         result = original(bb, *args)
         check(bb, args, before, result)
         return result
@@ -137,9 +137,9 @@ def test_merge_keeps_committed_tokens_and_sync_bounds_the_lag(random_model, prom
     def merge_check(bb, args, before, filled):
         dst = args[0]
         committed = before[dst] != mask
-        assert torch.equal(bb.x[dst][committed], before[dst][committed])  # never changes a token
-        assert int(((before[dst] == mask) & (bb.x[dst] != mask)).sum()) == filled
-        changed_rows = (bb.x != before).any(1)
+        assert torch.equal(bb.canvas[dst][committed], before[dst][committed])  # never changes a token
+        assert int(((before[dst] == mask) & (bb.canvas[dst] != mask)).sum()) == filled
+        changed_rows = (bb.canvas != before).any(1)
         assert changed_rows.sum() <= 1 and (not changed_rows.any() or changed_rows[dst])
         seen["merge"] += 1
 
@@ -174,8 +174,8 @@ def test_every_committed_token_carries_its_confidence():
 
     def check(bb, args, before, result):
         for i in bb.everyone:
-            committed = bb.x[i, bb.P:] != mask  # (G,)
-            assert (bb.commit_conf[i, bb.P:][committed] > 0).all(), (i, bb.x[i, bb.P:], bb.commit_conf[i, bb.P:])
+            committed = bb.canvas[i, bb.P:] != mask  # (G,)
+            assert (bb.commit_conf[i, bb.P:][committed] > 0).all(), (i, bb.canvas[i, bb.P:], bb.commit_conf[i, bb.P:])
 
     with pytest.MonkeyPatch.context() as mp:
         traced(mp, "merge_and_sync", check)
@@ -206,7 +206,7 @@ def test_batched_block_step_equals_each_branch_alone(random_model, prompt, start
             b = bb.sizes[i]
             bb.start[i] = bb.P + (s * b) % 32
             bb.end[i] = bb.start[i] + b
-            bb.x[i, bb.P:bb.start[i]] = 7 + i
+            bb.canvas[i, bb.P:bb.start[i]] = 7 + i
         alone = []
         for i in range(3):
             one = KVCache.for_model(model.config, batch=1, capacity=bb.L, dtype=dtype)
@@ -214,7 +214,7 @@ def test_batched_block_step_equals_each_branch_alone(random_model, prompt, start
             one.v.copy_(bb.cache.v[:, i:i + 1])
             s, e = bb.start[i], bb.end[i]
             with torch.no_grad():
-                alone.append(model(bb.x[i:i + 1, s:e], positions=torch.arange(s, e), cache=one)[0])  # (K_i, V)
+                alone.append(model(bb.canvas[i:i + 1, s:e], positions=torch.arange(s, e), cache=one)[0])  # (K_i, V)
         positions = bb.block_positions([0, 1, 2])  # (3, Q)
         with torch.no_grad():
             batched = bb.forward([0, 1, 2], positions, (0, positions.shape[1]), real_tokens=14)  # (3, Q, V)
@@ -288,7 +288,7 @@ def test_natural_exit_returns_the_leader(random_model):
         for quirks in (False, True):
             cfg = BlockBatchConfig.for_model(random_model.config, gen_length=16, block_sizes=[2, 8], eos_id=0, quirks=quirks)
             with torch.no_grad():
-                run = bbm.BlockBatch(random_model, torch.tensor([prompt]), cfg)
+                run = bbm.with_quirks(cfg)(random_model, torch.tensor([prompt]), cfg)
                 winner, exit = bbm.bulk(run)
             assert exit == "natural"
             assert winner == (0 if quirks else run.leader())

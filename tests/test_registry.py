@@ -180,3 +180,43 @@ def test_noise_covers_only_the_logits_a_step_reads(random_model, monkeypatch):
                                      quirks=quirks)
         generate(random_model, prompt, cfg, generator=torch.Generator().manual_seed(0))
         assert max(s[1] for s in shapes) == widest, shapes[:3]
+
+
+class Shifted(torch.nn.Module):
+    """A model with a shifted head, as Dream's: the logits for query index i come from the hidden
+    row i - 1 (`logit_shift` = 1). Built from the random model by asking it for the rows before."""
+
+    logit_shift = 1
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner, self.config, self.seen = model, model.config, []
+
+    device = property(lambda self: self.inner.device)
+    dtype = property(lambda self: self.inner.dtype)
+
+    def forward(self, tokens, positions=None, cache=None, attention_mask=None, logits_range=None):
+        a, b = logits_range
+        assert a >= 1, "a shifted model has no row before query 0"
+        self.seen.append((positions, (a, b)))
+        return self.inner(tokens, positions=positions, cache=cache, attention_mask=attention_mask,
+                          logits_range=(a - 1, b - 1))
+
+
+@pytest.mark.parametrize("cache", sorted(set(CACHE_POLICIES) - {"dllm"}))  # dLLM-Cache runs the model's pieces
+def test_a_shifted_model_reads_the_row_before_each_cached_window(random_model64, cache):
+    """For a model whose logit for position i comes from the row before it, every cached window
+    starts model.logit_shift rows before its block, and its logits range skips them; rows of a
+    left-padded batch still get what they get alone."""
+    model = Shifted(random_model64)
+    cfg = DecodeConfig.for_model(model.config, gen_length=12, block_length=4, steps=12, cache=cache, threshold=0.5)
+    rows = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    ids, mask = left_pad(rows, model.config.pad_token_id)
+    batched = generate(model, ids, cfg, attention_mask=mask)
+    P = ids.shape[1]
+    cached = [(positions, a) for positions, (a, b) in model.seen if positions.shape[-1] < P + cfg.gen_length]
+    for positions, a in cached:  # a cached step: the block and the row before it
+        assert a == 1 and int(positions.reshape(-1)[0]) in (P - 1, P + 3, P + 7)
+    assert len(cached) > 0 if cache != "none" else not cached
+    for i, p in enumerate(rows):
+        assert batched.generated[i].tolist() == generate(model, torch.tensor([p]), cfg).generated[0].tolist()

@@ -42,7 +42,7 @@ import torch
 
 import blockbatch
 from cache import KVCache
-from decode import DecodeConfig, Noise, generate, left_pad, propose
+from decode import CACHES, RULES, DecodeConfig, Noise, generate, left_pad, propose
 from model import load_model
 from tools import bench_scale, task
 
@@ -54,6 +54,7 @@ DEFAULT_MODEL = os.path.join(ROOT, "checkpoints", "fewshot")  # trained on k-sho
 # NEWLINE stands for the tokenizer's newline id (AdaBlock's delimiter); `blockbatch` selects
 # blockbatch.generate with that generator instead of decode.generate.
 NEWLINE = "newline"
+FIELDS = {f.name: f for f in dataclasses.fields(DecodeConfig)}
 METHODS = {
     "vanilla": dict(cache="none"),
     "prefix": dict(cache="prefix"),
@@ -85,21 +86,26 @@ METHODS = {
     "bb-bulk": dict(blockbatch="bulk"),
     "bb-rms": dict(blockbatch="rms"),
 }
+# Every registered method has a row, so a fork's new one is measured without editing the list
+# above: a commit rule no row uses runs with DualCache at its field's `bench` value, a cache
+# policy no row uses with the threshold rule.
+for _rule in RULES:
+    if not any(_rule in kw for kw in METHODS.values()):
+        _value = FIELDS[_rule].metadata["bench"]
+        METHODS[f"dual+{_rule}{_value:g}"] = dict(cache="dual", **{_rule: _value})
+for _cache in CACHES:
+    if not any(kw.get("cache") == _cache for kw in METHODS.values()):
+        METHODS[f"{_cache}+thr0.9"] = dict(cache=_cache, threshold=0.9)
 
-# The sweep: series name -> values. A fixed k per step is the top-k schedule with steps = G / k.
-SWEEP = {
-    "threshold": (0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.99),
-    "k per step": (1, 2, 4, 8),
-    "factor": (0.5, 1.0, 2.0, 4.0),
-}
+# The sweep: series name -> values. A fixed k per step is the top-k schedule with steps = G / k;
+# every registered commit rule is a series over the values its field lists (`sweep` metadata).
+SWEEP = {"k per step": (1, 2, 4, 8), **{rule: FIELDS[rule].metadata["sweep"] for rule in RULES}}
 
 
 def sweep_overrides(series: str, value, gen_length: int) -> dict:
     """DecodeConfig overrides for one point of a sweep series."""
-    if series == "threshold":
-        return dict(threshold=value)
-    if series == "factor":
-        return dict(factor=value)
+    if series in RULES:
+        return {series: value}
     return dict(steps=gen_length // value)  # k per step: G / k steps, k commits each
 
 
@@ -448,7 +454,7 @@ def sweep_markdown(rows, header_note: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-COLORS = {"threshold": "#1f77b4", "k per step": "#d62728", "factor": "#2ca02c"}
+COLORS = dict(zip(SWEEP, ("#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2")))
 
 
 def sweep_svg(rows, gen_length: int, title: str) -> str:

@@ -210,14 +210,11 @@ class Policy:
     block_length: int | None = None  # its own block length (None = --block-length)
 
 
-# One entry per method; a new method is one more entry with its recording.
-POLICIES = {
-    "none": Policy(decode_policy("none")),
-    "prefix": Policy(decode_policy("prefix")),
-    "dual": Policy(decode_policy("dual")),
-    "dllm": Policy(decode_policy("dllm"), block_length=8),  # 8-token blocks, dLLM-Cache's LLaDA setting
-    "blockbatch": Policy(record_blockbatch),  # its branches have block sizes of their own
-}
+# One entry per cache policy registered in decode.py (a new one is recorded by running it), and
+# BlockBatch, whose branches have block sizes of their own.
+OWN_BLOCK_LENGTH = {"dllm": 8}  # 8-token blocks, dLLM-Cache's LLaDA setting
+POLICIES = {name: Policy(decode_policy(name), OWN_BLOCK_LENGTH.get(name)) for name in decode.CACHE_POLICIES}
+POLICIES["blockbatch"] = Policy(record_blockbatch)
 
 
 def representative(forwards: list[Recorded]) -> Recorded:
