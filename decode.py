@@ -45,7 +45,9 @@ from cache import FeatureCache, KVCache
 
 
 def option(default, group: str, help: str, **more):
-    """A settings field: its default, the method it belongs to and the help the CLI prints."""
+    """A settings field: its default, the method it belongs to and the help the CLI prints. A
+    commit rule's field also names the values the benchmark sweeps and the property tests draw
+    (`sweep`) and the one its benchmark row runs (`bench`)."""
     return field(default=default, metadata=dict(group=group, help=help, **more))
 
 
@@ -180,14 +182,17 @@ class DecodeResult:
 
 CONFIDENCES: dict[str, Callable] = {}  # remasking -> measure(proposals, noise) -> (B, K)
 COMMIT_RULES: dict[str, Callable] = {}  # rule -> rule(proposals, config, k) -> (B, K) bool
-CACHE_POLICIES: dict[str, type] = {}  # cache -> a CachePolicy class
+CACHE_POLICIES: dict[str, type] = {}  # cache -> a cache policy class (NoCache or a subclass)
 BLOCK_RULES: dict[str, type] = {}  # DecodeConfig.block_rule -> a block rule class
 CACHES, REMASKING = CACHE_POLICIES.keys(), CONFIDENCES.keys()  # live views of the names
 
 
 def register(registry: dict, name: str):
-    """Decorator: list a method in a registry under `name` (a fork adds its own the same way)."""
+    """Decorator: list a method in a registry under `name` (a fork adds its own the same way).
+    A name already taken is an error: one name, one method."""
     def add(method):
+        if name in registry:
+            raise ValueError(f"{name!r} is already registered, to {registry[name].__qualname__}")
         registry[name] = method
         return method
     return add

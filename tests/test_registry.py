@@ -220,3 +220,9 @@ def test_a_shifted_model_reads_the_row_before_each_cached_window(random_model64,
     assert len(cached) > 0 if cache != "none" else not cached
     for i, p in enumerate(rows):
         assert batched.generated[i].tolist() == generate(model, torch.tensor([p]), cfg).generated[0].tolist()
+
+
+def test_a_name_is_registered_once():
+    with pytest.raises(ValueError, match="'dual' is already registered, to DualCache"):
+        decode.register(CACHE_POLICIES, "dual")(type("Other", (decode.DualCache,), {}))
+    assert CACHE_POLICIES["dual"] is decode.DualCache
