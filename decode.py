@@ -847,7 +847,7 @@ class DLLMCache(NoCache):
         state.extras["recomputed_fraction"] = (done["prompt"] + done["response"]) / max(1, int(self.steps.sum()) * N * state.L)
 
     def forward(self, model, tokens, window: Window, cache, key_mask) -> torch.Tensor:
-        return dllm_forward(model, tokens, window, cache, key_mask)
+        return dllm_forward(model, tokens, window, cache, key_mask, shift=self.lookback)
 
 
 def least_similar(similarity: torch.Tensor, n: int) -> torch.Tensor:
@@ -924,15 +924,16 @@ def dllm_layer(block, cache: FeatureCache, x, rope, key_mask, plan: Refresh):
     return h + mlp_out[:, :L]
 
 
-def dllm_forward(model, tokens, window: Window, cache: FeatureCache, key_mask) -> torch.Tensor:
+def dllm_forward(model, tokens, window: Window, cache: FeatureCache, key_mask, shift: int = 0) -> torch.Tensor:
     """The whole canvas goes in, but each layer recomputes only what the window's refresh plan
-    asks (dllm_layer); logits of the logits range, (rows, K, V)."""
+    asks (dllm_layer); logits of the logits range, (rows, K, V), from the hidden rows `shift`
+    before it (a shifted head, Dream's, predicts position i from row i - 1)."""
     cos, sin, key_mask = model.rope_and_mask(window.positions, key_mask, tokens.shape[0])
     x = model.embed(tokens)  # (rows, L, C)
     for block in model.blocks:
         x = dllm_layer(block, cache, x, (cos, sin), key_mask, window.refresh)
     a, b = window.logits_range
-    return model.lm_head(x[:, a:b])  # (rows, K, V)
+    return model.lm_head(x[:, a - shift:b - shift])  # (rows, K, V)
 
 
 # ---------------------------------------------------------------------------------------------
