@@ -139,7 +139,7 @@ def test_bench_sweep_smoke(tmp_path):
     k = {r["value"]: r["nfe"] for r in rows if r["series"] == "k per step" and r["family"] == "pair"}
     assert k == {1: 64, 2: 32, 4: 16, 8: 8}  # G / k forwards
     svg = (tmp_path / "sweep.svg").read_text()
-    assert svg.startswith("<svg") and svg.count("<polyline") == 9
+    assert svg.startswith("<svg") and svg.count("<polyline") == 3 * len(bench.SWEEP)  # a line per family and series
 
 
 @pytest.mark.parametrize("flag", ["--problems", "--batch-size"])

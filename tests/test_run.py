@@ -188,7 +188,7 @@ def test_ctrl_c(capsys, monkeypatch):
     (["--threshold", "nan"], "argument --threshold: nan is not a valid value"),
     (["--temperature", "nan"], "argument --temperature: nan is not a valid value"),
     (["--threshold", "high"], "argument --threshold: expected a number, got 'high'"),
-    (["--cache", "ring"], "invalid choice 'ring' (choose from none, prefix, dual, dllm)"),
+    (["--cache", "ring"], "invalid choice 'ring' (choose from none, prefix, dual, dllm"),
     (["--steps", "2.5"], "argument --steps: invalid int value: '2.5'"),
     (["--seed", "99999999999999999999"], "--seed must be in 0..9223372036854775807, got 99999999999999999999"),
     (["--shots", "9"], "--shots must be in 0..8, got 9"),
