@@ -93,6 +93,7 @@ class BlockBatch:
         self.model, self.config, self.generator = model, config, generator
         self.pieces = decode.Pieces.for_config(config.step_config)  # decode.py's sampler and confidence
         self.rms = config.generator_variant == "rms"
+        self.shift = getattr(model, "logit_shift", 0)  # rows before a token that predict it (Dream: 1)
         self.canvas = torch.full((Br, L), config.mask_id, dtype=torch.long, device=device)  # (Br, L) the canvases
         self.canvas[:, :P] = prompt.to(device)
         self.cache = KVCache.for_model(model.config, batch=Br, capacity=L, device=device, dtype=model.dtype)
@@ -146,8 +147,15 @@ class BlockBatch:
 
     # -- Forwards: one batched call over some branch rows, counted in one place -----------------
 
-    def block_positions(self, rows: list[int]) -> torch.Tensor:
-        """Each row's current block as query positions, padded to the longest with the trash slot.
+    def query_span(self, i: int) -> tuple[int, int]:
+        """Branch i's block-step queries [first, stop): its block, and for a shifted model the rows
+        before it (the hidden state at s - 1 predicts the token at s), so that every position of the
+        block gets a prediction from this forward. A done branch queries nothing (only trash)."""
+        return (self.L, self.L) if self.done[i] else (self.start[i] - self.shift, self.end[i])
+
+    def block_positions(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's query span and its block, as canvas positions padded with the trash slot:
+        (queries (R, Q), targets (R, K)), where the step's logit k of a row predicts targets[:, k].
 
         Padding vs. packing: the original packs the ragged blocks (4 + 8 + ... + 128 = 252 tokens)
         and runs a variable-length attention kernel, so it computes only real tokens. Plain PyTorch
@@ -158,11 +166,17 @@ class BlockBatch:
         free, on a CPU it is paid in full. A done row (rms sends every row, as the original does)
         queries only trash.
         """
-        Q = max(max(self.end[i] - self.start[i] for i in rows), 1)
-        offsets = torch.arange(Q, device=self.canvas.device)  # (Q,)
-        pos = torch.tensor([self.start[i] for i in rows], device=self.canvas.device)[:, None] + offsets  # (R, Q)
-        stop = torch.tensor([self.end[i] for i in rows], device=self.canvas.device)[:, None]  # (R, 1)
-        return torch.where(pos < stop, pos, self.cache.trash)  # (R, Q)
+        device = self.canvas.device
+
+        def padded(spans):  # [(first, stop)] -> (R, longest) positions, trash after each stop
+            n = max(max(b - a for a, b in spans), 1)
+            pos = torch.tensor([a for a, _ in spans], device=device)[:, None] + torch.arange(n, device=device)
+            stop = torch.tensor([b for _, b in spans], device=device)[:, None]  # (R, 1)
+            return torch.where(pos < stop, pos, self.cache.trash)
+
+        queries = padded([self.query_span(i) for i in rows])  # (R, Q)
+        targets = padded([(self.start[i], self.end[i]) for i in rows])  # (R, K)
+        return queries, targets
 
     def forward(self, rows: list[int], positions: torch.Tensor, logits_range, real_tokens: int) -> torch.Tensor:
         """One batched forward of the rows' canvases at `positions` ((Q,) shared or (R, Q)), each
@@ -232,9 +246,10 @@ class BlockBatch:
                 noise.uniform[r, o:o + k] = one.uniform[0]
         return noise
 
-    def commit(self, rows: list[int], logits: torch.Tensor, positions: torch.Tensor) -> None:
+    def commit(self, rows: list[int], logits: torch.Tensor, positions: torch.Tensor, select=None) -> None:
         """Threshold commits inside each row's current block (at least one token where any is
-        masked), vectorized over the rows. logits (R, K, V) at canvas positions (R, K)."""
+        masked), vectorized over the rows. logits (R, K, V) predict canvas positions (R, K).
+        select: another rule, confidences (R, K) -> chosen (R, K) bool."""
         device = self.canvas.device
         start = torch.tensor([self.start[i] for i in rows], device=device)[:, None]  # (R, 1)
         end = torch.tensor([self.end[i] for i in rows], device=device)[:, None]  # (R, 1)
@@ -244,14 +259,21 @@ class BlockBatch:
         # Where each row's block starts in the logits, and its length, for per-branch noise.
         noise = self.noise([self.end[i] - self.start[i] for i in rows], in_block.int().argmax(1).tolist(),
                            positions.shape[1], logits.shape[-1])
-        p = decode.propose(logits, eligible, self.config.step_config, noise, pieces=self.pieces)
+        p = decode.propose(self.confidence_logits(logits), eligible, self.config.step_config, noise, pieces=self.pieces)
         x0, conf = p.tokens, p.confidence  # (R, K) each
-        chosen = decode.select_threshold(conf, self.config.threshold)  # (R, K)
+        chosen = (select or self.threshold_rule)(conf)  # (R, K)
         r, c = chosen.nonzero(as_tuple=True)
         self.canvas[index[r], positions[r, c]] = x0[r, c]
         self.commit_conf[index[r], positions[r, c]] = conf[r, c]
         for j, n in zip(rows, chosen.sum(1).tolist()):
             self.decoded[j] += n
+
+    def threshold_rule(self, conf: torch.Tensor) -> torch.Tensor:
+        return decode.select_threshold(conf, self.config.threshold)
+
+    def confidence_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits proposals and their confidences are read from (the forward's)."""
+        return logits
 
     def check_eos(self, rows: list[int], logits: torch.Tensor, positions: torch.Tensor) -> None:
         """A branch whose current block is complete and holds an EOS has hit EOS; remember the
@@ -285,20 +307,26 @@ class BlockBatch:
             logits = self.forward(rows, positions, (P, L), real_tokens=len(rows) * L)  # (R, G, V)
             self.counts["refreshes"] += 1
         gen = torch.arange(P, L, device=self.canvas.device).expand(len(rows), -1)  # (R, G)
-        self.store_probs(rows, logits, gen)
-        self.commit(rows, logits, gen)
+        self.full_forward_commits(rows, logits, gen)
         if self.rms:
             self.check_eos(rows, logits, gen)
         for i in rows:
             self.advanced[i], self.needs_refresh[i] = 0, False
 
+    def full_forward_commits(self, rows: list[int], logits: torch.Tensor, positions: torch.Tensor) -> None:
+        """What a full forward's logits over the generation (R, G, V) do: every position's
+        probabilities are stored, and each row commits in its block by the threshold rule."""
+        self.store_probs(rows, logits, positions)
+        self.commit(rows, logits, positions)
+
     def block_step(self, rows: list[int]) -> None:
         """The step of the method: ONE batched forward in which each listed branch feeds only its
         current block at its own positions, against its own cache row (which keeps the block's
         fresh K/V); then per branch: store probabilities, threshold commits, EOS check."""
-        positions = self.block_positions(rows)  # (R, Q)
-        real = sum(self.end[i] - self.start[i] for i in rows)
-        logits = self.forward(rows, positions, (0, positions.shape[1]), real)  # (R, Q, V)
+        queries, positions = self.block_positions(rows)  # (R, Q), (R, K)
+        real = sum(b - a for a, b in map(self.query_span, rows))
+        K = positions.shape[1]
+        logits = self.forward(rows, queries, (self.shift, self.shift + K), real)  # (R, K, V): predicts positions
         keep = [r for r, i in enumerate(rows) if not self.done[i]]  # done rows (rms) only padded the batch
         if keep:
             rows, logits, positions = [rows[r] for r in keep], logits[keep], positions[keep]
@@ -340,26 +368,39 @@ class BlockBatch:
         first source on ties). A committed token is never changed: only masks are filled. The
         region scanned: bulk, the union of the sources' current blocks; rms, the whole generation
         up to the furthest source block end. Returns the tokens filled."""
-        L, mask_id = self.L, self.config.mask_id
-        pos = torch.arange(L, device=self.canvas.device)  # (L,)
-        if self.rms:
-            region = (pos >= self.P) & (pos < min(L, max(self.end[s] for s in srcs)))
-        else:
-            region = torch.zeros(L, dtype=torch.bool, device=self.canvas.device)
-            for s in srcs:
-                region |= (pos >= self.start[s]) & (pos < self.end[s])
+        mask_id = self.config.mask_id
+        region = self.merge_region(dst, srcs)  # (L,)
         src_tok = self.canvas[srcs]  # (Ns, L), Ns sources
-        # dst's stored probability of each source's token: the matching top slot, or 0.
-        match = self.top_tok[dst, :L][None] == src_tok[..., None]  # (Ns, L, J)
-        prob = (match * self.top_p[dst, :L][None]).sum(-1)  # (Ns, L)
+        prob = self.stored_prob(dst, src_tok)  # (Ns, L)
         prob = torch.where(src_tok == mask_id, torch.zeros_like(prob), prob)
         best_p, best_s = prob.max(dim=0)  # (L,) each; the first source on ties
         best_tok = src_tok.gather(0, best_s[None]).squeeze(0)  # (L,)
-        fill = region & (self.canvas[dst] == mask_id) & (best_p > self.config.conf_threshold)  # (L,)
+        fill = region & (self.canvas[dst] == mask_id) & self.passes_gate(best_p)  # (L,)
         self.canvas[dst] = torch.where(fill, best_tok, self.canvas[dst])
         # A merged token's confidence is dst's own probability of it, the one the fill was judged by.
         self.commit_conf[dst] = torch.where(fill, best_p.to(self.commit_conf.dtype), self.commit_conf[dst])
         return int(fill.sum())
+
+    def merge_region(self, dst: int, srcs: list[int]) -> torch.Tensor:
+        """(L,) bool, the positions a merge into dst may fill (see merge_into)."""
+        pos = torch.arange(self.L, device=self.canvas.device)  # (L,)
+        if self.rms:
+            return (pos >= self.P) & (pos < min(self.L, max(self.end[s] for s in srcs)))
+        region = torch.zeros(self.L, dtype=torch.bool, device=self.canvas.device)
+        for s in srcs:
+            region |= (pos >= self.start[s]) & (pos < self.end[s])
+        return region
+
+    def stored_prob(self, dst: int, tokens: torch.Tensor) -> torch.Tensor:
+        """dst's stored probability of each of the tokens (Ns, L) at its position: the matching
+        top slot, or 0. (Ns, L)."""
+        L = self.L
+        match = self.top_tok[dst, :L][None] == tokens[..., None]  # (Ns, L, J)
+        return (match * self.top_p[dst, :L][None]).sum(-1)  # (Ns, L)
+
+    def passes_gate(self, prob: torch.Tensor) -> torch.Tensor:
+        """Whether a merge may fill with a token of this stored probability (elementwise)."""
+        return prob > self.config.conf_threshold
 
     def sync_to(self, dst: int, leader: int) -> None:
         """Overwrite branch dst with the leader: canvas, cache row and decoded count; dst then
