@@ -391,6 +391,10 @@ class BlockBatch:
             region |= (pos >= self.start[s]) & (pos < self.end[s])
         return region
 
+    def forget_probs(self, rows: list[int]) -> None:
+        """Drop the rows' stored probabilities."""
+        self.top_p[rows] = 0
+
     def stored_prob(self, dst: int, tokens: torch.Tensor) -> torch.Tensor:
         """dst's stored probability of each of the tokens (Ns, L) at its position: the matching
         top slot, or 0. (Ns, L)."""
@@ -492,6 +496,10 @@ class BlockBatch:
         committed with (by a forward, a merge or a sync)."""
         return float(self.commit_conf[i, at])
 
+    def finished(self) -> bool:
+        """Whether the run stops without an EOS: when every branch is done."""
+        return all(self.done)
+
     def natural_winner(self) -> int:
         """The branch a natural exit (every branch complete) returns: the leader, the branch with
         the most decoded tokens."""
@@ -525,24 +533,27 @@ def bulk(run: BlockBatch) -> tuple[int, str]:
     """`bulk`: after init, steps until every branch is done. Each step forwards the branches
     whose block still has a mask; a branch that has advanced refresh_block_size tokens asks for a
     refresh, and then every active row gets one batched full forward. Returns (winner, exit)."""
+    def policy():
+        run.advance_all()
+        run.merge_and_sync()
+
     def refresh_if_asked():
         if any(run.needs_refresh[i] for i in run.active()):
             run.full_forward(run.active(), init=False)
 
     run.full_forward(run.everyone, init=True)  # every branch commits in its first block
-    run.advance_all()
-    run.merge_and_sync()
+    policy()
     refresh_if_asked()
-    while not all(run.done):
+    while not run.finished():
         rows = [i for i in run.active() if run.block_has_mask(i)]
         if rows:
             run.block_step(rows)
         winner = run.eos_ready()
         if winner is not None:
             return winner, "eos"
-        run.advance_all()
-        run.merge_and_sync()
-        refresh_if_asked()
+        for phase in (policy, refresh_if_asked):  # the run may finish after any of them
+            if not run.finished():
+                phase()
     return run.natural_winner(), "natural"
 
 
@@ -593,7 +604,7 @@ def generate(model, prompt_ids: torch.Tensor, config: BlockBatchConfig, generato
                          f"{prompt_ids.shape[0]} prompts: call generate once per prompt")
     if attention_mask is not None:
         prompt_ids = prompt_ids[:, attention_mask[0].bool()]  # (1, P') the real tokens
-    run = with_quirks(config)(model, prompt_ids, config, generator)
+    run = with_quirks(config, getattr(model, "logit_shift", 0))(model, prompt_ids, config, generator)
     winner, exit = (rms if run.rms else bulk)(run)
     return run.result(winner, exit)
 
@@ -636,13 +647,185 @@ class MasksAfterEOS:
         pass
 
 
-def with_quirks(config: BlockBatchConfig) -> type:
-    """BlockBatch, or the original's: ours with the quirks' methods in front."""
-    q = config.quirks
-    mixins = [mixin for wanted, mixin in ((q.blockbatch_smallest_wins, SmallestWins),
-                                          (q.blockbatch_eos_prob_last_forward, EOSProbabilityFromLastForward),
-                                          (q.blockbatch_float32_divergence, Float32Divergence),
-                                          (q.blockbatch_masks_after_eos, MasksAfterEOS)) if wanted]
+class PredecessorWindow:
+    """A block step queries as many positions as the block, shifted left by the logit shift:
+    [s-1, e-1) on Dream, so the block's last position keeps stale K/V (blockbatch_pred_window)."""
+
+    def query_span(self, i: int) -> tuple[int, int]:
+        first, stop = super().query_span(i)
+        return first, max(first, stop - self.shift)
+
+
+class SeedFirstMask:
+    """A full forward (init or refresh) commits one token per branch, at the first masked position
+    of its block, whatever its confidence, and the stored probabilities are cleared: Fast-dLLM's
+    unconditional block-start commit, copied (blockbatch_seed_first_mask)."""
+
+    def full_forward_commits(self, rows: list[int], logits: torch.Tensor, positions: torch.Tensor) -> None:
+        self.forget_probs(rows)
+        self.commit(rows, logits, positions, select=first_eligible)
+        for i in rows:  # a block the seed completed moves on at once
+            if not self.done[i] and not self.block_has_mask(i):
+                self.advance(i)
+
+
+def first_eligible(conf: torch.Tensor) -> torch.Tensor:
+    """Each row's first position that may be committed, (R, K) -> (R, K) bool."""
+    eligible = conf > -torch.inf
+    return eligible & (eligible.cumsum(dim=-1) == 1)
+
+
+class ConfidenceWithoutMask:
+    """The mask id's logit is set to -1e4 before every proposal and its confidence
+    (blockbatch_conf_without_mask); the stored probabilities keep it."""
+
+    def confidence_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.index_fill(-1, torch.tensor([self.config.mask_id], device=logits.device), -1e4)
+
+
+class CumulativeProbDict:
+    """Stored probabilities as the Dream generator's per-branch dict: every (position, token) whose
+    float32 probability exceeds 0.2, added or overwritten by each block step and never removed,
+    cleared by a full forward's seed, copied with the canvas by a sync (blockbatch_prob_dict)."""
+
+    floor = 0.2
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prob_dict = [{} for _ in self.sizes]  # per branch: {position: {token: probability}}
+
+    def store_probs(self, rows: list[int], logits: torch.Tensor, positions: torch.Tensor) -> None:
+        probs = F.softmax(logits.float(), dim=-1)  # (R, K, V)
+        r, k, tok = (probs > self.floor).nonzero(as_tuple=True)
+        for r, pos, t, p in zip(r.tolist(), positions[r, k].tolist(), tok.tolist(), probs[r, k, tok].tolist()):
+            if pos < self.L:  # not a padding query's
+                self.prob_dict[rows[r]].setdefault(pos, {})[t] = p
+
+    def forget_probs(self, rows: list[int]) -> None:
+        for i in rows:
+            self.prob_dict[i] = {}
+
+    def stored_prob(self, dst: int, tokens: torch.Tensor) -> torch.Tensor:
+        prob = torch.zeros(tokens.shape, dtype=torch.float64)  # (Ns, L)
+        rows = tokens.tolist()
+        for pos, table in self.prob_dict[dst].items():
+            for s, row in enumerate(rows):
+                prob[s, pos] = table.get(row[pos], 0.0)
+        return prob.to(tokens.device)
+
+    def sync_to(self, dst: int, leader: int) -> None:
+        super().sync_to(dst, leader)
+        self.prob_dict[dst] = {pos: dict(table) for pos, table in self.prob_dict[leader].items()}
+
+
+class MergeOwnBlock:
+    """A merge fills only dst's own current block, where its stored probability is >= the gate,
+    and the merged tokens count as decoded: the Dream generator counts its canvas
+    (blockbatch_merge_own_block)."""
+
+    def merge_region(self, dst: int, srcs: list[int]) -> torch.Tensor:
+        pos = torch.arange(self.L, device=self.canvas.device)  # (L,)
+        return (pos >= self.start[dst]) & (pos < self.end[dst])
+
+    def passes_gate(self, prob: torch.Tensor) -> torch.Tensor:
+        return prob >= self.config.conf_threshold
+
+    def merge_into(self, dst: int, srcs: list[int]) -> int:
+        n = super().merge_into(dst, srcs)
+        if not self.rms:  # (rms counts them already)
+            self.decoded[dst] += n
+        return n
+
+
+class RefreshOnProgress:
+    """bulk refreshes once some branch's first mask has moved refresh_block_size positions since
+    its last full forward (a sync copies the leader's count), not blocks advanced x block size
+    (blockbatch_refresh_on_progress)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.frontier = [0] * len(self.sizes)  # first mask, relative to the prompt (G: none)
+        self.moved = [0] * len(self.sizes)  # how far it moved since the last full forward
+
+    def first_mask(self, i: int) -> int:
+        masks = (self.canvas[i, self.P:] == self.config.mask_id).nonzero()
+        return int(masks[0]) if len(masks) else self.L - self.P
+
+    def note_progress(self, i: int) -> None:
+        new = self.first_mask(i)
+        self.moved[i] += max(new - self.frontier[i], 0)
+        self.frontier[i] = new
+        self.needs_refresh[i] = self.moved[i] >= self.config.refresh_block_size
+
+    def advance(self, i: int) -> None:
+        self.snap_window(i)
+
+    def commit(self, rows: list[int], *args, **kwargs) -> None:
+        super().commit(rows, *args, **kwargs)
+        for i in rows:
+            self.note_progress(i)
+
+    def merge_into(self, dst: int, srcs: list[int]) -> int:
+        n = super().merge_into(dst, srcs)
+        if n:
+            self.note_progress(dst)
+        return n
+
+    def sync_to(self, dst: int, leader: int) -> None:
+        super().sync_to(dst, leader)
+        self.frontier[dst], self.moved[dst] = self.first_mask(dst), self.moved[leader]
+        self.needs_refresh[dst] = self.needs_refresh[leader]
+
+    def full_forward(self, rows: list[int], init: bool) -> None:
+        super().full_forward(rows, init)
+        for i in rows:
+            self.frontier[i], self.moved[i], self.needs_refresh[i] = self.first_mask(i), 0, False
+
+
+class FirstCompleteExit:
+    """The run stops as soon as one branch has no mask left, and of the complete branches the
+    largest block size wins; EOS plays no part, neither as an exit nor in the returned tokens
+    (blockbatch_first_complete_exit)."""
+
+    def finished(self) -> bool:
+        return bool((self.canvas[:, self.P:] != self.config.mask_id).all(1).any())
+
+    def natural_winner(self) -> int:
+        complete = (self.canvas[:, self.P:] != self.config.mask_id).all(1)  # (Br,)
+        return int(complete.nonzero()[-1])  # sizes ascend: the last is the largest
+
+    def eos_ready(self) -> int | None:
+        return None
+
+    def finish(self, ids: torch.Tensor) -> None:
+        pass
+
+
+class GreedyOnly:
+    """Temperature 0 whatever the config says (blockbatch_greedy_only)."""
+
+    def __init__(self, model, prompt, config, generator=None):
+        super().__init__(model, prompt, replace(config, temperature=0.0), generator)
+
+
+def with_quirks(config: BlockBatchConfig, logit_shift: int = 0) -> type:
+    """BlockBatch, or the original's: ours with the quirks' methods in front. The original has one
+    generator per model family; on a shifted-head model (logit_shift > 0) its Dream generator's
+    quirks apply and stand first, so they override the others' exits."""
+    q, shifted = config.quirks, logit_shift > 0
+    mixins = [mixin for wanted, mixin in (
+        (shifted and q.blockbatch_pred_window, PredecessorWindow),
+        (shifted and q.blockbatch_seed_first_mask, SeedFirstMask),
+        (shifted and q.blockbatch_conf_without_mask, ConfidenceWithoutMask),
+        (shifted and q.blockbatch_prob_dict, CumulativeProbDict),
+        (shifted and q.blockbatch_merge_own_block, MergeOwnBlock),
+        (shifted and q.blockbatch_refresh_on_progress, RefreshOnProgress),
+        (shifted and q.blockbatch_first_complete_exit, FirstCompleteExit),
+        (shifted and q.blockbatch_greedy_only, GreedyOnly),
+        (q.blockbatch_smallest_wins, SmallestWins),
+        (q.blockbatch_eos_prob_last_forward, EOSProbabilityFromLastForward),
+        (q.blockbatch_float32_divergence, Float32Divergence),
+        (q.blockbatch_masks_after_eos, MasksAfterEOS)) if wanted]
     return type("OriginalBlockBatch", (*mixins, BlockBatch), {}) if mixins else BlockBatch
 
 
