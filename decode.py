@@ -45,7 +45,9 @@ from cache import FeatureCache, KVCache
 
 
 def option(default, group: str, help: str, **more):
-    """A settings field: its default, the method it belongs to and the help the CLI prints."""
+    """A settings field: its default, the method it belongs to and the help the CLI prints. A
+    commit rule's field also names the values the benchmark sweeps and the property tests draw
+    (`sweep`) and the one its benchmark row runs (`bench`)."""
     return field(default=default, metadata=dict(group=group, help=help, **more))
 
 
@@ -180,14 +182,17 @@ class DecodeResult:
 
 CONFIDENCES: dict[str, Callable] = {}  # remasking -> measure(proposals, noise) -> (B, K)
 COMMIT_RULES: dict[str, Callable] = {}  # rule -> rule(proposals, config, k) -> (B, K) bool
-CACHE_POLICIES: dict[str, type] = {}  # cache -> a CachePolicy class
+CACHE_POLICIES: dict[str, type] = {}  # cache -> a cache policy class (NoCache or a subclass)
 BLOCK_RULES: dict[str, type] = {}  # DecodeConfig.block_rule -> a block rule class
 CACHES, REMASKING = CACHE_POLICIES.keys(), CONFIDENCES.keys()  # live views of the names
 
 
 def register(registry: dict, name: str):
-    """Decorator: list a method in a registry under `name` (a fork adds its own the same way)."""
+    """Decorator: list a method in a registry under `name` (a fork adds its own the same way).
+    A name already taken is an error: one name, one method."""
     def add(method):
+        if name in registry:
+            raise ValueError(f"{name!r} is already registered, to {registry[name].__qualname__}")
         registry[name] = method
         return method
     return add
@@ -842,7 +847,7 @@ class DLLMCache(NoCache):
         state.extras["recomputed_fraction"] = (done["prompt"] + done["response"]) / max(1, int(self.steps.sum()) * N * state.L)
 
     def forward(self, model, tokens, window: Window, cache, key_mask) -> torch.Tensor:
-        return dllm_forward(model, tokens, window, cache, key_mask)
+        return dllm_forward(model, tokens, window, cache, key_mask, shift=self.lookback)
 
 
 def least_similar(similarity: torch.Tensor, n: int) -> torch.Tensor:
@@ -919,15 +924,16 @@ def dllm_layer(block, cache: FeatureCache, x, rope, key_mask, plan: Refresh):
     return h + mlp_out[:, :L]
 
 
-def dllm_forward(model, tokens, window: Window, cache: FeatureCache, key_mask) -> torch.Tensor:
+def dllm_forward(model, tokens, window: Window, cache: FeatureCache, key_mask, shift: int = 0) -> torch.Tensor:
     """The whole canvas goes in, but each layer recomputes only what the window's refresh plan
-    asks (dllm_layer); logits of the logits range, (rows, K, V)."""
+    asks (dllm_layer); logits of the logits range, (rows, K, V), from the hidden rows `shift`
+    before it (a shifted head, Dream's, predicts position i from row i - 1)."""
     cos, sin, key_mask = model.rope_and_mask(window.positions, key_mask, tokens.shape[0])
     x = model.embed(tokens)  # (rows, L, C)
     for block in model.blocks:
         x = dllm_layer(block, cache, x, (cos, sin), key_mask, window.refresh)
     a, b = window.logits_range
-    return model.lm_head(x[:, a:b])  # (rows, K, V)
+    return model.lm_head(x[:, a - shift:b - shift])  # (rows, K, V)
 
 
 # ---------------------------------------------------------------------------------------------
