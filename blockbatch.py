@@ -13,10 +13,16 @@ apart (`rms`). NFE counts batched forwards. The step pieces are decode.py's (`mo
 `draw_noise`, `propose`, `select_threshold`, `fill_after_eos`); the loop is its own, since
 branches, merges, syncs and an exit chosen among branches are not a rule of one sequence.
 
+Either model family runs here without a branch on it: a model whose head is shifted (Dream: the
+row before a token predicts it, `model.logit_shift`) feeds each block together with the row
+before it, so every position of the block is predicted by the step's forward (`query_span`).
+
 Changed from the original: no monkey-patching or flash-attn; ragged blocks are padded with the
-cache's trash slot (`block_positions` weighs padding against packing); one request per call. The
-paper's rules are the default; `quirks=True` (decode.Quirks lists them) swaps in the original's
-methods, subclass mixins in the last section but one.
+cache's trash slot (`block_positions` weighs padding against packing); one request per call; one
+generator for both families (the original has a Dream copy with its own rules). The paper's
+rules are the default; `quirks=True` (decode.Quirks lists them) swaps in the original's methods,
+its LLaDA or its Dream generator's by the model's logit shift, subclass mixins in the last
+section but one.
 
     config = BlockBatchConfig.for_model(model.config, gen_length=256, generator_variant="bulk")
     out = generate(model, prompt_ids, config)   # out.ids (1, P + G), out.nfe, out.extras["winner_block_size"]
@@ -180,7 +186,8 @@ class BlockBatch:
 
     def forward(self, rows: list[int], positions: torch.Tensor, logits_range, real_tokens: int) -> torch.Tensor:
         """One batched forward of the rows' canvases at `positions` ((Q,) shared or (R, Q)), each
-        against its own cache row; logits of the query indices logits_range, (R, K, V)."""
+        against its own cache row; the logits that predict the tokens at the query indices
+        logits_range (model.forward's rule, either family), (R, K, V)."""
         sub = self.sub_cache(rows, copy_in=positions.dim() == 2)  # a full forward rewrites every slot
         x = self.canvas[torch.tensor(rows, device=self.canvas.device)]  # (R, L)
         tokens = x if positions.dim() == 1 else x.gather(1, positions.clamp(max=self.L - 1))  # (R, Q)
@@ -269,6 +276,7 @@ class BlockBatch:
             self.decoded[j] += n
 
     def threshold_rule(self, conf: torch.Tensor) -> torch.Tensor:
+        """The paper's commit rule (decode.select_threshold), (R, K) -> (R, K) bool."""
         return decode.select_threshold(conf, self.config.threshold)
 
     def confidence_logits(self, logits: torch.Tensor) -> torch.Tensor:
@@ -647,6 +655,10 @@ class MasksAfterEOS:
         pass
 
 
+# The original's Dream generator (on a shifted-head model): a copy of its LLaDA one that differs
+# in the window, the full forward's commits, the stored probabilities, merges, refreshes and exit.
+
+
 class PredecessorWindow:
     """A block step queries as many positions as the block, shifted left by the logit shift:
     [s-1, e-1) on Dream, so the block's last position keeps stale K/V (blockbatch_pred_window)."""
@@ -719,9 +731,9 @@ class CumulativeProbDict:
 
 
 class MergeOwnBlock:
-    """A merge fills only dst's own current block, where its stored probability is >= the gate,
-    and the merged tokens count as decoded: the Dream generator counts its canvas
-    (blockbatch_merge_own_block)."""
+    """A merge fills only dst's own current block, where its stored probability is at least
+    conf_threshold (not above it), and the merged tokens count as decoded: the Dream generator
+    counts the tokens on its canvas (blockbatch_merge_own_block)."""
 
     def merge_region(self, dst: int, srcs: list[int]) -> torch.Tensor:
         pos = torch.arange(self.L, device=self.canvas.device)  # (L,)
@@ -802,7 +814,8 @@ class FirstCompleteExit:
 
 
 class GreedyOnly:
-    """Temperature 0 whatever the config says (blockbatch_greedy_only)."""
+    """Temperature 0 whatever the config says: the generator sets temperature 0, top_p None and
+    top_k 1 on entry (blockbatch_greedy_only)."""
 
     def __init__(self, model, prompt, config, generator=None):
         super().__init__(model, prompt, replace(config, temperature=0.0), generator)
