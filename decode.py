@@ -785,12 +785,21 @@ class Refresh:
     verify: torch.Tensor  # (rows,) bool: otherwise V-verify: refresh values, recompute n_verify tokens
     n_verify: int  # tokens V-verify recomputes per row, int(rho * G)
     first_layer: torch.Tensor | None = None  # (rows,) bool: rows whose layer 0 refreshes everything
+    on_host: tuple | None = None  # the four above on the host, which the layers decide by without
+    #   waiting for the device (copied from them when not given)
 
-    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(prompt, response, verify) for layer i."""
-        if i == 0 and self.first_layer is not None:
-            return self.first_layer, self.first_layer, torch.zeros_like(self.verify)
-        return self.prompt, self.response, self.verify
+    def __post_init__(self):
+        if self.on_host is None:
+            self.on_host = tuple(None if t is None else t.cpu() for t in
+                                 (self.prompt, self.response, self.verify, self.first_layer))
+
+    def layer(self, i: int, on_host: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(prompt, response, verify) for layer i, on the device or the host."""
+        prompt, response, verify, first = self.on_host if on_host else \
+            (self.prompt, self.response, self.verify, self.first_layer)
+        if i == 0 and first is not None:
+            return first, first, torch.zeros_like(verify)
+        return prompt, response, verify
 
 
 @register(CACHE_POLICIES, "dllm")
@@ -832,8 +841,9 @@ class DLLMCache(NoCache):
         first = self.first_layer(counted)
         self.record(state, prompt, response, verify, first, n_verify)
         copies, device = 2 if config.cfg_scale > 0 else 1, state.slots.device  # guidance's copies follow their rows
-        rows = [None if r is None else r.repeat(copies).to(device) for r in (prompt, response, verify, first)]
-        return Refresh(state.P, *rows[:3], n_verify=n_verify, first_layer=rows[3])
+        host = [None if r is None else r.repeat(copies) for r in (prompt, response, verify, first)]
+        rows = [None if r is None else r.to(device) for r in host]
+        return Refresh(state.P, *rows[:3], n_verify=n_verify, first_layer=rows[3], on_host=tuple(host))
 
     def record(self, state: DecodeState, prompt, response, verify, first, n_verify: int) -> None:
         """What the plan recomputes, in token-layer rows summed over rows, for the method's report
@@ -876,7 +886,7 @@ def write_kv(block, cache: FeatureCache, rope, h_normed, positions, keep):
     Returns the queries (rows, H, n, D) and where they sit (rows, n)."""
     c, s = (t.gather(2, positions[:, None, :, None].expand(-1, 1, -1, t.shape[-1])) for t in rope)
     q, k, v = block.project(h_normed, c, s)
-    if keep is not None and not bool(keep.all()):
+    if keep is not None:  # None: every row keeps its part
         positions = torch.where(keep[:, None], positions, cache.trash)  # (rows, n)
     cache.update(block.layer_idx, k, v, positions)
     return q, positions
@@ -896,20 +906,22 @@ def dllm_layer(block, cache: FeatureCache, x, rope, key_mask, plan: Refresh):
     the keys/values as the cache holds them after this layer's writes (fresh or stale).
     """
     layer, L, P = block.layer_idx, x.shape[1], plan.P
-    prompt, response, verify = plan.layer(layer)
+    prompt, response, verify = plan.layer(layer)  # (rows,) bool each, on the device
+    some, every = zip(*((bool(t.any()), bool(t.all())) for t in plan.layer(layer, on_host=True)))
     span = lambda a, b: torch.arange(a, b, device=x.device).expand(x.shape[0], -1)  # noqa: E731 (rows, b - a)
     fresh_values = None
-    if bool(prompt.all() and response.all()):
+    if every[0] and every[1]:
         parts = [(block.attn_norm(x), span(0, L), None)]  # every row, every token: an ordinary layer
-    else:
-        parts = [(block.attn_norm(x[:, :P]), span(0, P), prompt)] if prompt.any() else []
-        parts += [(block.attn_norm(x[:, P:]), span(P, L), response)] if response.any() else []
-        if verify.any():
-            part, fresh_values = v_verify(block, cache, x, plan, verify)
+    else:  # a part any row needs, for all rows; those that don't need it write to the trash slot
+        parts = [(block.attn_norm(x[:, :P]), span(0, P), None if every[0] else prompt)] if some[0] else []
+        parts += [(block.attn_norm(x[:, P:]), span(P, L), None if every[1] else response)] if some[1] else []
+        if some[2]:
+            part, fresh_values = v_verify(block, cache, x, plan, None if every[2] else verify)
             parts.append(part)
     written = [write_kv(block, cache, rope, *part) for part in parts]
     if fresh_values is not None:  # V-verify replaces every response value of its rows
-        cache.v[layer, :, :, P:L] = torch.where(verify[:, None, None, None], fresh_values, cache.v[layer, :, :, P:L])
+        cache.v[layer, :, :, P:L] = fresh_values if every[2] else \
+            torch.where(verify[:, None, None, None], fresh_values, cache.v[layer, :, :, P:L])
     attn_out, mlp_out = cache.attn[layer], cache.mlp[layer]  # (rows, L + 1, C): read, updated in place
     if written:
         # One attention call for every recomputed token, over all keys/values (prompt + response).
