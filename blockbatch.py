@@ -824,8 +824,9 @@ class GreedyOnly:
 def with_quirks(config: BlockBatchConfig, logit_shift: int = 0) -> type:
     """BlockBatch, or the original's: ours with the quirks' methods in front. The original has one
     generator per model family; on a shifted-head model (logit_shift > 0) its Dream generator's
-    quirks apply and stand first, so they override the others' exits."""
-    q, shifted = config.quirks, logit_shift > 0
+    quirks apply and stand first, so they override the others' exits. That generator is a `bulk`
+    one: `rms` on Dream takes the LLaDA generator's quirks."""
+    q, shifted = config.quirks, logit_shift > 0 and config.generator_variant == "bulk"
     mixins = [mixin for wanted, mixin in (
         (shifted and q.blockbatch_pred_window, PredecessorWindow),
         (shifted and q.blockbatch_seed_first_mask, SeedFirstMask),

@@ -159,14 +159,17 @@ def test_greedy_only(random_dream):
     assert any(not torch.equal(run(p, False, 1.0), run(p, False, 0.0)) for p in prompts)
 
 
-def test_dream_quirks_only_on_a_shifted_model():
-    """The original runs its Dream generator only on Dream: on an unshifted model (LLaDA) every
-    quirk on swaps in only the LLaDA generator's methods."""
+def test_dream_quirks_only_where_the_original_has_them():
+    """The original's Dream generator is a bulk one for Dream: on an unshifted model (LLaDA), and
+    for rms, every quirk on swaps in only the LLaDA generator's methods."""
     cfg = BlockBatchConfig(gen_length=8, block_sizes=[4], mask_id=9, eos_id=8, quirks=True)
+    rms = dataclasses.replace(cfg, generator_variant="rms")
     dream_only = (bbm.PredecessorWindow, bbm.SeedFirstMask, bbm.ConfidenceWithoutMask, bbm.CumulativeProbDict,
                   bbm.MergeOwnBlock, bbm.RefreshOnProgress, bbm.FirstCompleteExit, bbm.GreedyOnly)
     assert not issubclass(bbm.with_quirks(cfg, logit_shift=0), dream_only)
+    assert not issubclass(bbm.with_quirks(rms, logit_shift=1), dream_only)
     assert all(issubclass(bbm.with_quirks(cfg, logit_shift=1), m) for m in dream_only)
+    assert issubclass(bbm.with_quirks(rms, logit_shift=1), bbm.Float32Divergence)
 
 
 # ---------------------------------------------------------------------------------------------
