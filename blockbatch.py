@@ -329,8 +329,9 @@ class BlockBatch:
 
     def block_step(self, rows: list[int]) -> None:
         """The step of the method: ONE batched forward in which each listed branch feeds only its
-        current block at its own positions, against its own cache row (which keeps the block's
-        fresh K/V); then per branch: store probabilities, threshold commits, EOS check."""
+        current block (and the row before it on a shifted model, `query_span`) at its own
+        positions, against its own cache row (which keeps the fresh K/V); then per branch: store
+        probabilities, threshold commits, EOS check."""
         queries, positions = self.block_positions(rows)  # (R, Q), (R, K)
         real = sum(b - a for a, b in map(self.query_span, rows))
         K = positions.shape[1]
@@ -538,9 +539,10 @@ class BlockBatch:
 
 
 def bulk(run: BlockBatch) -> tuple[int, str]:
-    """`bulk`: after init, steps until every branch is done. Each step forwards the branches
-    whose block still has a mask; a branch that has advanced refresh_block_size tokens asks for a
-    refresh, and then every active row gets one batched full forward. Returns (winner, exit)."""
+    """`bulk`: after init, steps until the run is finished (every branch done; `finished`). Each
+    step forwards the branches whose block still has a mask; a branch that has advanced
+    refresh_block_size tokens asks for a refresh, and then every active row gets one batched full
+    forward. Returns (winner, exit)."""
     def policy():
         run.advance_all()
         run.merge_and_sync()
