@@ -734,8 +734,7 @@ class CumulativeProbDict:
 
 class MergeOwnBlock:
     """A merge fills only dst's own current block, where its stored probability is at least
-    conf_threshold (not above it), and the merged tokens count as decoded: the Dream generator
-    counts the tokens on its canvas (blockbatch_merge_own_block)."""
+    conf_threshold (not above it) (blockbatch_merge_own_block)."""
 
     def merge_region(self, dst: int, srcs: list[int]) -> torch.Tensor:
         pos = torch.arange(self.L, device=self.canvas.device)  # (L,)
@@ -743,6 +742,11 @@ class MergeOwnBlock:
 
     def passes_gate(self, prob: torch.Tensor) -> torch.Tensor:
         return prob >= self.config.conf_threshold
+
+
+class MergedTokensCount:
+    """Merged tokens count as decoded, for the leader and the sync gap: the Dream generator counts
+    the tokens on each canvas (blockbatch_merged_count_as_decoded)."""
 
     def merge_into(self, dst: int, srcs: list[int]) -> int:
         n = super().merge_into(dst, srcs)
@@ -835,6 +839,7 @@ def with_quirks(config: BlockBatchConfig, logit_shift: int = 0) -> type:
         (shifted and q.blockbatch_conf_without_mask, ConfidenceWithoutMask),
         (shifted and q.blockbatch_prob_dict, CumulativeProbDict),
         (shifted and q.blockbatch_merge_own_block, MergeOwnBlock),
+        (shifted and q.blockbatch_merged_count_as_decoded, MergedTokensCount),
         (shifted and q.blockbatch_refresh_on_progress, RefreshOnProgress),
         (shifted and q.blockbatch_first_complete_exit, FirstCompleteExit),
         (shifted and q.blockbatch_greedy_only, GreedyOnly),

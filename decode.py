@@ -1072,7 +1072,8 @@ class Quirks:
     blockbatch_prob_dict: bool = False  # stored probabilities: every token > 0.2, kept until a full
     #   forward clears them, copied by a sync (not this forward's tokens > 0.1)
     blockbatch_merge_own_block: bool = False  # a merge fills dst's own block (not the sources'),
-    #   at stored probability >= 0.5, and merged tokens count as decoded
+    #   at stored probability >= 0.5 (not > 0.5)
+    blockbatch_merged_count_as_decoded: bool = False  # bulk counts merged tokens as decoded (leader, sync)
     blockbatch_refresh_on_progress: bool = False  # refresh once the first mask has moved
     #   refresh_block_size positions (not blocks advanced x block size)
     blockbatch_first_complete_exit: bool = False  # stop at the first complete branch, the largest

@@ -43,7 +43,8 @@ NEEDED = {
     "blockbatch_pred_window": ("bbdream_8_g32", 0),
     "blockbatch_seed_first_mask": ("bbdream_8_g32", 0),
     "blockbatch_prob_dict": ("bbdream_4-8-16_g32", 1),
-    "blockbatch_merge_own_block": ("bbdream_4-8-16_g32", 1),
+    "blockbatch_merge_own_block": ("bbdream_4-8-16_g64", 1),
+    "blockbatch_merged_count_as_decoded": ("bbdream_4-8-16_g32", 1),
     "blockbatch_refresh_on_progress": ("bbdream_8_g32_rb8", 0),
     "blockbatch_first_complete_exit": ("bbdream_4-8-16_g32", 0),
 }
@@ -166,7 +167,7 @@ def test_dream_quirks_only_where_the_original_has_them():
     cfg = BlockBatchConfig(gen_length=8, block_sizes=[4], mask_id=9, eos_id=8, quirks=True)
     rms = dataclasses.replace(cfg, generator_variant="rms")
     dream_only = (bbm.PredecessorWindow, bbm.SeedFirstMask, bbm.ConfidenceWithoutMask, bbm.CumulativeProbDict,
-                  bbm.MergeOwnBlock, bbm.RefreshOnProgress, bbm.FirstCompleteExit, bbm.GreedyOnly)
+                  bbm.MergeOwnBlock, bbm.MergedTokensCount, bbm.RefreshOnProgress, bbm.FirstCompleteExit, bbm.GreedyOnly)
     assert not issubclass(bbm.with_quirks(cfg, logit_shift=0), dream_only)
     assert not issubclass(bbm.with_quirks(rms, logit_shift=1), dream_only)
     assert all(issubclass(bbm.with_quirks(cfg, logit_shift=1), m) for m in dream_only)
