@@ -1,0 +1,189 @@
+"""decode.py on Dream: token- and NFE-exact parity with Dream's own sampler, Fast-dLLM, dLLM-Cache
+and AdaBlock on Dream (../shared/golden/dream_tiny), and batch = rows alone for every method.
+
+A case's `kwargs` are the original call's keywords; they map onto DecodeConfig fields by name,
+through the small alias table below for the few whose name differs (docs/parity.md, "Dream")."""
+
+import dataclasses
+import json
+import os
+import warnings
+
+import pytest
+import torch
+from conftest import GOLDEN, needs_golden
+from hypothesis import given
+from hypothesis import strategies as st
+
+import decode
+from decode import DecodeConfig, Quirks, generate, left_pad
+
+DREAM = os.path.join(GOLDEN, "dream_tiny")
+needs_dream = pytest.mark.skipif(not os.path.isdir(os.path.join(DREAM, "ckpt")),
+                                 reason=f"Dream golden outputs not found at {DREAM}")
+
+# The original keyword -> our field, where the names differ (the rest map by name).
+ALIASES = {"max_new_tokens": "gen_length", "alg": "remasking"}
+# Keywords that choose the function rather than a setting: the cache follows from them.
+ENTRY_KEYS = ("variant", "dual_cache")
+# AdaBlock's Dream delimiters, hard-coded in its code (Qwen2 ids: "\n", "\n\n", ...).
+QWEN_DELIMITERS = (198, 271, 280, 319, 340, 382, 401, 532, 624, 630, 692, 698, 921, 1248, 1837, 1939, 2219, 2533,
+                   3276, 3876, 4894, 5267, 14750, 68327)
+
+
+def dream_cases(prefixes, with_errors=False):
+    """(case dict) params for every Dream golden case whose name starts with one of `prefixes`;
+    the cases that record the original's failure only when asked."""
+    if not os.path.isdir(DREAM):
+        return []
+    out = []
+    for name in sorted(os.listdir(DREAM)):
+        if name.endswith(".json") and name.startswith(tuple(prefixes)):
+            with open(os.path.join(DREAM, name)) as f:
+                case = json.load(f)
+            if with_errors == any(run.get("error") for run in case["runs"]):
+                out.append(pytest.param(case, id=name[:-5]))
+    return out
+
+
+def config_for_case(case, model, quirks=True):
+    """Our DecodeConfig for a Dream golden case: the original's keywords by name (ALIASES for the
+    rest), the cache its entry point implies, Dream's linspace schedule, and the quirks."""
+    kw = {ALIASES.get(k, k): v for k, v in case["kwargs"].items() if k not in ENTRY_KEYS}
+    function, G = case["function"], kw["gen_length"]
+    if kw["remasking"] == "confidence_threshold":  # Fast-dLLM's mode: the proposal's probability vs a threshold
+        kw["remasking"] = "maskgit_plus"
+        kw.setdefault("threshold", 0.9)
+    if "adablock" in function:  # AdaBlock: no cache or DualCache, delimiters from the (Qwen) tokenizer
+        kw.update(cache="dual" if case["kwargs"]["dual_cache"] else "none", delimiter_ids=QWEN_DELIMITERS,
+                  delimiter_threshold=float(kw["delimiter_threshold"]))
+    elif "block_length" in kw:  # Fast-dLLM's block sampler: always a cache
+        kw["cache"] = "dual" if case["kwargs"]["dual_cache"] else "prefix"
+    else:  # Dream's own sampler: one block of G, ranked over the whole generation
+        kw.update(block_length=G, cache="dllm" if "prompt_interval_steps" in kw else "none")
+    return DecodeConfig.for_model(model.config, mask_id=case["mask_id"], schedule="linspace",
+                                  quirks=Quirks.original() if quirks else Quirks(), **kw)
+
+
+@pytest.fixture(scope="module")
+def dream():
+    from model import load_model
+
+    return load_model(os.path.join(DREAM, "ckpt"), device="cpu")
+
+
+def run_case(model, case, run, cfg):
+    """One golden run: seeded as the original was (the global generator), padded as it was."""
+    if case["seed"] is not None:
+        torch.manual_seed(case["seed"])
+    mask = torch.tensor(run["attention_mask"]).long() if "attention_mask" in run else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a quirk that leaves masks warns about them
+        return generate(model, torch.tensor(run["prompt"]), cfg, attention_mask=mask)
+
+
+def check_run(out, run):
+    assert out.ids.tolist() == run["output_ids"]
+    assert out.nfe == run["forward_calls"]
+    assert out.masks_left == run["masks_left"]
+
+
+@needs_dream
+@pytest.mark.parametrize("case", dream_cases(["dream_"]))
+def test_dream_sampler_parity(dream, case):
+    """Dream's own sampler (maskgit_plus, topk_margin, entropy, origin; top_p, top_k, T > 0 seeded;
+    left-padded batches): same tokens, same forwards."""
+    cfg = config_for_case(case, dream)
+    for run in case["runs"]:
+        check_run(run_case(dream, case, run, cfg), run)
+
+
+@needs_dream
+@pytest.mark.parametrize("case", dream_cases(["fdream_"]))
+def test_fast_dllm_parity(dream, case):
+    """Fast-dLLM on Dream: the no-cache threshold mode (its quota), and the block sampler with the
+    prefix cache and DualCache (threshold, and the schedule that ranks by entropy whatever `alg`
+    says); one batch of two rows. Same tokens, same forwards, same masks left (`_s4_edge` leaves 28)."""
+    cfg = config_for_case(case, dream)
+    for run in case["runs"]:
+        check_run(run_case(dream, case, run, cfg), run)
+
+
+def real_rows(run):
+    """The prompts of a golden batch run, each without its left padding."""
+    mask = run.get("attention_mask") or [[1] * len(row) for row in run["prompt"]]
+    return [[t for t, m in zip(row, keep) if m] for row, keep in zip(run["prompt"], mask)]
+
+
+@needs_dream
+@pytest.mark.parametrize("case", dream_cases(["fdream_", "dream_"], with_errors=True))
+def test_where_the_original_fails_rows_equal_rows_alone(dream, case):
+    """The batches the original cannot run (a batch under DualCache or the threshold mode, padding
+    with a cache): ours runs them, and every row gets what it gets alone."""
+    cfg = config_for_case(case, dream)
+    for run in case["runs"]:
+        out = run_case(dream, case, run, cfg)
+        assert out.masks_left == 0
+        for i, row in enumerate(real_rows(run)):
+            alone = generate(dream, torch.tensor([row]), cfg)
+            assert out.generated[i].tolist() == alone.generated[0].tolist()
+
+
+# Each Dream quirk, and a golden case that the original's tokens or forwards need it for.
+NEEDED_BY = {
+    "dream_topk_ties": "dream_entropy_g32_s32_topp0.95",  # exact 0.0 ties of the negative entropy
+    "dream_draws": "dream_origin_g32_s8_seed7",  # the uniforms of its random reveals
+    "dream_threshold_quota": "fdream_nocache_thr0.7_g32_s4",
+    "dream_block_start_commit": "fdream_prefix_thr0.9_g32b8",
+    "dream_block_entropy_only": "fdream_prefix_maskgit_plus_g32b8_s32",
+}
+
+
+@needs_dream
+@pytest.mark.parametrize("quirk, name", sorted(NEEDED_BY.items()))
+def test_each_dream_quirk_is_needed(dream, quirk, name):
+    """Without the one quirk (all others on), its case no longer matches the original."""
+    with open(os.path.join(DREAM, name + ".json")) as f:
+        case = json.load(f)
+    cfg = config_for_case(case, dream)
+    cfg = dataclasses.replace(cfg, quirks=dataclasses.replace(cfg.quirks, **{quirk: False}))
+    outs = [run_case(dream, case, run, cfg) for run in case["runs"]]
+    assert any(o.ids.tolist() != r["output_ids"] or o.nfe != r["forward_calls"] for o, r in zip(outs, case["runs"]))
+
+
+def no_dream_quirk_applies(case) -> bool:
+    """Dream's sampler at temperature 0 with no exact ties (no top_p): the papers' rules and the
+    original's code agree."""
+    return case["seed"] is None and not case["kwargs"].get("top_p") and case["case"].startswith("dream_")
+
+
+@needs_dream
+@pytest.mark.parametrize("case", [c for c in dream_cases(["dream_"]) if no_dream_quirk_applies(c.values[0])])
+def test_dream_sampler_without_quirks_where_none_applies(dream, case):
+    """With every quirk off, Dream's sampler still gives the original's tokens where no quirk
+    touches it: the schedule, the measures, top_k and padding are the method, not quirks."""
+    cfg = config_for_case(case, dream, quirks=False)
+    for run in case["runs"]:
+        check_run(run_case(dream, case, run, cfg), run)
+
+
+@needs_dream
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.parametrize("rule", [dict(threshold=0.9), dict(remasking="entropy", schedule="linspace")])
+def test_default_window_reads_the_row_before_the_block(dream, cache, rule):
+    """The papers' rule on Dream: every cached window starts at the row before its block and reads
+    logits for the whole block; the opening full forward commits by the rule like any step (not
+    the block's first position alone); a cache refreshed at every step is exactly no cache."""
+    kw = dict(gen_length=32, block_length=8, steps=8, **rule)  # two steps per block: the opening one commits 3
+    prompt = torch.tensor([[1009, 83, 954, 722, 999, 851]])
+    seen = []
+    cfg = DecodeConfig.for_model(dream.config, cache=cache, **kw)
+    generate(dream, prompt, cfg, on_step=lambda s: seen.append((s.window, int(s.start), s.step, s.canvas.clone())))
+    cached = [(w, start) for w, start, _, _ in seen if not w.full]
+    assert cached and all(int(w.positions[0]) == start - 1 and w.logits_range == (1, 9) for w, start in cached)
+    opening = [(canvas, start) for w, start, step, canvas in seen if w.full]
+    assert any((canvas[0, start:start + 8] != cfg.mask_id).sum() != 1 for canvas, start in opening)
+    plain = generate(dream, prompt, DecodeConfig.for_model(dream.config, cache="none", **kw))
+    every = generate(dream, prompt, DecodeConfig.for_model(dream.config, cache=cache, refresh_interval=1, **kw))
+    assert torch.equal(plain.ids, every.ids) and plain.nfe == every.nfe
+
