@@ -1057,8 +1057,7 @@ def dllm_forward(model, tokens, window: Window, cache: FeatureCache, key_mask) -
     x = model.embed(tokens)  # (rows, L, C)
     for block in model.blocks:
         x = dllm_layer(block, cache, x, (cos, sin), key_mask, window.refresh)
-    a, b = window.logits_range
-    return model.lm_head(x[:, a:b])  # (rows, K, V)
+    return model.logits(x, window.logits_range, window.positions)  # (rows, K, V), with the family's logit shift
 
 
 # ---------------------------------------------------------------------------------------------

@@ -187,3 +187,40 @@ def test_default_window_reads_the_row_before_the_block(dream, cache, rule):
     every = generate(dream, prompt, DecodeConfig.for_model(dream.config, cache=cache, refresh_interval=1, **kw))
     assert torch.equal(plain.ids, every.ids) and plain.nfe == every.nfe
 
+
+@needs_dream
+@pytest.mark.parametrize("case", dream_cases(["dcdream_"]))
+def test_dllm_cache_parity_with_recorded_selections(dream, case, monkeypatch):
+    """dLLM-Cache on Dream's sampler: with V-verify's choices replayed from the recording (its
+    cosines tie at 0.0 gaps, decided by the CPU's rounding), same tokens, same forwards, same
+    response rows recomputed. The feature-cache forward ends in the model's shifted head."""
+    cfg = config_for_case(case, dream)
+    for run in case["runs"]:
+        recorded = iter([layer["sel"] for step in run.get("cache_trace", []) for layer in step["layers"]
+                         if "sel" in layer])
+        monkeypatch.setattr(decode, "least_similar", lambda sim, n: torch.tensor([next(recorded)]))
+        out = run_case(dream, case, run, cfg)
+        check_run(out, run)
+        if cfg.cache == "dllm":
+            expected = sum(c["response_rows_recomputed"] for c in run["recompute_counts"].values())
+            assert out.extras["recomputed_rows"]["response"] == expected
+
+
+@needs_dream
+@pytest.mark.parametrize("case", dream_cases(["dcdream_"]))
+def test_dllm_cache_parity_with_own_selections(dream, case, monkeypatch):
+    """Without replay: the tokens match, or the first V-verify choice that differs from the
+    recording was a float near-tie there (k-th/(k+1)-th cosine gap below 1e-6)."""
+    cfg = config_for_case(case, dream)
+    real, seen = decode.least_similar, []
+    monkeypatch.setattr(decode, "least_similar", lambda sim, n: seen.append(sorted(real(sim, n)[0].tolist()))
+                        or real(sim, n))
+    for run in case["runs"]:
+        seen.clear()
+        out = run_case(dream, case, run, cfg)
+        if out.ids.tolist() == run["output_ids"]:
+            continue
+        recorded = [(sorted(layer["sel"]), layer["cos_kth_gap"]) for step in run["cache_trace"]
+                    for layer in step["layers"] if "sel" in layer]
+        first = next(i for i, (mine, (theirs, _)) in enumerate(zip(seen, recorded)) if mine != theirs)
+        assert recorded[first][1] < 1e-6, f"V-verify chose differently at a clear margin ({recorded[first][1]})"
