@@ -1181,6 +1181,7 @@ class Quirks:
     #   before it); the top-k schedule then runs steps 1.. of the block's, and one step per block wastes a forward
     dream_block_entropy_only: bool = False  # Fast-dLLM's cached sampler ranks by negative entropy whatever `alg`
     #   says (outside its threshold mode)
+    adablock_row0_length: bool = False  # AdaBlock's Dream code: batch row 0's logits choose every row's block length
     # BlockBatch (Laurence-Wu/BlockBatch)
     blockbatch_smallest_wins: bool = False  # a natural exit returns the smallest block size's branch
     #   (the original takes max(progress), and every branch has progress G), not the leader
@@ -1266,6 +1267,8 @@ def dream_quirks(pieces: Pieces, config: DecodeConfig) -> dict:
         swap.update(rule=threshold_within_quota, schedule=quota_with_carry)
     if q.dream_block_entropy_only and config.rule == "topk" and cached and fixed:
         swap["confidence"] = negative_entropy
+    if q.adablock_row0_length and not fixed:
+        swap["blocks"] = Row0Length(config)
     if q.dream_block_start_commit and (cached or (config.cache == "dual" and not fixed)):
         schedule = swap.get("schedule", pieces.schedule)
         swap["schedule"] = lambda state, *args: opening_then(schedule, state, *args)
@@ -1345,6 +1348,16 @@ def opening_then(schedule, state: DecodeState, config: DecodeConfig, p: Proposal
     if state.step >= config.steps_per_block:
         return torch.zeros_like(state.to_commit)
     return schedule(state, config, p, noise)
+
+
+class Row0Length(AdaBlock):
+    """AdaBlock on Dream as its code runs (adablock_row0_length): the delimiter search reads batch
+    row 0's logits and proposals, and every row takes the length row 0 chose (rows start their
+    blocks together there: one prompt length, one length per block)."""
+
+    def adapt(self, state, logits, positions, tokens):
+        first = lambda t: t[:1].expand_as(t)  # noqa: E731 row 0, for every row
+        super().adapt(state, first(logits), first(positions), first(tokens))
 
 
 class BlockStartCommit:

@@ -26,7 +26,8 @@ needs_dream = pytest.mark.skipif(not os.path.isdir(os.path.join(DREAM, "ckpt")),
 ALIASES = {"max_new_tokens": "gen_length", "alg": "remasking"}
 # Keywords that choose the function rather than a setting: the cache follows from them.
 ENTRY_KEYS = ("variant", "dual_cache")
-# AdaBlock's Dream delimiters, hard-coded in its code (Qwen2 ids: "\n", "\n\n", ...).
+# AdaBlock's Dream delimiters, hard-coded in its code (Qwen2 ids: "\n", "\n\n", ...); a case passes
+# those inside the tiny model's vocabulary (ours refuses ids outside it).
 QWEN_DELIMITERS = (198, 271, 280, 319, 340, 382, 401, 532, 624, 630, 692, 698, 921, 1248, 1837, 1939, 2219, 2533,
                    3276, 3876, 4894, 5267, 14750, 68327)
 
@@ -55,7 +56,8 @@ def config_for_case(case, model, quirks=True):
         kw["remasking"] = "maskgit_plus"
         kw.setdefault("threshold", 0.9)
     if "adablock" in function:  # AdaBlock: no cache or DualCache, delimiters from the (Qwen) tokenizer
-        kw.update(cache="dual" if case["kwargs"]["dual_cache"] else "none", delimiter_ids=QWEN_DELIMITERS,
+        inside = tuple(i for i in QWEN_DELIMITERS if i < model.config.embedding_size)  # no other can be predicted
+        kw.update(cache="dual" if case["kwargs"]["dual_cache"] else "none", delimiter_ids=inside,
                   delimiter_threshold=float(kw["delimiter_threshold"]))
     elif "block_length" in kw:  # Fast-dLLM's block sampler: always a cache
         kw["cache"] = "dual" if case["kwargs"]["dual_cache"] else "prefix"
@@ -224,3 +226,70 @@ def test_dllm_cache_parity_with_own_selections(dream, case, monkeypatch):
                     for layer in step["layers"] if "sel" in layer]
         first = next(i for i, (mine, (theirs, _)) in enumerate(zip(seen, recorded)) if mine != theirs)
         assert recorded[first][1] < 1e-6, f"V-verify chose differently at a clear margin ({recorded[first][1]})"
+
+
+@needs_dream
+@pytest.mark.parametrize("case", dream_cases(["adadream_"]))
+def test_adablock_parity(dream, case):
+    """AdaBlock on Dream, without cache and with DualCache (delimiters: the cases' hard-coded Qwen
+    ids): same tokens, forwards, block lengths and forwards per block."""
+    cfg = config_for_case(case, dream)
+    for run in case["runs"]:
+        out = run_case(dream, case, run, cfg)
+        check_run(out, run)
+        assert out.extras["block_lengths"] == [run["block_lengths"]]
+        assert out.nfe_per_block == run["nfe_per_block"]
+
+
+@needs_dream
+def test_adablock_row0_length_quirk_gives_every_row_row0s_lengths(dream):
+    """Under adablock_row0_length (the original's `logits[0, ...]`), every row of a batch takes
+    the block lengths row 0 chooses; without it (the default), each row chooses its own, as alone."""
+    with open(os.path.join(DREAM, "adadream_dual_b8_td0.3_g64.json")) as f:
+        case = json.load(f)
+    rows = [run["prompt"][0] for run in case["runs"]]
+    ids, mask = left_pad(rows, dream.config.pad_token_id)
+    cfg = config_for_case(case, dream)
+    alone = [generate(dream, torch.tensor([r]), cfg).extras["block_lengths"][0] for r in rows]
+    assert len({tuple(a) for a in alone}) > 1  # the rows alone choose differently
+    quirky = generate(dream, ids, cfg, attention_mask=mask).extras["block_lengths"]
+    assert all(lengths == quirky[0] for lengths in quirky)
+    plain = dataclasses.replace(cfg, quirks=dataclasses.replace(cfg.quirks, adablock_row0_length=False))
+    assert generate(dream, ids, plain, attention_mask=mask).extras["block_lengths"] == alone
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch = rows alone on Dream, for every method (test_registry.py draws the combinations at
+# random for both families; here every cache x rule x block rule x measure, with the quirks on
+# and off, on the random Dream model in float64)
+# ---------------------------------------------------------------------------------------------
+
+from test_registry import ROWS_APART, random_dream, random_dream64  # noqa: E402,F401 (fixtures)
+
+
+RULES = {"topk": dict(), "threshold": dict(threshold=0.6), "factor": dict(factor=1.0)}
+METHODS = [(blocks, cache, rule) for blocks in sorted(decode.BLOCK_RULES) for cache in sorted(decode.CACHE_POLICIES)
+           for rule in RULES if not (blocks == "adablock" and rule == "topk")]  # AdaBlock needs a confidence rule
+
+
+@pytest.mark.parametrize("quirks", [False, True])
+@pytest.mark.parametrize("measure", ["low_confidence", "maskgit_plus", "topk_margin", "entropy"])
+@pytest.mark.parametrize("blocks, cache, rule", METHODS)
+def test_every_method_batch_equals_rows_alone(random_dream64, blocks, cache, rule, measure, quirks):
+    """Left-padded rows of three lengths, decoded together, each get what they get alone (with
+    every quirk but the one that lets row 0 choose AdaBlock's lengths for all)."""
+    kw = dict(gen_length=12, block_length=4, steps=6, cache=cache, remasking=measure,
+              quirks=ROWS_APART if quirks else Quirks(),
+              schedule="linspace" if measure != "low_confidence" else "uniform", top_k=20, prompt_interval_steps=2,
+              gen_interval_steps=3, **RULES[rule])
+    if blocks == "adablock":
+        kw.update(delimiter_ids=(16, 21, 30), delimiter_threshold=0.1)
+    cfg = DecodeConfig.for_model(random_dream64.config, **kw)
+    rows = [[5, 6, 7], [8, 9], [10, 11, 12, 13, 14]]
+    ids, mask = left_pad(rows, random_dream64.config.pad_token_id)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a quirk's step cap may leave masks
+        batched = generate(random_dream64, ids, cfg, attention_mask=mask)
+        for i, row in enumerate(rows):
+            alone = generate(random_dream64, torch.tensor([row]), cfg)
+            assert batched.generated[i].tolist() == alone.generated[0].tolist()
