@@ -45,7 +45,9 @@ from cache import FeatureCache, KVCache
 
 
 def option(default, group: str, help: str, **more):
-    """A settings field: its default, the method it belongs to and the help the CLI prints."""
+    """A settings field: its default, the method it belongs to and the help the CLI prints. A
+    commit rule's field also names the values the benchmark sweeps and the property tests draw
+    (`sweep`) and the one its benchmark row runs (`bench`)."""
     return field(default=default, metadata=dict(group=group, help=help, **more))
 
 
@@ -195,15 +197,18 @@ class DecodeResult:
 
 CONFIDENCES: dict[str, Callable] = {}  # remasking -> measure(proposals, noise) -> (B, K)
 COMMIT_RULES: dict[str, Callable] = {}  # rule -> rule(proposals, config, k) -> (B, K) bool
-CACHE_POLICIES: dict[str, type] = {}  # cache -> a CachePolicy class
+CACHE_POLICIES: dict[str, type] = {}  # cache -> a cache policy class (NoCache or a subclass)
 BLOCK_RULES: dict[str, type] = {}  # DecodeConfig.block_rule -> a block rule class
 SCHEDULES: dict[str, Callable] = {}  # schedule -> count(state, config, proposals, noise) -> (B,)
 CACHES, REMASKING = CACHE_POLICIES.keys(), CONFIDENCES.keys()  # live views of the names
 
 
 def register(registry: dict, name: str):
-    """Decorator: list a method in a registry under `name` (a fork adds its own the same way)."""
+    """Decorator: list a method in a registry under `name` (a fork adds its own the same way).
+    A name already taken is an error: one name, one method."""
     def add(method):
+        if name in registry:
+            raise ValueError(f"{name!r} is already registered, to {registry[name].__qualname__}")
         registry[name] = method
         return method
     return add
@@ -911,12 +916,21 @@ class Refresh:
     verify: torch.Tensor  # (rows,) bool: otherwise V-verify: refresh values, recompute n_verify tokens
     n_verify: int  # tokens V-verify recomputes per row, int(rho * G)
     first_layer: torch.Tensor | None = None  # (rows,) bool: rows whose layer 0 refreshes everything
+    on_host: tuple | None = None  # the four above on the host, which the layers decide by without
+    #   waiting for the device (copied from them when not given)
 
-    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(prompt, response, verify) for layer i."""
-        if i == 0 and self.first_layer is not None:
-            return self.first_layer, self.first_layer, torch.zeros_like(self.verify)
-        return self.prompt, self.response, self.verify
+    def __post_init__(self):
+        if self.on_host is None:
+            self.on_host = tuple(None if t is None else t.cpu() for t in
+                                 (self.prompt, self.response, self.verify, self.first_layer))
+
+    def layer(self, i: int, on_host: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(prompt, response, verify) for layer i, on the device or the host."""
+        prompt, response, verify, first = self.on_host if on_host else \
+            (self.prompt, self.response, self.verify, self.first_layer)
+        if i == 0 and first is not None:
+            return first, first, torch.zeros_like(verify)
+        return prompt, response, verify
 
 
 @register(CACHE_POLICIES, "dllm")
@@ -958,8 +972,9 @@ class DLLMCache(NoCache):
         first = self.first_layer(counted)
         self.record(state, prompt, response, verify, first, n_verify)
         copies, device = 2 if config.cfg_scale > 0 else 1, state.slots.device  # guidance's copies follow their rows
-        rows = [None if r is None else r.repeat(copies).to(device) for r in (prompt, response, verify, first)]
-        return Refresh(state.P, *rows[:3], n_verify=n_verify, first_layer=rows[3])
+        host = [None if r is None else r.repeat(copies) for r in (prompt, response, verify, first)]
+        rows = [None if r is None else r.to(device) for r in host]
+        return Refresh(state.P, *rows[:3], n_verify=n_verify, first_layer=rows[3], on_host=tuple(host))
 
     def record(self, state: DecodeState, prompt, response, verify, first, n_verify: int) -> None:
         """What the plan recomputes, in token-layer rows summed over rows, for the method's report
@@ -1002,7 +1017,7 @@ def write_kv(block, cache: FeatureCache, rope, h_normed, positions, keep):
     Returns the queries (rows, H, n, D) and where they sit (rows, n)."""
     c, s = (t.gather(2, positions[:, None, :, None].expand(-1, 1, -1, t.shape[-1])) for t in rope)
     q, k, v = block.project(h_normed, c, s)
-    if keep is not None and not bool(keep.all()):
+    if keep is not None:  # None: every row keeps its part
         positions = torch.where(keep[:, None], positions, cache.trash)  # (rows, n)
     cache.update(block.layer_idx, k, v, positions)
     return q, positions
@@ -1022,20 +1037,22 @@ def dllm_layer(block, cache: FeatureCache, x, rope, key_mask, plan: Refresh):
     the keys/values as the cache holds them after this layer's writes (fresh or stale).
     """
     layer, L, P = block.layer_idx, x.shape[1], plan.P
-    prompt, response, verify = plan.layer(layer)
+    prompt, response, verify = plan.layer(layer)  # (rows,) bool each, on the device
+    some, every = zip(*((bool(t.any()), bool(t.all())) for t in plan.layer(layer, on_host=True)))
     span = lambda a, b: torch.arange(a, b, device=x.device).expand(x.shape[0], -1)  # noqa: E731 (rows, b - a)
     fresh_values = None
-    if bool(prompt.all() and response.all()):
+    if every[0] and every[1]:
         parts = [(block.attn_norm(x), span(0, L), None)]  # every row, every token: an ordinary layer
-    else:
-        parts = [(block.attn_norm(x[:, :P]), span(0, P), prompt)] if prompt.any() else []
-        parts += [(block.attn_norm(x[:, P:]), span(P, L), response)] if response.any() else []
-        if verify.any():
-            part, fresh_values = v_verify(block, cache, x, plan, verify)
+    else:  # a part any row needs, for all rows; those that don't need it write to the trash slot
+        parts = [(block.attn_norm(x[:, :P]), span(0, P), None if every[0] else prompt)] if some[0] else []
+        parts += [(block.attn_norm(x[:, P:]), span(P, L), None if every[1] else response)] if some[1] else []
+        if some[2]:
+            part, fresh_values = v_verify(block, cache, x, plan, None if every[2] else verify)
             parts.append(part)
     written = [write_kv(block, cache, rope, *part) for part in parts]
     if fresh_values is not None:  # V-verify replaces every response value of its rows
-        cache.v[layer, :, :, P:L] = torch.where(verify[:, None, None, None], fresh_values, cache.v[layer, :, :, P:L])
+        cache.v[layer, :, :, P:L] = fresh_values if every[2] else \
+            torch.where(verify[:, None, None, None], fresh_values, cache.v[layer, :, :, P:L])
     attn_out, mlp_out = cache.attn[layer], cache.mlp[layer]  # (rows, L + 1, C): read, updated in place
     if written:
         # One attention call for every recomputed token, over all keys/values (prompt + response).
@@ -1052,7 +1069,8 @@ def dllm_layer(block, cache: FeatureCache, x, rope, key_mask, plan: Refresh):
 
 def dllm_forward(model, tokens, window: Window, cache: FeatureCache, key_mask) -> torch.Tensor:
     """The whole canvas goes in, but each layer recomputes only what the window's refresh plan
-    asks (dllm_layer); logits of the logits range, (rows, K, V)."""
+    asks (dllm_layer); logits of the logits range, (rows, K, V), through the model's head with its
+    logit shift (a shifted head, Dream's, predicts position i from row i - 1: model.logits)."""
     cos, sin, key_mask = model.rope_and_mask(window.positions, key_mask, tokens.shape[0])
     x = model.embed(tokens)  # (rows, L, C)
     for block in model.blocks:

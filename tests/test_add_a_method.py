@@ -22,11 +22,16 @@ ANCHOR = "    # -- Cache policy\n"  # the field goes at the end of DecodeConfig'
 
 
 def patched_decode(tmp_path, register_rule=True):
-    """decode.py with the recipe's edits, written to tmp_path and imported as its own module."""
+    """decode.py with the recipe's edits, written to tmp_path and imported as its own module (a
+    checkout that already has them, a fork that followed the recipe, is taken as it is)."""
     source = open(os.path.join(ROOT, "decode.py")).read()
     assert source.count(ANCHOR) == 1
-    source = source.replace(ANCHOR, FIELD + ANCHOR)
-    source += "\n\n" + (RULE if register_rule else "") + "\n\n" + POLICY
+    if FIELD.strip() not in source:
+        source = source.replace(ANCHOR, FIELD + ANCHOR)
+    source = source.replace(RULE.strip(), "")  # the rule goes at the end, or nowhere
+    source += "\n\n" + (RULE if register_rule else "")
+    if POLICY.strip() not in source:
+        source += "\n\n" + POLICY
     path = tmp_path / "decode.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location(f"decode_recipe_{register_rule}", path)

@@ -236,6 +236,21 @@ class Shifted(torch.nn.Module):
 
     device = property(lambda self: self.inner.device)
     dtype = property(lambda self: self.inner.dtype)
+    blocks = property(lambda self: self.inner.blocks)  # the pieces dLLM-Cache runs itself
+
+    def embed(self, tokens):
+        return self.inner.embed(tokens)
+
+    def lm_head(self, h):
+        return self.inner.lm_head(h)
+
+    def logits(self, x, logits_range, positions=None):  # the head with this model's shift
+        a, b = logits_range
+        assert a >= 1, "a shifted model has no row before query 0"
+        return self.inner.logits(x, (a - 1, b - 1))
+
+    def rope_and_mask(self, *args):
+        return self.inner.rope_and_mask(*args)
 
     def forward(self, tokens, positions=None, cache=None, attention_mask=None, logits_range=None):
         a, b = logits_range
@@ -262,3 +277,21 @@ def test_a_shifted_model_reads_the_row_before_each_cached_window(random_model64,
     assert len(cached) > 0 if cache != "none" else not cached
     for i, p in enumerate(rows):
         assert batched.generated[i].tolist() == generate(model, torch.tensor([p]), cfg).generated[0].tolist()
+
+
+def test_a_name_is_registered_once():
+    with pytest.raises(ValueError, match="'dual' is already registered, to DualCache"):
+        decode.register(CACHE_POLICIES, "dual")(type("Other", (decode.DualCache,), {}))
+    assert CACHE_POLICIES["dual"] is decode.DualCache
+
+
+@pytest.mark.parametrize("cache", sorted(CACHE_POLICIES))
+def test_a_shifted_model_under_every_step_settings_is_no_cache(random_model64, cache):
+    """Each policy recomputing everything gives no cache's tokens on a shifted-head model too:
+    dLLM-Cache, which runs the model's pieces itself, takes its logits from the rows before."""
+    model = Shifted(random_model64)
+    kw = dict(gen_length=8, block_length=4, steps=8, threshold=0.5)
+    cached = DecodeConfig.for_model(model.config, cache=cache, **kw, **CACHE_POLICIES[cache].every_step)
+    plain = DecodeConfig.for_model(model.config, cache="none", **kw)
+    prompt = torch.tensor([[5, 6, 7]])
+    assert generate(model, prompt, cached).ids.tolist() == generate(model, prompt, plain).ids.tolist()
