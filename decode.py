@@ -1494,9 +1494,9 @@ def check_sampling(config: DecodeConfig) -> None:
     check_int("top_k", config.top_k, low=1, optional=True)
     if config.alg_temp is not None:
         check_finite("alg_temp", config.alg_temp, low=0)
-    check_finite("eps", config.eps, low=0, high=1, low_open=True)
-    if config.eps == 1:  # t = s at every step: nothing would ever be revealed before the last
-        raise ValueError(f"eps must be a finite number > 0 and < 1, got {config.eps!r}")
+    eps = config.eps  # the last time of linspace(1, eps, ...): 1 would reveal nothing before the last step
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise ValueError(f"eps must be a finite number > 0 and < 1, got {eps!r}")
 
 
 def check_rules(config: DecodeConfig) -> None:

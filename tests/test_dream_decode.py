@@ -293,3 +293,83 @@ def test_every_method_batch_equals_rows_alone(random_dream64, blocks, cache, rul
         for i, row in enumerate(rows):
             alone = generate(random_dream64, torch.tensor([row]), cfg)
             assert batched.generated[i].tolist() == alone.generated[0].tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Dream's sampling pieces
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("G, steps, counts", [
+    (32, 32, [0] + [1] * 30 + [2]), (32, 8, [3, 4, 4, 4, 4, 4, 4, 5]), (32, 16, [1] + [2] * 14 + [3]),
+    (64, 16, [3] + [4] * 14 + [5]), (64, 64, [0] + [1] * 62 + [2])])
+def test_linspace_schedule_counts(G, steps, counts):
+    """Dream's counts int(n (1 - s/t)) on float32 linspace(1, 1e-3, steps + 1), the rest at the
+    last step: the sequences the original commits (dream_* golden steps)."""
+    got, left = [], torch.tensor([G])
+    for step in range(steps):
+        f = decode.reveal_fraction(steps, step, 1e-3)
+        k = left if f is None else (left.to(torch.float32) * f).long()
+        got.append(int(k))
+        left = left - k
+    assert got == counts and int(left) == 0
+
+
+def test_top_p_keeps_the_crossing_token_and_top_k_keeps_ties():
+    """top_p drops a token once the tokens before it reach top_p (the one that crosses stays);
+    top_k drops only tokens strictly below the k-th; top_p runs first."""
+    logits = torch.log(torch.tensor([[[0.5, 0.3, 0.1, 0.1]]]))
+    cfg = DecodeConfig(gen_length=4, block_length=4, steps=4, mask_id=9, top_p=0.7)
+    assert torch.isinf(decode.restrict(logits, cfg)).tolist() == [[[False, False, True, True]]]
+    cfg = DecodeConfig(gen_length=4, block_length=4, steps=4, mask_id=9, top_k=3)
+    assert torch.isinf(decode.restrict(logits, cfg)).tolist() == [[[False, False, False, False]]]  # a tie at k
+    cfg = DecodeConfig(gen_length=4, block_length=4, steps=4, mask_id=9, top_p=0.85, top_k=1)
+    assert torch.isinf(decode.restrict(logits, cfg)).tolist() == [[[False, True, True, True]]]
+
+
+@needs_dream
+def test_alg_temp_near_zero_is_the_top_k(dream):
+    """alg_temp draws the k positions from softmax(confidence / alg_temp) by Gumbel-top-k: as
+    alg_temp goes to 0 the draw is the k most confident; a real alg_temp draws differently, and a
+    seeded generator makes it reproducible."""
+    kw = dict(gen_length=32, block_length=32, steps=8, remasking="entropy", schedule="linspace")
+    prompt = torch.tensor([[1009, 83, 954, 722, 999, 851]])
+    plain = generate(dream, prompt, DecodeConfig.for_model(dream.config, **kw))
+    cold = generate(dream, prompt, DecodeConfig.for_model(dream.config, alg_temp=1e-9, **kw),
+                    generator=torch.Generator().manual_seed(0))
+    assert torch.equal(plain.ids, cold.ids)
+    warm = [generate(dream, prompt, DecodeConfig.for_model(dream.config, alg_temp=5.0, **kw),
+                     generator=torch.Generator().manual_seed(s)).ids for s in (0, 0, 1)]
+    assert torch.equal(warm[0], warm[1]) and not torch.equal(warm[0], plain.ids) and warm[2].shape == warm[0].shape
+
+
+@needs_dream
+def test_origin_reveals_a_random_number_and_finishes(dream):
+    """origin (the papers' rule, quirks off) reveals each mask with probability 1 - s/t: the
+    counts vary with the seed, and the last step reveals the rest."""
+    cfg = DecodeConfig.for_model(dream.config, gen_length=32, block_length=32, steps=8, remasking="origin",
+                                 schedule="linspace")
+    prompt = torch.tensor([[1009, 83, 954, 722, 999, 851]])
+    counts = []
+    for seed in (1, 2):
+        history = []
+        out = generate(dream, prompt, cfg, generator=torch.Generator().manual_seed(seed),
+                       on_step=lambda s: history.append(int((s.canvas != cfg.mask_id).sum())))
+        assert out.masks_left == 0 and out.nfe == 8
+        counts.append([b - a for a, b in zip([prompt.shape[1]] + history, history)])
+    assert counts[0] != counts[1]
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("top_p", 0.0, "top_p must be a finite number > 0 and <= 1, got 0.0"),
+    ("top_p", 1.5, "top_p must be a finite number > 0 and <= 1, got 1.5"),
+    ("top_k", 0, "top_k must be a positive integer or None, got 0"),
+    ("top_k", 2.5, "top_k must be a positive integer or None, got 2.5"),
+    ("alg_temp", -1.0, "alg_temp must be a finite number >= 0, got -1.0"),
+    ("eps", 0.0, "eps must be a finite number > 0 and < 1, got 0.0"),
+    ("eps", 1.0, "eps must be a finite number > 0 and < 1, got 1.0"),
+    ("schedule", "cosine", "unknown schedule 'cosine'; use one of ('uniform', 'linspace')"),
+])
+def test_bad_dream_settings_are_one_clear_line(field, value, message):
+    with pytest.raises(ValueError, match="^" + message.replace("(", r"\(").replace(")", r"\)") + "$"):
+        DecodeConfig(gen_length=8, block_length=8, steps=8, **{field: value})
