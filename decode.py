@@ -1,10 +1,13 @@
 """
-Decoding a masked-diffusion LM: LLaDA, Fast-dLLM, dLLM-Cache and AdaBlock, in one loop.
+Decoding a masked-diffusion LM: LLaDA, Dream, Fast-dLLM, dLLM-Cache and AdaBlock, in one loop.
 
 The answer starts as `gen_length` [MASK] tokens after the prompt: the *canvas*. Each step runs the
 model over the canvas, proposes a token for every masked position of the current block and commits
 ("unmasks") the most confident; committed tokens never change. Blocks go left to right.
 - LLaDA (Nie et al., arXiv 2502.09992): one full forward and a fixed number of commits per step.
+- Dream (Ye et al., arXiv 2508.15487): the same loop with its own confidence measures (top
+  probability, top-1 minus top-2, negative entropy, random reveals), top_p/top_k sampling and a
+  linspace schedule; its shifted head is the model's business (model.logits), not the loop's.
 - Fast-dLLM (Wu et al., arXiv 2505.22618): an approximate KV cache (prefix cache, DualCache) and
   commits by confidence (threshold, factor).
 - dLLM-Cache (Liu et al., arXiv 2506.06295): reuses each layer's attention and MLP outputs and
@@ -56,7 +59,7 @@ class DecodeConfig:
     """Decoding settings, grouped by the method they belong to and named as the original samplers'
     keyword arguments. Each field's help is in its metadata (`fields(DecodeConfig)`)."""
 
-    # -- Lengths and LLaDA's schedule
+    # -- Lengths and the top-k schedule (LLaDA's, Dream's)
     gen_length: int = option(128, "lengths", "tokens to generate (G)")
     block_length: int = option(128, "lengths", "tokens per block, left to right; gen_length must be a multiple "
                                                "(AdaBlock: the default block length)")
@@ -88,7 +91,7 @@ class DecodeConfig:
     logits_eos_inf: bool = option(False, "sampling", "never propose the end-of-text token")
     confidence_eos_eot_inf: bool = option(False, "sampling", "give end-of-text and end-of-turn proposals no "
                                                              "confidence, so they are committed last")
-    # -- Commit rule: at most one set (None = off); with none, LLaDA's top-k schedule
+    # -- Commit rule: at most one set (None = off); with none, the top-k schedule
     threshold: float | None = option(None, "commit rule", "Fast-dLLM: commit every proposal whose confidence "
                                                           "reaches this (and always the best one); 0.9 in the "
                                                           "paper", sweep=(0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.99),
@@ -1228,8 +1231,8 @@ def with_quirks(pieces: Pieces, config: DecodeConfig, lookback: int = 0) -> Piec
         swap["hidden"] = tuple(i for i in (config.eot_id,) if i is not None)
     if q.factor_off_by_one and config.rule == "factor":
         swap["rule"] = factor_rule_off_by_one
-    if lookback:  # Dream's samplers draw and rank their own way (over LLaDA's draws)
-        swap.update(dream_quirks(pieces, config))
+    if lookback:  # a shifted model: Dream's originals draw, sample and rank their own way, none of the above
+        swap = dream_quirks(pieces, config)
     mixins = [mixin for wanted, mixin in (
         (q.dual_cache_step_cap and config.cache == "dual" and config.delimiter_ids is None and not lookback, StepCap),
         (q.dllm_fixed_steps and config.cache == "dllm" and config.rule == "topk", FixedSteps),
@@ -1287,9 +1290,8 @@ def dream_quirks(pieces: Pieces, config: DecodeConfig) -> dict:
         swap["confidence"] = negative_entropy
     if q.adablock_row0_length and not fixed:
         swap["blocks"] = Row0Length(config)
-    if q.dream_block_start_commit and (cached or (config.cache == "dual" and not fixed)):
-        schedule = swap.get("schedule", pieces.schedule)
-        swap["schedule"] = lambda state, *args: opening_then(schedule, state, *args)
+    if q.dream_block_start_commit and cached and (fixed or config.cache == "dual"):  # (AdaBlock: DualCache only)
+        swap["schedule"] = functools.partial(opening_then, swap.get("schedule", pieces.schedule))
         swap["cache"] = type(f"Original{type(pieces.cache).__name__}", (BlockStartCommit, type(pieces.cache)), {})(
             config, pieces.cache.lookback)
         swap["forward"] = swap["cache"].forward
@@ -1398,7 +1400,7 @@ class BlockStartCommit:
 
     def commit_range(self, state, window):
         lo, hi = super().commit_range(state, window)
-        return lo, (torch.minimum(hi, lo + 1) if window.full else hi)
+        return lo, (torch.minimum(hi, lo + 1) if window.full and state.step == 0 else hi)
 
 
 class StepCap:
