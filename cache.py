@@ -75,8 +75,8 @@ class KVCache:
 class FeatureCache(KVCache):
     """dLLM-Cache's per-layer features: the K/V buffers plus, for every position, the attention
     sub-block's output (after the output projection, before the residual add) and the MLP's
-    output (before the residual add), so a position that is not recomputed reuses both. Each
-    row also counts its own steps: its refresh schedule follows them (decode.dllm_refresh)."""
+    output (before the residual add), so a position that is not recomputed reuses both. What is
+    recomputed when is the cache policy's decision (decode.DLLMCache)."""
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, capacity: int, d_model: int,
                  device=None, dtype=torch.float32):
@@ -84,7 +84,6 @@ class FeatureCache(KVCache):
         shape = (n_layers, batch, capacity + 1, d_model)  # one spare slot: `trash`, as for K/V
         self.attn = torch.zeros(shape, device=device, dtype=dtype)  # (N, B, S, C)
         self.mlp = torch.zeros(shape, device=device, dtype=dtype)  # (N, B, S, C)
-        self.steps = torch.zeros(batch, dtype=torch.long)  # (B,) on the host: forwards each row has had
 
     @classmethod
     def for_model(cls, config, batch: int, capacity: int, device=None, dtype=torch.float32) -> "FeatureCache":

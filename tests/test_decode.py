@@ -9,7 +9,7 @@ from conftest import golden_cases, needs_golden
 from hypothesis import given
 from hypothesis import strategies as st
 
-from decode import (DecodeConfig, Noise, Proposals, Quirks, draw_noise, generate, left_pad, propose,
+from decode import (DecodeConfig, Noise, Proposals, Quirks, draw_noise, generate, propose,
                     select_threshold, select_topk, transfer_count)
 
 # Which original function maps to which cache policy.
@@ -105,15 +105,6 @@ def build(model, s, **over):
     return DecodeConfig.for_model(model.config, **kw), prompt
 
 
-@given(s=settings_strategy)
-def test_refresh_every_step_equals_no_cache(random_model, s):
-    """A cache refreshed at every step is no cache at all: the tokens and NFE are identical."""
-    cfg, prompt = build(random_model, s, refresh_interval=1)
-    ref = generate(random_model, prompt, build(random_model, s, cache="none")[0])
-    out = generate(random_model, prompt, cfg)
-    assert torch.equal(out.ids, ref.ids) and out.nfe == ref.nfe
-
-
 @given(conf=st.lists(st.lists(st.one_of(st.floats(0.0, 0.999999), st.just(-float("inf"))), min_size=1, max_size=9),
                     min_size=1, max_size=4).filter(lambda rows: len({len(r) for r in rows}) == 1))
 def test_unreached_threshold_is_one_token_per_step(conf):
@@ -147,29 +138,6 @@ def test_loop_invariants(random_model, s):
         assert (newly[unfinished] >= 1).all()
         prev = x
     assert out.masks_left == 0 and not (out.ids == mask_id).any()
-
-
-@given(s=settings_strategy)
-def test_batch_equals_rows_alone(random_model, s):
-    """Rows of a batch (same-length prompts) decode exactly as they do alone."""
-    cfg, prompt = build(random_model, dict(s, batch=3))
-    batched = generate(random_model, prompt, cfg)
-    for i in range(3):
-        alone = generate(random_model, prompt[i:i + 1], cfg)
-        assert torch.equal(batched.ids[i], alone.ids[0])
-
-
-@given(s=settings_strategy, lengths=st.lists(st.integers(1, 7), min_size=2, max_size=4))
-def test_left_padded_batch_equals_each_prompt_alone(random_model, s, lengths):
-    """Prompts of different lengths, left-padded with the padding mask, give the tokens each gives alone."""
-    cfg, _ = build(random_model, s)
-    g = torch.Generator().manual_seed(s["seed"])
-    prompts = [torch.randint(0, 47, (n,), generator=g).tolist() for n in lengths]
-    ids, mask = left_pad(prompts, random_model.config.pad_token_id)
-    batched = generate(random_model, ids, cfg, attention_mask=mask)
-    for i, p in enumerate(prompts):
-        alone = generate(random_model, torch.tensor([p]), cfg)
-        assert batched.generated[i].tolist() == alone.generated[0].tolist()
 
 
 @needs_golden
