@@ -371,3 +371,85 @@ def test_padding_mask_matches_unpadded_row(random_model):
     assert torch.allclose(batched[:, 3:], alone, atol=logit_tol(alone), rtol=0)
     # Without the mask (the original's behaviour) the padding changes the result.
     assert not torch.allclose(unmasked[:, 3:], alone, atol=100 * logit_tol(alone), rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bounded config values; a layer count that disagrees with the weights
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("n_layers", 10**30, r"n_layers must be at most 4096, got 1000000000000000000000000000000 \(int\)"),
+    ("d_model", 10**30, r"d_model must be at most 131072, got 1000000000000000000000000000000 \(int\)"),
+    ("mlp_hidden_size", 10**30, r"mlp_hidden_size must be at most 1048576"),
+    ("embedding_size", 10**30, r"embedding_size must be at most 4194304"),
+    ("max_sequence_length", 2**62, r"max_sequence_length must be at most 16777216"),
+    ("rope_theta", 1e300, r"rope_theta must be at most 1e\+12, got 1e\+300"),
+])
+def test_huge_config_values_refused_at_once(small_ckpt, field, value, message):
+    """n_layers 1e30 used to hang building modules and d_model 1e30 to overflow inside torch: every
+    size is bounded, far above any published model."""
+    raw = json.loads((small_ckpt / "config.json").read_text())
+    raw[field] = value
+    (small_ckpt / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=r"config.json: config: " + message):
+        load_model(str(small_ckpt), device="cpu")
+
+
+def test_layer_count_disagreeing_with_the_weights_is_one_short_line(small_ckpt):
+    """3000 layers in config.json over 1 layer of weights: the count and the first few keys, not all 26,991."""
+    raw = json.loads((small_ckpt / "config.json").read_text())
+    raw["n_layers"] = 3000
+    (small_ckpt / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError) as err:
+        load_model(str(small_ckpt), device="cpu")
+    message = str(err.value)
+    assert len(message) < 600 and "\n" not in message
+    assert re.search(r"missing keys \['model.transformer.blocks.1.attn_norm.weight', .*, \.\.\.\] \(26991 in all\); "
+                     r"unexpected keys \[\]; config.json says n_layers 3000, the weights hold 1 layer$", message)
+
+
+# ---------------------------------------------------------------------------------------------
+# The logits range, and the causal mode (an autoregressive start for training)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_llada_has_no_shift(random_model):
+    """Shift 0: the head of row j is the logits of query j; `logits` is lm_head on the range."""
+    ids = torch.randint(0, 47, (2, 9), generator=torch.Generator().manual_seed(0))
+    assert random_model.logit_shift == 0
+    with torch.no_grad():
+        x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(random_model.logits(x, (2, 5)), random_model.lm_head(x[:, 2:5]))
+        assert torch.equal(random_model(ids, logits_range=(3, 9)), random_model(ids)[:, 3:])
+    for bad in [(0, 10), (-1, 3), (5, 4), (1.0, 3), "ab", (1, 2, 3)]:
+        with pytest.raises(ValueError, match=r"logits_range must be two integers 0 <= a <= b <= 9 for 9 query tokens, got"):
+            random_model(ids, logits_range=bad)
+
+
+def test_causal_logits_ignore_later_tokens(random_model):
+    """causal=True: the logits of position i depend on tokens 0..i only; bidirectional ones do not."""
+    ids = torch.randint(0, 47, (1, 12), generator=torch.Generator().manual_seed(2))
+    changed = ids.clone()
+    changed[0, 8:] = (changed[0, 8:] + 1) % 47
+    with torch.no_grad():
+        a, b = random_model(ids, causal=True), random_model(changed, causal=True)
+        assert torch.equal(a[:, :8], b[:, :8]) and not torch.allclose(a[:, 8:], b[:, 8:])
+        assert not torch.allclose(random_model(ids)[:, :8], random_model(changed)[:, :8])
+
+
+def test_causal_cached_and_padded_equal_the_plain_causal_forward(random_model):
+    """A causal forward of a block against a cache of the earlier positions equals that slice of
+    the full causal forward; a left-padded causal row equals the row alone and stays finite."""
+    ids = torch.randint(0, 47, (2, 14), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = random_model(ids, causal=True)
+        cache = KVCache.for_model(random_model.config, batch=2, capacity=14)
+        random_model(ids, positions=torch.arange(14), cache=cache, causal=True)
+        block = random_model(ids[:, 5:9], positions=torch.arange(5, 9), cache=cache, causal=True)
+        assert torch.allclose(block, full[:, 5:9], atol=logit_tol(full), rtol=0)
+        padded = torch.cat([torch.full((1, 3), 48), ids[:1]], dim=1)
+        mask = torch.tensor([[0] * 3 + [1] * 14])
+        out = random_model(padded, attention_mask=mask, causal=True)
+        assert torch.isfinite(out).all()
+        assert torch.allclose(out[:, 3:], full[:1], atol=logit_tol(full), rtol=0)
