@@ -892,3 +892,17 @@ def test_bad_family_or_objective_is_one_line(argv, message, capsys):
         train.parse_args(argv)
     assert err.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_an_ar_models_answer_ends_at_the_blank_line_before_a_next_shot(tmp_path, monkeypatch):
+    """A model that learned k-shot prompts writes '\\n\\nQ: ...' after its answer: scored as the
+    answer alone when decoding is causal (the few-shot stop sequence), and wrong otherwise."""
+    problem = task.FAMILIES["pair"].test_set(1)[0]
+    total = int(problem.prompt.split("=")[1].split("?")[0])
+    text = f"1+{total - 1}\n\nQ: ?+?=4\n1+3"
+    monkeypatch.setattr(train, "ar_generate", lambda model, ids, mask, G: torch.tensor([task.encode(text)]))
+    model = train.build_model(dream_cfg(tmp_path), "cpu")
+    assert train.evaluate(model, [problem], causal=True) == 1.0
+    import decode
+    monkeypatch.setattr(decode, "generate", lambda *a, **k: type("R", (), {"generated": torch.tensor([task.encode(text)])}))
+    assert train.evaluate(model, [problem], causal=False) == 0.0

@@ -345,7 +345,10 @@ def evaluate(model, problems, families=None, block_length=32, batch_size=200, ge
     greedy autoregressive decoding (ar_generate) when `causal` (a model trained with --objective ar).
 
     Each problem is scored by its family (task.score); each family decodes at its own window
-    (family.gen_length) unless gen_length is given. A Dream model decodes with the same sampler:
+    (family.gen_length) unless gen_length is given. An AR model trained with --prompt-loss has
+    read k-shot prompts, where an answer is followed by a blank line and the next shot more often
+    than by EOS: its response is also cut at the first blank line, the stop sequence lm-eval's
+    few-shot tasks use. A Dream model decodes with the same sampler:
     its forward returns per-position logits (the shift is inside model.py).
     """
     from decode import DecodeConfig, generate, left_pad
@@ -365,7 +368,10 @@ def evaluate(model, problems, families=None, block_length=32, batch_size=200, ge
             else:
                 generated = generate(model, ids, config, attention_mask=mask).generated
             for p, row in zip(chunk, generated.tolist()):
-                correct += families[name].score(p, task.decode(row))
+                text = task.decode(row)
+                if causal:  # a model that also learned the prompts writes the next shot after its answer
+                    text = text.split(task.SHOT_SEPARATOR)[0]
+                correct += families[name].score(p, text)
     return correct / len(problems)
 
 
