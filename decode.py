@@ -1,10 +1,13 @@
 """
-Decoding a masked-diffusion LM: LLaDA, Fast-dLLM, dLLM-Cache and AdaBlock, in one loop.
+Decoding a masked-diffusion LM: LLaDA, Dream, Fast-dLLM, dLLM-Cache and AdaBlock, in one loop.
 
 The answer starts as `gen_length` [MASK] tokens after the prompt: the *canvas*. Each step runs the
 model over the canvas, proposes a token for every masked position of the current block and commits
 ("unmasks") the most confident; committed tokens never change. Blocks go left to right.
 - LLaDA (Nie et al., arXiv 2502.09992): one full forward and a fixed number of commits per step.
+- Dream (Ye et al., arXiv 2508.15487): the same loop with its own confidence measures (top
+  probability, top-1 minus top-2, negative entropy, random reveals), top_p/top_k sampling and a
+  linspace schedule; its shifted head is the model's business (model.logits), not the loop's.
 - Fast-dLLM (Wu et al., arXiv 2505.22618): an approximate KV cache (prefix cache, DualCache) and
   commits by confidence (threshold, factor).
 - dLLM-Cache (Liu et al., arXiv 2506.06295): reuses each layer's attention and MLP outputs and
@@ -56,24 +59,39 @@ class DecodeConfig:
     """Decoding settings, grouped by the method they belong to and named as the original samplers'
     keyword arguments. Each field's help is in its metadata (`fields(DecodeConfig)`)."""
 
-    # -- Lengths and LLaDA's schedule
+    # -- Lengths and the top-k schedule (LLaDA's, Dream's)
     gen_length: int = option(128, "lengths", "tokens to generate (G)")
     block_length: int = option(128, "lengths", "tokens per block, left to right; gen_length must be a multiple "
                                                "(AdaBlock: the default block length)")
-    steps: int = option(128, "lengths", "LLaDA's top-k schedule: forwards over all blocks, each committing "
-                                        "gen_length / steps tokens (a multiple of the number of blocks, at most "
-                                        "gen_length); give no commit rule to use it")
+    steps: int = option(128, "lengths", "the top-k schedule's forwards over all blocks (a multiple of the number "
+                                        "of blocks, at most gen_length); give no commit rule to use it")
+    schedule: str = option("uniform", "lengths", "how many tokens each step of the top-k schedule commits: "
+                                                 "'uniform' (LLaDA: the block's masks spread evenly over its steps) or "
+                                                 "'linspace' (Dream: int(masks * (1 - s / t)) on t = linspace(1, eps, "
+                                                 "steps + 1))")
+    eps: float = option(1e-3, "lengths", "the linspace schedule's last time (Dream's eps)")
+    alg_temp: float | None = option(None, "lengths", "top-k schedule: draw the k positions from "
+                                                     "softmax(confidence / alg_temp) instead of taking the k most "
+                                                     "confident (None or 0 = the k most confident)")
     # -- Sampling: the proposals and their confidence
     temperature: float = option(0.0, "sampling", "0 = the most likely token; above 0, sample from "
                                                  "softmax(logits / temperature)")
+    top_p: float | None = option(None, "sampling", "sample from the smallest set of tokens whose probability "
+                                                   "(after temperature) reaches top_p (None = all)")
+    top_k: int | None = option(None, "sampling", "sample from the top_k most likely tokens, and any tied with the "
+                                                 "k-th (None = all)")
     remasking: str = option("low_confidence", "sampling", "the confidence measure that orders the proposals: "
-                                                          "'low_confidence' (the proposal's probability) or "
-                                                          "'random'")
+                                                          "'low_confidence' (the proposal's probability, LLaDA), "
+                                                          "'random'; Dream's 'maskgit_plus' (the proposal's "
+                                                          "probability after temperature, top_p and top_k), "
+                                                          "'topk_margin' (top-1 minus top-2), 'entropy' (negative "
+                                                          "entropy), 'origin' (each mask revealed at random with "
+                                                          "the schedule's probability)")
     cfg_scale: float = option(0.0, "sampling", "classifier-free guidance strength (0 = off)")
     logits_eos_inf: bool = option(False, "sampling", "never propose the end-of-text token")
     confidence_eos_eot_inf: bool = option(False, "sampling", "give end-of-text and end-of-turn proposals no "
                                                              "confidence, so they are committed last")
-    # -- Commit rule: at most one set (None = off); with none, LLaDA's top-k schedule
+    # -- Commit rule: at most one set (None = off); with none, the top-k schedule
     threshold: float | None = option(None, "commit rule", "Fast-dLLM: commit every proposal whose confidence "
                                                           "reaches this (and always the best one); 0.9 in the "
                                                           "paper", sweep=(0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.99),
@@ -184,6 +202,7 @@ CONFIDENCES: dict[str, Callable] = {}  # remasking -> measure(proposals, noise) 
 COMMIT_RULES: dict[str, Callable] = {}  # rule -> rule(proposals, config, k) -> (B, K) bool
 CACHE_POLICIES: dict[str, type] = {}  # cache -> a cache policy class (NoCache or a subclass)
 BLOCK_RULES: dict[str, type] = {}  # DecodeConfig.block_rule -> a block rule class
+SCHEDULES: dict[str, Callable] = {}  # schedule -> count(state, config, proposals, noise) -> (B,)
 CACHES, REMASKING = CACHE_POLICIES.keys(), CONFIDENCES.keys()  # live views of the names
 
 
@@ -212,10 +231,13 @@ def lookup(registry: dict, kind: str, name: str):
 
 @dataclass
 class Noise:
-    """The random numbers one step uses: Gumbel noise for sampling, uniforms for random remasking."""
+    """The random numbers one step uses: Gumbel noise for sampling, uniforms for random remasking,
+    Gumbel noise for drawing the top-k positions (alg_temp)."""
 
     gumbel: torch.Tensor | None = None  # (B, K, V) float64, -log(u); None at temperature 0
     uniform: torch.Tensor | None = None  # (B, K) float64; None unless a measure needs them
+    ranking: torch.Tensor | None = None  # (B, K) float64, -log(u); None unless alg_temp > 0
+    exponential: torch.Tensor | None = None  # (B, K, V) Dream's own draws (dream_draws); else None
 
 
 def draw_noise(config: DecodeConfig, generator, shape, device) -> Noise:
@@ -226,12 +248,34 @@ def draw_noise(config: DecodeConfig, generator, shape, device) -> Noise:
         noise.gumbel = -torch.log(torch.rand(shape, generator=generator, device=device, dtype=torch.float64))
     if getattr(CONFIDENCES.get(config.remasking), "needs_uniforms", False):
         noise.uniform = torch.rand(shape[:2], generator=generator, device=device, dtype=torch.float64)
+    if config.alg_temp:
+        noise.ranking = -torch.log(torch.rand(shape[:2], generator=generator, device=device, dtype=torch.float64))
     return noise
 
 
-def step_noise(config: DecodeConfig, generator, window: Window, logits: torch.Tensor) -> Noise:
-    """The noise of one decoding step: over the logits it read, (B, K, V)."""
+def step_noise(config: DecodeConfig, generator, window: Window, logits: torch.Tensor, eligible: torch.Tensor) -> Noise:
+    """The noise of one decoding step: over the logits it read, (B, K, V) (eligible (B, K): the
+    positions it may commit, for draws that cover only those)."""
     return draw_noise(config, generator, logits.shape, logits.device)
+
+
+def restrict(logits: torch.Tensor, config: DecodeConfig) -> torch.Tensor:
+    """The logits of the distribution proposals are drawn from, in the logits' dtype: divided by
+    the temperature (when > 0), then nucleus (top_p) and top-k filtering, removed tokens at -inf.
+    Dream's order: top_p before top_k; top_p keeps the token that crosses it, top_k every token
+    tied with the k-th. (B, K, V) -> (B, K, V); the input is not changed."""
+    if config.temperature > 0:
+        logits = logits / config.temperature
+    if config.top_p is not None and config.top_p < 1:
+        ordered, order = torch.sort(logits, dim=-1, descending=True)  # (B, K, V)
+        before = F.softmax(ordered, dim=-1).cumsum(-1)  # (B, K, V) mass up to and including each rank
+        drop = torch.zeros_like(before, dtype=torch.bool)
+        drop[..., 1:] = before[..., :-1] > config.top_p  # a rank goes when the ranks before it reach top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), -torch.inf)
+    if config.top_k is not None:
+        kth = torch.topk(logits, min(config.top_k, logits.shape[-1]), dim=-1).values[..., -1:]  # (B, K, 1)
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    return logits
 
 
 def gumbel_max_scores(logits: torch.Tensor, temperature: float, gumbel: torch.Tensor) -> torch.Tensor:
@@ -246,6 +290,8 @@ def sample(logits: torch.Tensor, config: DecodeConfig, noise: Noise, scores=gumb
     if config.logits_eos_inf:
         logits = logits.index_fill(-1, torch.tensor([config.eos_id], device=logits.device), -torch.inf)
     if config.temperature > 0:
+        if config.top_p is not None or config.top_k is not None:  # the filters hold at temperature 0 too
+            logits = logits.masked_fill(restrict(logits, config) == -torch.inf, -torch.inf)
         logits = scores(logits, config.temperature, noise.gumbel)
     # The mask token is never a proposal: committing it would leave the position masked forever
     # (a trained LLaDA never predicts it, so this changes nothing there; the confidences still
@@ -264,6 +310,9 @@ class Proposals:
     logits: torch.Tensor  # (B, K, V) the logits the measures read (EOS/EOT hidden where asked)
     eligible: torch.Tensor  # (B, K) bool: masked positions of each row's block
     confidence: torch.Tensor | None = None  # (B, K) float64, -inf where not eligible
+    config: DecodeConfig | None = None  # the settings the proposals were drawn under (temperature, top_p, top_k)
+    noise: Noise | None = None  # the step's random numbers (alg_temp's ranking draws)
+    query_span: tuple[int, int] | None = None  # (a, Q): the K positions are queries a.. of the forward's Q
 
     @functools.cached_property
     def probs(self) -> torch.Tensor:
@@ -280,6 +329,48 @@ class Proposals:
         """Top-1 minus top-2 probability, (B, K)."""
         top = self.probs.topk(min(2, self.probs.shape[-1]), dim=-1).values  # (B, K, 2)
         return top[..., 0] - top[..., -1]
+
+    @functools.cached_property
+    def sampling_probs(self) -> torch.Tensor:
+        """The distribution the proposals are drawn from: softmax of the logits after temperature,
+        top_p and top_k (`restrict`), in the logits' dtype as Dream's sampler computes it (B, K, V)."""
+        return F.softmax(restrict(self.logits, self.config), dim=-1)
+
+
+# Dream's measures (Ye et al., "Dream 7B", arXiv 2508.15487) read the distribution the proposal
+# was drawn from (after temperature, top_p and top_k), where LLaDA's reads the plain softmax.
+
+@register(CONFIDENCES, "maskgit_plus")
+def sampled_probability(p: Proposals, noise: Noise) -> torch.Tensor:
+    """Dream's `maskgit_plus`: the probability of the proposed token (B, K)."""
+    return p.sampling_probs.gather(-1, p.tokens[..., None]).squeeze(-1)
+
+
+@register(CONFIDENCES, "topk_margin")
+def sampled_margin(p: Proposals, noise: Noise) -> torch.Tensor:
+    """Dream's `topk_margin`: top-1 minus top-2 probability, whichever token was proposed (B, K)."""
+    top = p.sampling_probs.topk(min(2, p.sampling_probs.shape[-1]), dim=-1).values  # (B, K, 2)
+    return top[..., 0] - top[..., -1]
+
+
+@register(CONFIDENCES, "entropy")
+def negative_entropy(p: Proposals, noise: Noise) -> torch.Tensor:
+    """Dream's `entropy`: sum_v q_v log(q_v + 1e-10) <= 0, higher = surer (B, K). A distribution
+    that top_p or top_k cut to one token scores exactly 0, so such positions tie."""
+    q = p.sampling_probs
+    return (q * torch.log(q + 1e-10)).sum(-1)
+
+
+@register(CONFIDENCES, "origin")
+def reveal_order(p: Proposals, noise: Noise) -> torch.Tensor:
+    """Dream's `origin` (the masked-diffusion reverse step): each mask is revealed with the
+    schedule's probability 1 - s/t, by its own uniform draw u. Ranking by -u and committing the
+    masks with u below that probability (the linspace schedule counts them) is that step."""
+    return -noise.uniform
+
+
+reveal_order.needs_uniforms = True
+reveal_order.draws_count = True  # the linspace schedule counts the draws below 1 - s/t instead of int(n(1 - s/t))
 
 
 @register(CONFIDENCES, "low_confidence")
@@ -310,7 +401,7 @@ def propose(logits: torch.Tensor, eligible: torch.Tensor, config: DecodeConfig, 
     if config.confidence_eos_eot_inf and pieces.hidden:
         logits = logits.index_fill(-1, torch.tensor(pieces.hidden, device=logits.device), -torch.inf)
     # 3) Confidence by the config's measure; only eligible positions can be committed.
-    p = Proposals(tokens, logits, eligible)
+    p = Proposals(tokens, logits, eligible, config=config, noise=noise)
     conf = pieces.confidence(p, noise)  # (B, K)
     p.confidence = torch.where(eligible, conf, torch.full_like(conf, -torch.inf))
     return p
@@ -330,6 +421,36 @@ def transfer_count(masked: torch.Tensor, steps: int, step: int) -> torch.Tensor:
     return masked // steps + (step < masked % steps).long()  # (B,)
 
 
+@register(SCHEDULES, "uniform")
+def uniform_count(state: DecodeState, config: DecodeConfig, p: Proposals, noise: Noise) -> torch.Tensor:
+    """LLaDA's top-k schedule (transfer_count) at the block's current step, (B,)."""
+    return transfer_count(state.to_commit, config.steps_per_block, state.step)
+
+
+def reveal_fraction(steps: int, step: int, eps: float) -> torch.Tensor | None:
+    """Dream's schedule: the fraction 1 - s/t of the masks that step `step` of `steps` reveals,
+    with t, s consecutive times of float32 linspace(1, eps, steps + 1) (computed as Dream does,
+    in float32); None at the last step and past it, which reveals every mask left."""
+    if step >= steps - 1:
+        return None
+    t, s = torch.linspace(1, eps, steps + 1)[step:step + 2]
+    return 1 - s / t  # () float32
+
+
+@register(SCHEDULES, "linspace")
+def linspace_count(state: DecodeState, config: DecodeConfig, p: Proposals, noise: Noise) -> torch.Tensor:
+    """Dream's top-k schedule: int(n * (1 - s/t)) of each row's n masks, truncated (so the first
+    of `steps` = G steps reveals none), and every mask left at the last step; (B,). `origin`
+    reveals each mask whose own draw falls below 1 - s/t instead, so its count is random."""
+    masks = p.eligible.sum(1)  # (B,)
+    f = reveal_fraction(config.steps_per_block, state.step, config.eps)
+    if f is None:
+        return masks
+    if getattr(CONFIDENCES.get(config.remasking), "draws_count", False):
+        return ((noise.uniform < f.to(noise.uniform.device)) & p.eligible).sum(1)
+    return (masks.to(torch.float32) * f.to(masks.device)).long()  # float32 as Dream's int(n * (1 - s / t))
+
+
 def confidence_rank(conf: torch.Tensor) -> torch.Tensor:
     """Rank of each position by descending confidence, 0 = most confident: (B, K) -> (B, K)."""
     order = conf.argsort(dim=-1, descending=True, stable=True)  # (B, K)
@@ -343,10 +464,19 @@ def select_topk(conf: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return (confidence_rank(conf) < k[:, None]) & (conf > -torch.inf)
 
 
+def ranking(p: Proposals, config: DecodeConfig) -> torch.Tensor:
+    """What the top-k rule ranks, (B, K): the confidence, or with alg_temp > 0 (Dream) the
+    confidence / alg_temp plus Gumbel noise, whose top k are k draws without replacement from
+    softmax(confidence / alg_temp)."""
+    if not config.alg_temp:
+        return p.confidence
+    return p.confidence / config.alg_temp - torch.log(p.noise.ranking)  # -log(-log u): Gumbel
+
+
 @register(COMMIT_RULES, "topk")
 def topk_rule(p: Proposals, config: DecodeConfig, k: torch.Tensor) -> torch.Tensor:
-    """LLaDA: commit the k most confident proposals, k (B,) from the schedule (transfer_count)."""
-    return select_topk(p.confidence, k)
+    """LLaDA and Dream: commit the k most confident proposals, k (B,) from the schedule."""
+    return select_topk(ranking(p, config), k)
 
 
 def select_threshold(conf: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -550,9 +680,9 @@ class NoCache:
         starts, ends = state.bounds
         return Window(torch.arange(state.L, device=state.slots.device), (min(starts), max(ends)), True)
 
-    def commit_from(self, state: DecodeState, window: Window) -> torch.Tensor:
-        """(B,) the first position a commit may land on: the block's start."""
-        return state.start
+    def commit_range(self, state: DecodeState, window: Window) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) each: the positions [lo, hi) a commit may land on: the block."""
+        return state.start, state.end
 
     def forward(self, model, tokens, window: Window, cache, key_mask) -> torch.Tensor:
         return model_forward(model, tokens, window, cache, key_mask)
@@ -618,6 +748,7 @@ class Pieces:
     step_noise: Callable  # (config, generator, window, logits) -> Noise
     confidence: Callable  # (proposals, noise) -> (B, K), from CONFIDENCES
     rule: Callable  # (proposals, config, k) -> (B, K) bool, from COMMIT_RULES
+    schedule: Callable  # (state, config, proposals, noise) -> k (B,), the top-k rule's count, from SCHEDULES
     blocks: object  # a block rule, from BLOCK_RULES
     cache: NoCache  # a cache policy, from CACHE_POLICIES
     forward: Callable  # (model, tokens, window, cache, key_mask) -> (rows, K, V)
@@ -630,10 +761,11 @@ class Pieces:
         pieces = cls(sample=sample, step_noise=step_noise,
                      confidence=lookup(CONFIDENCES, "remasking", config.remasking),
                      rule=lookup(COMMIT_RULES, "commit rule", config.rule),
+                     schedule=lookup(SCHEDULES, "schedule", config.schedule),
                      blocks=lookup(BLOCK_RULES, "block rule", config.block_rule)(config),
                      cache=cache, forward=cache.forward,
                      hidden=tuple(i for i in (config.eos_id, config.eot_id) if i is not None))
-        return with_quirks(pieces, config)
+        return with_quirks(pieces, config, lookback)
 
 
 def query_tokens(state: DecodeState, config: DecodeConfig, positions: torch.Tensor):
@@ -683,16 +815,17 @@ def decode_step(model, state: DecodeState, config: DecodeConfig, generator, piec
     #    block rule may now fix where the block ends.
     a, b = window.logits_range
     block_pos = window.positions[..., a:b].expand(B, -1)  # (B, K) canvas positions
-    noise = pieces.step_noise(config, generator, window, logits)
+    masked = state.slots.gather(1, block_pos) == config.mask_id  # (B, K)
+    noise = pieces.step_noise(config, generator, window, logits, masked)
     proposed = pieces.sample(logits, config, noise)  # (B, K)
     if state.step == 0:
         pieces.blocks.adapt(state, logits, block_pos, proposed)
     # 3) Their confidence, and the commit rule's choice: masked positions of each row's block only.
-    lo = pieces.cache.commit_from(state, window)  # (B,)
-    in_block = (block_pos >= lo[:, None]) & (block_pos < state.end[:, None])  # (B, K); trash is never inside
-    eligible = in_block & (state.slots.gather(1, block_pos) == config.mask_id)  # (B, K)
+    lo, hi = pieces.cache.commit_range(state, window)  # (B,) each
+    eligible = masked & (block_pos >= lo[:, None]) & (block_pos < hi[:, None])  # (B, K); trash is never inside
     proposals = propose(logits, eligible, config, noise, tokens=proposed, pieces=pieces)
-    k = transfer_count(state.to_commit, config.steps_per_block, state.step)  # (B,) the top-k schedule's count
+    proposals.query_span = (a, window.positions.shape[-1])
+    k = pieces.schedule(state, config, proposals, noise)  # (B,) the top-k rule's count
     commit = pieces.rule(proposals, config, k)  # (B, K)
     # 4) Commit: write the chosen proposals at their canvas positions (the rest go to the trash
     #    slot); committed tokens are final.
@@ -703,7 +836,7 @@ def decode_step(model, state: DecodeState, config: DecodeConfig, generator, piec
         state.start = torch.where(done, state.L, state.start)
         state.end = torch.where(done, state.L, state.end)
     state.step += 1
-    wait_for_step(state, config, pieces, torch.isfinite(logits).all(), commit.any())
+    wait_for_step(state, config, pieces, torch.isfinite(logits).all(), commit.any() | (k == 0).all())
 
 
 def wait_for_step(state: DecodeState, config: DecodeConfig, pieces: Pieces, finite, committed) -> None:
@@ -762,8 +895,9 @@ def generate(model, prompt_ids: torch.Tensor, config: DecodeConfig, generator: t
     nfe_per_block = decode_blocks(model, state, config, generator, pieces, on_step)
     masks_left = int((state.canvas[:, state.P:] == config.mask_id).sum())
     if masks_left:
-        warnings.warn(f"{masks_left} masks left in the output: the DualCache step cap (quirks) allows "
-                      f"{config.steps_per_block} forwards per block, too few for these settings", stacklevel=2)
+        warnings.warn(f"{masks_left} masks left in the output: a quirk's step cap (DualCache's, or Dream's block "
+                      f"sampler's) allows {config.steps_per_block} forwards per block, too few for these settings",
+                      stacklevel=2)
     return DecodeResult(ids=state.canvas.contiguous(), nfe=state.nfe, query_tokens=state.query_tokens,
                         masks_left=masks_left, prompt_length=state.P, nfe_per_block=nfe_per_block, extras=state.extras)
 
@@ -857,7 +991,7 @@ class DLLMCache(NoCache):
         state.extras["recomputed_fraction"] = (done["prompt"] + done["response"]) / max(1, int(self.steps.sum()) * N * state.L)
 
     def forward(self, model, tokens, window: Window, cache, key_mask) -> torch.Tensor:
-        return dllm_forward(model, tokens, window, cache, key_mask, shift=self.lookback)
+        return dllm_forward(model, tokens, window, cache, key_mask)
 
 
 def least_similar(similarity: torch.Tensor, n: int) -> torch.Tensor:
@@ -936,16 +1070,15 @@ def dllm_layer(block, cache: FeatureCache, x, rope, key_mask, plan: Refresh):
     return h + mlp_out[:, :L]
 
 
-def dllm_forward(model, tokens, window: Window, cache: FeatureCache, key_mask, shift: int = 0) -> torch.Tensor:
+def dllm_forward(model, tokens, window: Window, cache: FeatureCache, key_mask) -> torch.Tensor:
     """The whole canvas goes in, but each layer recomputes only what the window's refresh plan
-    asks (dllm_layer); logits of the logits range, (rows, K, V), from the hidden rows `shift`
-    before it (a shifted head, Dream's, predicts position i from row i - 1)."""
+    asks (dllm_layer); logits of the logits range, (rows, K, V), through the model's head with its
+    logit shift (a shifted head, Dream's, predicts position i from row i - 1: model.logits)."""
     cos, sin, key_mask = model.rope_and_mask(window.positions, key_mask, tokens.shape[0])
     x = model.embed(tokens)  # (rows, L, C)
     for block in model.blocks:
         x = dllm_layer(block, cache, x, (cos, sin), key_mask, window.refresh)
-    a, b = window.logits_range
-    return model.lm_head(x[:, a - shift:b - shift])  # (rows, K, V)
+    return model.logits(x, window.logits_range, window.positions)  # (rows, K, V), with the family's logit shift
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1056,6 +1189,20 @@ class Quirks:
     # dLLM-Cache (maomaocun/dLLM-cache)
     dllm_fixed_steps: bool = False  # its sampler spends steps / num_blocks forwards on every block
     dllm_layer0_refresh: bool = False  # layer 0 recomputes prompt and response at every step
+    # Dream's samplers (Dream-org/Dream's generation_utils.py, in Fast-dLLM and AdaBlock too); on a
+    # shifted model only
+    dream_draws: bool = False  # its random numbers: float32 exponentials (Categorical's draw) and uniforms
+    #   over the masked positions only, in row-major order, from the generator (torch's global one)
+    dream_topk_ties: bool = False  # top-k is torch.topk over the forward's whole query row (-inf off the
+    #   block): on exact ties its choice depends on the row's length, not on the position
+    dream_threshold_quota: bool = False  # Fast-dLLM's threshold without cache: a quota of masks / steps per
+    #   step (the best always, the rest if >= threshold), rejected ones carried over, a step added when the last rejects
+    dream_block_start_commit: bool = False  # Fast-dLLM's and AdaBlock's cached samplers: a block's opening full
+    #   forward commits its first position alone, unconditionally; cached windows start at the block (no row
+    #   before it); the top-k schedule then runs steps 1.. of the block's, and one step per block wastes a forward
+    dream_block_entropy_only: bool = False  # Fast-dLLM's cached sampler ranks by negative entropy whatever `alg`
+    #   says (outside its threshold mode)
+    adablock_row0_length: bool = False  # AdaBlock's Dream code: batch row 0's logits choose every row's block length
     # BlockBatch (Laurence-Wu/BlockBatch)
     blockbatch_smallest_wins: bool = False  # a natural exit returns the smallest block size's branch
     #   (the original takes max(progress), and every branch has progress G), not the leader
@@ -1070,8 +1217,9 @@ class Quirks:
         return cls(**{f.name: True for f in fields(cls)})
 
 
-def with_quirks(pieces: Pieces, config: DecodeConfig) -> Pieces:
-    """The pieces with the config's quirks swapped in, each where its original applies."""
+def with_quirks(pieces: Pieces, config: DecodeConfig, lookback: int = 0) -> Pieces:
+    """The pieces with the config's quirks swapped in, each where its original applies (Dream's
+    on a shifted model: lookback 1)."""
     q, swap = config.quirks, {}
     if q.gumbel_exp_form:
         swap["sample"] = functools.partial(sample, scores=exp_form_scores)
@@ -1083,8 +1231,10 @@ def with_quirks(pieces: Pieces, config: DecodeConfig) -> Pieces:
         swap["hidden"] = tuple(i for i in (config.eot_id,) if i is not None)
     if q.factor_off_by_one and config.rule == "factor":
         swap["rule"] = factor_rule_off_by_one
+    if lookback:  # a shifted model: Dream's originals draw, sample and rank their own way, none of the above
+        swap = dream_quirks(pieces, config)
     mixins = [mixin for wanted, mixin in (
-        (q.dual_cache_step_cap and config.cache == "dual" and config.delimiter_ids is None, StepCap),
+        (q.dual_cache_step_cap and config.cache == "dual" and config.delimiter_ids is None and not lookback, StepCap),
         (q.dllm_fixed_steps and config.cache == "dllm" and config.rule == "topk", FixedSteps),
         (q.dllm_layer0_refresh and config.cache == "dllm", Layer0Refresh)) if wanted]
     if mixins:  # the original's policy: ours with the quirks' methods in front
@@ -1101,17 +1251,17 @@ def exp_form_scores(logits: torch.Tensor, temperature: float, gumbel: torch.Tens
     return gumbel_max_scores(logits, temperature, gumbel) if torch.isinf(scores).any() else scores
 
 
-def noise_over_queries(config: DecodeConfig, generator, window: Window, logits: torch.Tensor) -> Noise:
+def noise_over_queries(config: DecodeConfig, generator, window: Window, logits: torch.Tensor, eligible=None) -> Noise:
     """The originals draw over every query position of the forward, (B, Q, V), and keep the
     logits range's slice (noise_over_queries)."""
     B, Q, V = logits.shape[0], window.positions.shape[-1], logits.shape[-1]
     a, b = window.logits_range
     noise = draw_noise(config, generator, (B, Q, V), logits.device)
-    return Noise(None if noise.gumbel is None else noise.gumbel[:, a:b],
-                 None if noise.uniform is None else noise.uniform[:, a:b])
+    return Noise(*(None if t is None else t[:, a:b] for t in (noise.gumbel, noise.uniform, noise.ranking)))
 
 
-def noise_twice_on_cached_steps(config: DecodeConfig, generator, window: Window, logits: torch.Tensor) -> Noise:
+def noise_twice_on_cached_steps(config: DecodeConfig, generator, window: Window, logits: torch.Tensor,
+                                eligible=None) -> Noise:
     """Fast-dLLM's prefix cache draws its Gumbel noise twice on a cached step and uses the second
     (prefix_cache_noise_twice)."""
     if config.temperature > 0 and not window.full:
@@ -1126,6 +1276,133 @@ def factor_rule_off_by_one(p: Proposals, config: DecodeConfig, k: torch.Tensor) 
     return select_topk(p.confidence, torch.where(n_accept >= n_eligible - 1, n_eligible, n_accept))
 
 
+def dream_quirks(pieces: Pieces, config: DecodeConfig) -> dict:
+    """The pieces Dream's samplers swap in (with_quirks, on a shifted model)."""
+    q, swap = config.quirks, {}
+    if q.dream_draws:
+        swap.update(step_noise=dream_noise, sample=exponential_race)
+    if q.dream_topk_ties and config.rule == "topk":
+        swap["rule"] = topk_as_torch
+    fixed, cached = config.delimiter_ids is None, config.cache in ("prefix", "dual")
+    if q.dream_threshold_quota and config.rule == "threshold" and config.cache == "none" and fixed:
+        swap.update(rule=threshold_within_quota, schedule=quota_with_carry)
+    if q.dream_block_entropy_only and config.rule == "topk" and cached and fixed:
+        swap["confidence"] = negative_entropy
+    if q.adablock_row0_length and not fixed:
+        swap["blocks"] = Row0Length(config)
+    if q.dream_block_start_commit and cached and (fixed or config.cache == "dual"):  # (AdaBlock: DualCache only)
+        swap["schedule"] = functools.partial(opening_then, swap.get("schedule", pieces.schedule))
+        swap["cache"] = type(f"Original{type(pieces.cache).__name__}", (BlockStartCommit, type(pieces.cache)), {})(
+            config, pieces.cache.lookback)
+        swap["forward"] = swap["cache"].forward
+    return swap
+
+
+def dream_noise(config: DecodeConfig, generator, window: Window, logits: torch.Tensor, eligible: torch.Tensor) -> Noise:
+    """Dream's random numbers for one step (dream_draws): uniforms for `origin`, then float32
+    exponentials for sampling, each over the masked positions alone in row-major order (N of
+    them; Categorical(probs).sample() draws exactly these), scattered to (B, K[, V]). Seeded with
+    torch.manual_seed and generator=None, the draws are the original's."""
+    B, K, V = logits.shape
+    N, device, noise = int(eligible.sum()), logits.device, Noise()
+    if getattr(CONFIDENCES.get(config.remasking), "needs_uniforms", False):
+        noise.uniform = torch.ones((B, K), device=device)  # (B, K) 1.0 where nothing was drawn
+        noise.uniform[eligible] = torch.rand(N, generator=generator, device=device)
+    if config.temperature > 0:
+        noise.exponential = torch.ones((B, K, V), dtype=logits.dtype, device=device)  # (B, K, V)
+        noise.exponential[eligible] = torch.empty((N, V), dtype=logits.dtype, device=device).exponential_(
+            1, generator=generator)
+    if config.alg_temp:  # (the original draws these over its whole (B, L) row: not reproduced)
+        noise.ranking = torch.empty((B, K), dtype=torch.float64, device=device).exponential_(1, generator=generator)
+    return noise
+
+
+def exponential_race(logits: torch.Tensor, config: DecodeConfig, noise: Noise) -> torch.Tensor:
+    """Dream's sampler (dream_draws): argmax(q / E) with q the restricted distribution in the
+    logits' dtype, normalised, and E the step's exponentials (the same law as Gumbel-max, the
+    original's rounding); at temperature 0 the argmax. The mask token is never proposed."""
+    if config.temperature == 0:
+        return sample(logits, config, noise)
+    if config.logits_eos_inf:
+        logits = logits.index_fill(-1, torch.tensor([config.eos_id], device=logits.device), -torch.inf)
+    q = F.softmax(restrict(logits, config), dim=-1)  # (B, K, V)
+    q = (q / q.sum(-1, keepdim=True)).index_fill(-1, torch.tensor([config.mask_id], device=q.device), 0)
+    return (q / noise.exponential).argmax(dim=-1)  # (B, K)
+
+
+def topk_as_torch(p: Proposals, config: DecodeConfig, k: torch.Tensor) -> torch.Tensor:
+    """Dream's top-k (dream_topk_ties): torch.topk over the forward's whole query row, -inf off
+    the block, as the original builds it; exact ties (e.g. negative entropies of 0.0 under top_p)
+    then fall as they fall there. Rows with the same k share one call."""
+    scores = ranking(p, config)  # (B, K)
+    (a, Q), (B, K) = p.query_span, scores.shape
+    row = torch.full((B, Q), -torch.inf, dtype=scores.dtype, device=scores.device)  # (B, Q)
+    row[:, a:a + K] = scores
+    commit = torch.zeros((B, K), dtype=torch.bool, device=scores.device)
+    for n in sorted(set(k.tolist()) - {0}):
+        chosen = torch.zeros_like(row, dtype=torch.bool).scatter(1, torch.topk(row, min(n, Q), dim=1).indices, True)
+        commit = torch.where((k == n)[:, None], chosen[:, a:a + K], commit)
+    return commit & (scores > -torch.inf)
+
+
+def quota_with_carry(state: DecodeState, config: DecodeConfig, p: Proposals, noise: Noise) -> torch.Tensor:
+    """Fast-dLLM's no-cache threshold quota (dream_threshold_quota): step i offers n = masks /
+    steps plus every rejection so far, which comes to masks left - n * (steps - 1 - i); from the
+    last planned step on (each rejection there adds a step), every mask left. (B,)"""
+    n = state.to_commit // config.steps_per_block  # (B,) the per-step quota
+    return p.eligible.sum(1) - n * max(0, config.steps_per_block - 1 - state.step)
+
+
+def threshold_within_quota(p: Proposals, config: DecodeConfig, k: torch.Tensor) -> torch.Tensor:
+    """The threshold rule within the quota k (B,) (dream_threshold_quota): the best proposal, and
+    the next k - 1 if they reach the threshold."""
+    return select_threshold(p.confidence, config.threshold) & select_topk(p.confidence, k)
+
+
+def opening_then(schedule, state: DecodeState, config: DecodeConfig, p: Proposals, noise: Noise) -> torch.Tensor:
+    """The cached samplers' count (dream_block_start_commit): 1 at the opening forward (its one
+    position), then the schedule's steps 1 .. steps - 1 (its first interval is never used), and 0
+    past them: with one step per block, a cached forward that commits nothing."""
+    if state.step == 0:
+        return p.eligible.sum(1).clamp(max=1)
+    if state.step >= config.steps_per_block:
+        return torch.zeros_like(state.to_commit)
+    return schedule(state, config, p, noise)
+
+
+class Row0Length(AdaBlock):
+    """AdaBlock on Dream as its code runs (adablock_row0_length): the delimiter search reads batch
+    row 0's logits and proposals, and every row takes the length row 0 chose (rows start their
+    blocks together there: one prompt length, one length per block)."""
+
+    def adapt(self, state, logits, positions, tokens):
+        first = lambda t: t[:1].expand_as(t)  # noqa: E731 row 0, for every row
+        super().adapt(state, first(logits), first(positions), first(tokens))
+
+
+class BlockStartCommit:
+    """Fast-dLLM's (and AdaBlock's) Dream block sampler (dream_block_start_commit). The opening full
+    forward commits the block's first position alone (its proposal, whatever its confidence); the
+    cached windows then start at the block, whose first row predicts the position after it, so
+    they read logits for the rest of the block only. The top-k schedule stops after steps / blocks
+    forwards, or 2 when that is 1."""
+
+    def __init__(self, config: DecodeConfig, lookback: int = 0):
+        super().__init__(config, 0)  # no row before the block: the opening commit stands for it
+
+    def budget(self):
+        least, most = super().budget()
+        return (least, max(2, self.config.steps_per_block)) if self.config.rule == "topk" else (least, most)
+
+    def block_window(self, state, stops):
+        window = super().block_window(state, stops)
+        return replace(window, logits_range=(1, window.logits_range[1]))  # positions start + 1 ..
+
+    def commit_range(self, state, window):
+        lo, hi = super().commit_range(state, window)
+        return lo, (torch.minimum(hi, lo + 1) if window.full and state.step == 0 else hi)
+
+
 class StepCap:
     """Fast-dLLM's DualCache: at most steps / num_blocks forwards per block (dual_cache_step_cap).
     Masks can remain behind the block, so a full forward's commits may land from the prompt end on."""
@@ -1137,8 +1414,8 @@ class StepCap:
         window = super().full_window(state)
         return replace(window, logits_range=(state.P, window.logits_range[1]))
 
-    def commit_from(self, state, window):
-        return torch.full_like(state.start, state.P) if window.full else state.start
+    def commit_range(self, state, window):
+        return (torch.full_like(state.start, state.P) if window.full else state.start), state.end
 
 
 class FixedSteps:
@@ -1201,14 +1478,27 @@ def check_config(config: DecodeConfig) -> None:
         config.quirks = Quirks.original() if config.quirks else Quirks()
     elif not isinstance(config.quirks, Quirks):
         raise ValueError(f"quirks must be True, False or a decode.Quirks, got {config.quirks!r}")
-    for name, registry in (("remasking", CONFIDENCES), ("cache", CACHE_POLICIES)):
+    for name, registry in (("remasking", CONFIDENCES), ("cache", CACHE_POLICIES), ("schedule", SCHEDULES)):
         if getattr(config, name) not in registry:
             raise ValueError(f"unknown {name} {getattr(config, name)!r}; use one of {tuple(registry)}")
     check_finite("temperature", config.temperature, low=0)
     check_finite("cfg_scale", config.cfg_scale, low=0)
     check_finite("transfer_ratio", config.transfer_ratio, low=0, high=1)
+    check_sampling(config)
     check_rules(config)
     check_blocks(config)
+
+
+def check_sampling(config: DecodeConfig) -> None:
+    """Dream's sampling settings: top_p, top_k, alg_temp and the linspace schedule's eps."""
+    if config.top_p is not None:
+        check_finite("top_p", config.top_p, low=0, high=1, low_open=True)
+    check_int("top_k", config.top_k, low=1, optional=True)
+    if config.alg_temp is not None:
+        check_finite("alg_temp", config.alg_temp, low=0)
+    eps = config.eps  # the last time of linspace(1, eps, ...): 1 would reveal nothing before the last step
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise ValueError(f"eps must be a finite number > 0 and < 1, got {eps!r}")
 
 
 def check_rules(config: DecodeConfig) -> None:

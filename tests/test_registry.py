@@ -2,7 +2,8 @@
 hand-written list): a method added to a registry is covered here at once.
 
 - batch = rows alone, over every cache policy x commit rule x block rule x confidence measure x
-  stop_at_eos x guidance x quirks (float64: near-ties take no part);
+  schedule x stop_at_eos x guidance x quirks x model family (LLaDA, and Dream's shifted head)
+  (float64: near-ties take no part);
 - every step commits at least one token in each row whose block still has masks, committed tokens
   never change, and nothing is left masked;
 - a cache policy under its `every_step` settings (recompute everything at every step) is no cache;
@@ -20,9 +21,13 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import decode
-from decode import BLOCK_RULES, CACHE_POLICIES, COMMIT_RULES, CONFIDENCES, DecodeConfig, Quirks, generate, left_pad
+from decode import (BLOCK_RULES, CACHE_POLICIES, COMMIT_RULES, CONFIDENCES, SCHEDULES, DecodeConfig, Quirks, generate,
+                    left_pad)
 
 DELIMITERS = (16, 21, 30)  # AdaBlock's delimiters on the random model: ids it proposes
+# The originals' quirks, but the one that ties a batch's rows together on purpose (AdaBlock's Dream
+# code lets row 0 choose every row's block length): with these, rows still decode as alone.
+ROWS_APART = dataclasses.replace(Quirks.original(), adablock_row0_length=False)
 
 
 def rule_values(rule: str) -> list:
@@ -37,6 +42,8 @@ methods = st.fixed_dictionaries({
     "rule": st.sampled_from(sorted(COMMIT_RULES)),
     "blocks": st.sampled_from(sorted(BLOCK_RULES)),
     "remasking": st.sampled_from(sorted(CONFIDENCES)),
+    "schedule": st.sampled_from(sorted(SCHEDULES)),
+    "family": st.sampled_from(["llada", "dream"]),
     "value_index": st.integers(0, 100),
     "stop_at_eos": st.booleans(),
     "cfg_scale": st.sampled_from([0.0, 1.0]),
@@ -53,7 +60,8 @@ def config_of(model, m, **over) -> DecodeConfig:
     assume(not (m["blocks"] == "adablock" and m["rule"] == "topk"))
     G = m["block_length"] * m["num_blocks"]
     kw = dict(gen_length=G, block_length=m["block_length"], steps=G, cache=m["cache"], remasking=m["remasking"],
-              stop_at_eos=m["stop_at_eos"], cfg_scale=m["cfg_scale"], quirks=m["quirks"],
+              schedule=m["schedule"],
+              stop_at_eos=m["stop_at_eos"], cfg_scale=m["cfg_scale"], quirks=ROWS_APART if m["quirks"] else Quirks(),
               prompt_interval_steps=2, gen_interval_steps=3)
     if m["rule"] != "topk":
         values = rule_values(m["rule"])
@@ -66,6 +74,33 @@ def config_of(model, m, **over) -> DecodeConfig:
     return config
 
 
+@pytest.fixture(scope="session")
+def random_dream(random_model):
+    """The random model's Dream twin: the same sizes and special ids, q/k/v biases and the shifted
+    head (row i - 1 predicts position i), so every method also runs on the second family."""
+    from model import DiffusionLM, ModelConfig, init_weights
+
+    c = random_model.config
+    cfg = ModelConfig(family="dream", d_model=c.d_model, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads,
+                      n_layers=c.n_layers, mlp_hidden_size=c.mlp_hidden_size, vocab_size=c.vocab_size,
+                      rope_theta=c.rope_theta, max_sequence_length=c.max_sequence_length,
+                      mask_token_id=c.mask_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
+                      eot_token_id=c.eot_token_id)
+    model = init_weights(DiffusionLM(cfg), seed=3).eval()
+    with torch.no_grad():  # sharper predictions, as the random model's
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8.0)
+    return model
+
+
+@pytest.fixture(scope="session")
+def random_dream64(random_dream):
+    import copy
+
+    return copy.deepcopy(random_dream).to(torch.float64)
+
+
 def quietly(*args, **kwargs):
     """generate, without the warning of a quirk that leaves masks (DualCache's step cap)."""
     with warnings.catch_warnings():
@@ -74,9 +109,11 @@ def quietly(*args, **kwargs):
 
 
 @given(m=methods)
-def test_batch_equals_rows_alone(random_model64, m):
-    """Left-padded rows of different lengths, decoded in one batch, get the tokens each gets alone."""
+def test_batch_equals_rows_alone(random_model64, random_dream64, m):
+    """Left-padded rows of different lengths, decoded in one batch, get the tokens each gets alone
+    (either family)."""
     assume(not getattr(CONFIDENCES[m["remasking"]], "needs_uniforms", False))
+    random_model64 = random_dream64 if m["family"] == "dream" else random_model64
     cfg = config_of(random_model64, m)
     rows = random_prompts(m, 3)
     ids, mask = left_pad(rows, random_model64.config.pad_token_id)
@@ -87,9 +124,11 @@ def test_batch_equals_rows_alone(random_model64, m):
 
 
 @given(m=methods)
-def test_every_step_commits_and_commits_are_final(random_model, m):
-    """Each step commits at least one token; committed tokens and the prompt never change (but
-    stop_at_eos ends a row at its first EOS); nothing is left masked (the papers' rules: no cap)."""
+def test_every_step_commits_and_commits_are_final(random_model, random_dream, m):
+    """Each step commits at least one token (but where Dream's linspace schedule plans none);
+    committed tokens and the prompt never change (but stop_at_eos ends a row at its first EOS);
+    nothing is left masked (the papers' rules: no cap)."""
+    random_model = random_dream if m["family"] == "dream" else random_model
     cfg = config_of(random_model, m, quirks=False)
     prompt = torch.tensor([random_prompts(m, 1)[0]] * 2)
     history = []
@@ -106,15 +145,18 @@ def test_every_step_commits_and_commits_are_final(random_model, m):
             first = torch.where(is_eos.any(1), is_eos.int().argmax(1), canvas.shape[1])  # (B,)
             committed &= torch.arange(canvas.shape[1])[None, :] <= first[:, None]
         assert torch.equal(canvas[committed], prev[committed])
-        assert ((prev == cfg.mask_id) & (canvas != cfg.mask_id)).any(1).any()  # at least one commit per step
+        planned_none = cfg.rule == "topk" and cfg.schedule == "linspace"  # int(n (1 - s/t)) can be 0
+        assert planned_none or ((prev == cfg.mask_id) & (canvas != cfg.mask_id)).any(1).any()  # a commit per step
         prev = canvas
     assert out.masks_left == 0 and out.nfe == len(history)
 
 
 @given(m=methods)
-def test_a_policy_recomputing_everything_is_no_cache(random_model, m):
-    """Each cache policy under its `every_step` settings gives no cache's tokens and forwards."""
+def test_a_policy_recomputing_everything_is_no_cache(random_model, random_dream, m):
+    """Each cache policy under its `every_step` settings gives no cache's tokens and forwards
+    (either family)."""
     assume(not m["stop_at_eos"])
+    random_model = random_dream if m["family"] == "dream" else random_model
     policy = CACHE_POLICIES[m["cache"]]
     prompt = torch.tensor(random_prompts(m, 2)[:1])
     cached = config_of(random_model, m, quirks=False, **policy.every_step)
@@ -201,6 +243,11 @@ class Shifted(torch.nn.Module):
 
     def lm_head(self, h):
         return self.inner.lm_head(h)
+
+    def logits(self, x, logits_range, positions=None):  # the head with this model's shift
+        a, b = logits_range
+        assert a >= 1, "a shifted model has no row before query 0"
+        return self.inner.logits(x, (a - 1, b - 1))
 
     def rope_and_mask(self, *args):
         return self.inner.rope_and_mask(*args)
