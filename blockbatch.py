@@ -13,10 +13,16 @@ apart (`rms`). NFE counts batched forwards. The step pieces are decode.py's (`mo
 `draw_noise`, `propose`, `select_threshold`, `fill_after_eos`); the loop is its own, since
 branches, merges, syncs and an exit chosen among branches are not a rule of one sequence.
 
+Either model family runs here without a branch on it: a model whose head is shifted (Dream: the
+row before a token predicts it, `model.logit_shift`) feeds each block together with the row
+before it, so every position of the block is predicted by the step's forward (`query_span`).
+
 Changed from the original: no monkey-patching or flash-attn; ragged blocks are padded with the
-cache's trash slot (`block_positions` weighs padding against packing); one request per call. The
-paper's rules are the default; `quirks=True` (decode.Quirks lists them) swaps in the original's
-methods, subclass mixins in the last section but one.
+cache's trash slot (`block_positions` weighs padding against packing); one request per call; one
+generator for both families (the original has a Dream copy with its own rules). The paper's
+rules are the default; `quirks=True` (decode.Quirks lists them) swaps in the original's methods,
+its LLaDA or its Dream generator's by the model's logit shift, subclass mixins in the last
+section but one.
 
     config = BlockBatchConfig.for_model(model.config, gen_length=256, generator_variant="bulk")
     out = generate(model, prompt_ids, config)   # out.ids (1, P + G), out.nfe, out.extras["winner_block_size"]
@@ -93,6 +99,7 @@ class BlockBatch:
         self.model, self.config, self.generator = model, config, generator
         self.pieces = decode.Pieces.for_config(config.step_config)  # decode.py's sampler and confidence
         self.rms = config.generator_variant == "rms"
+        self.shift = getattr(model, "logit_shift", 0)  # rows before a token that predict it (Dream: 1)
         self.canvas = torch.full((Br, L), config.mask_id, dtype=torch.long, device=device)  # (Br, L) the canvases
         self.canvas[:, :P] = prompt.to(device)
         self.cache = KVCache.for_model(model.config, batch=Br, capacity=L, device=device, dtype=model.dtype)
@@ -146,8 +153,15 @@ class BlockBatch:
 
     # -- Forwards: one batched call over some branch rows, counted in one place -----------------
 
-    def block_positions(self, rows: list[int]) -> torch.Tensor:
-        """Each row's current block as query positions, padded to the longest with the trash slot.
+    def query_span(self, i: int) -> tuple[int, int]:
+        """Branch i's block-step queries [first, stop): its block, and for a shifted model the rows
+        before it (the hidden state at s - 1 predicts the token at s), so that every position of the
+        block gets a prediction from this forward. A done branch queries nothing (only trash)."""
+        return (self.L, self.L) if self.done[i] else (self.start[i] - self.shift, self.end[i])
+
+    def block_positions(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's query span and its block, as canvas positions padded with the trash slot:
+        (queries (R, Q), targets (R, K)), where the step's logit k of a row predicts targets[:, k].
 
         Padding vs. packing: the original packs the ragged blocks (4 + 8 + ... + 128 = 252 tokens)
         and runs a variable-length attention kernel, so it computes only real tokens. Plain PyTorch
@@ -158,15 +172,22 @@ class BlockBatch:
         free, on a CPU it is paid in full. A done row (rms sends every row, as the original does)
         queries only trash.
         """
-        Q = max(max(self.end[i] - self.start[i] for i in rows), 1)
-        offsets = torch.arange(Q, device=self.canvas.device)  # (Q,)
-        pos = torch.tensor([self.start[i] for i in rows], device=self.canvas.device)[:, None] + offsets  # (R, Q)
-        stop = torch.tensor([self.end[i] for i in rows], device=self.canvas.device)[:, None]  # (R, 1)
-        return torch.where(pos < stop, pos, self.cache.trash)  # (R, Q)
+        device = self.canvas.device
+
+        def padded(spans):  # [(first, stop)] -> (R, longest) positions, trash after each stop
+            n = max(max(b - a for a, b in spans), 1)
+            pos = torch.tensor([a for a, _ in spans], device=device)[:, None] + torch.arange(n, device=device)
+            stop = torch.tensor([b for _, b in spans], device=device)[:, None]  # (R, 1)
+            return torch.where(pos < stop, pos, self.cache.trash)
+
+        queries = padded([self.query_span(i) for i in rows])  # (R, Q)
+        targets = padded([(self.start[i], self.end[i]) for i in rows])  # (R, K)
+        return queries, targets
 
     def forward(self, rows: list[int], positions: torch.Tensor, logits_range, real_tokens: int) -> torch.Tensor:
         """One batched forward of the rows' canvases at `positions` ((Q,) shared or (R, Q)), each
-        against its own cache row; logits of the query indices logits_range, (R, K, V)."""
+        against its own cache row; the logits that predict the tokens at the query indices
+        logits_range (model.forward's rule, either family), (R, K, V)."""
         sub = self.sub_cache(rows, copy_in=positions.dim() == 2)  # a full forward rewrites every slot
         x = self.canvas[torch.tensor(rows, device=self.canvas.device)]  # (R, L)
         tokens = x if positions.dim() == 1 else x.gather(1, positions.clamp(max=self.L - 1))  # (R, Q)
@@ -232,9 +253,10 @@ class BlockBatch:
                 noise.uniform[r, o:o + k] = one.uniform[0]
         return noise
 
-    def commit(self, rows: list[int], logits: torch.Tensor, positions: torch.Tensor) -> None:
+    def commit(self, rows: list[int], logits: torch.Tensor, positions: torch.Tensor, select=None) -> None:
         """Threshold commits inside each row's current block (at least one token where any is
-        masked), vectorized over the rows. logits (R, K, V) at canvas positions (R, K)."""
+        masked), vectorized over the rows. logits (R, K, V) predict canvas positions (R, K).
+        select: another rule, confidences (R, K) -> chosen (R, K) bool."""
         device = self.canvas.device
         start = torch.tensor([self.start[i] for i in rows], device=device)[:, None]  # (R, 1)
         end = torch.tensor([self.end[i] for i in rows], device=device)[:, None]  # (R, 1)
@@ -244,14 +266,22 @@ class BlockBatch:
         # Where each row's block starts in the logits, and its length, for per-branch noise.
         noise = self.noise([self.end[i] - self.start[i] for i in rows], in_block.int().argmax(1).tolist(),
                            positions.shape[1], logits.shape[-1])
-        p = decode.propose(logits, eligible, self.config.step_config, noise, pieces=self.pieces)
+        p = decode.propose(self.confidence_logits(logits), eligible, self.config.step_config, noise, pieces=self.pieces)
         x0, conf = p.tokens, p.confidence  # (R, K) each
-        chosen = decode.select_threshold(conf, self.config.threshold)  # (R, K)
+        chosen = (select or self.threshold_rule)(conf)  # (R, K)
         r, c = chosen.nonzero(as_tuple=True)
         self.canvas[index[r], positions[r, c]] = x0[r, c]
         self.commit_conf[index[r], positions[r, c]] = conf[r, c]
         for j, n in zip(rows, chosen.sum(1).tolist()):
             self.decoded[j] += n
+
+    def threshold_rule(self, conf: torch.Tensor) -> torch.Tensor:
+        """The paper's commit rule (decode.select_threshold), (R, K) -> (R, K) bool."""
+        return decode.select_threshold(conf, self.config.threshold)
+
+    def confidence_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The logits proposals and their confidences are read from (the forward's)."""
+        return logits
 
     def check_eos(self, rows: list[int], logits: torch.Tensor, positions: torch.Tensor) -> None:
         """A branch whose current block is complete and holds an EOS has hit EOS; remember the
@@ -285,20 +315,27 @@ class BlockBatch:
             logits = self.forward(rows, positions, (P, L), real_tokens=len(rows) * L)  # (R, G, V)
             self.counts["refreshes"] += 1
         gen = torch.arange(P, L, device=self.canvas.device).expand(len(rows), -1)  # (R, G)
-        self.store_probs(rows, logits, gen)
-        self.commit(rows, logits, gen)
+        self.full_forward_commits(rows, logits, gen)
         if self.rms:
             self.check_eos(rows, logits, gen)
         for i in rows:
             self.advanced[i], self.needs_refresh[i] = 0, False
 
+    def full_forward_commits(self, rows: list[int], logits: torch.Tensor, positions: torch.Tensor) -> None:
+        """What a full forward's logits over the generation (R, G, V) do: every position's
+        probabilities are stored, and each row commits in its block by the threshold rule."""
+        self.store_probs(rows, logits, positions)
+        self.commit(rows, logits, positions)
+
     def block_step(self, rows: list[int]) -> None:
         """The step of the method: ONE batched forward in which each listed branch feeds only its
-        current block at its own positions, against its own cache row (which keeps the block's
-        fresh K/V); then per branch: store probabilities, threshold commits, EOS check."""
-        positions = self.block_positions(rows)  # (R, Q)
-        real = sum(self.end[i] - self.start[i] for i in rows)
-        logits = self.forward(rows, positions, (0, positions.shape[1]), real)  # (R, Q, V)
+        current block (and the row before it on a shifted model, `query_span`) at its own
+        positions, against its own cache row (which keeps the fresh K/V); then per branch: store
+        probabilities, threshold commits, EOS check."""
+        queries, positions = self.block_positions(rows)  # (R, Q), (R, K)
+        real = sum(b - a for a, b in map(self.query_span, rows))
+        K = positions.shape[1]
+        logits = self.forward(rows, queries, (self.shift, self.shift + K), real)  # (R, K, V): predicts positions
         keep = [r for r, i in enumerate(rows) if not self.done[i]]  # done rows (rms) only padded the batch
         if keep:
             rows, logits, positions = [rows[r] for r in keep], logits[keep], positions[keep]
@@ -340,26 +377,43 @@ class BlockBatch:
         first source on ties). A committed token is never changed: only masks are filled. The
         region scanned: bulk, the union of the sources' current blocks; rms, the whole generation
         up to the furthest source block end. Returns the tokens filled."""
-        L, mask_id = self.L, self.config.mask_id
-        pos = torch.arange(L, device=self.canvas.device)  # (L,)
-        if self.rms:
-            region = (pos >= self.P) & (pos < min(L, max(self.end[s] for s in srcs)))
-        else:
-            region = torch.zeros(L, dtype=torch.bool, device=self.canvas.device)
-            for s in srcs:
-                region |= (pos >= self.start[s]) & (pos < self.end[s])
+        mask_id = self.config.mask_id
+        region = self.merge_region(dst, srcs)  # (L,)
         src_tok = self.canvas[srcs]  # (Ns, L), Ns sources
-        # dst's stored probability of each source's token: the matching top slot, or 0.
-        match = self.top_tok[dst, :L][None] == src_tok[..., None]  # (Ns, L, J)
-        prob = (match * self.top_p[dst, :L][None]).sum(-1)  # (Ns, L)
+        prob = self.stored_prob(dst, src_tok)  # (Ns, L)
         prob = torch.where(src_tok == mask_id, torch.zeros_like(prob), prob)
         best_p, best_s = prob.max(dim=0)  # (L,) each; the first source on ties
         best_tok = src_tok.gather(0, best_s[None]).squeeze(0)  # (L,)
-        fill = region & (self.canvas[dst] == mask_id) & (best_p > self.config.conf_threshold)  # (L,)
+        fill = region & (self.canvas[dst] == mask_id) & self.passes_gate(best_p)  # (L,)
         self.canvas[dst] = torch.where(fill, best_tok, self.canvas[dst])
         # A merged token's confidence is dst's own probability of it, the one the fill was judged by.
         self.commit_conf[dst] = torch.where(fill, best_p.to(self.commit_conf.dtype), self.commit_conf[dst])
         return int(fill.sum())
+
+    def merge_region(self, dst: int, srcs: list[int]) -> torch.Tensor:
+        """(L,) bool, the positions a merge into dst may fill (see merge_into)."""
+        pos = torch.arange(self.L, device=self.canvas.device)  # (L,)
+        if self.rms:
+            return (pos >= self.P) & (pos < min(self.L, max(self.end[s] for s in srcs)))
+        region = torch.zeros(self.L, dtype=torch.bool, device=self.canvas.device)
+        for s in srcs:
+            region |= (pos >= self.start[s]) & (pos < self.end[s])
+        return region
+
+    def forget_probs(self, rows: list[int]) -> None:
+        """Drop the rows' stored probabilities."""
+        self.top_p[rows] = 0
+
+    def stored_prob(self, dst: int, tokens: torch.Tensor) -> torch.Tensor:
+        """dst's stored probability of each of the tokens (Ns, L) at its position: the matching
+        top slot, or 0. (Ns, L)."""
+        L = self.L
+        match = self.top_tok[dst, :L][None] == tokens[..., None]  # (Ns, L, J)
+        return (match * self.top_p[dst, :L][None]).sum(-1)  # (Ns, L)
+
+    def passes_gate(self, prob: torch.Tensor) -> torch.Tensor:
+        """Whether a merge may fill with a token of this stored probability (elementwise)."""
+        return prob > self.config.conf_threshold
 
     def sync_to(self, dst: int, leader: int) -> None:
         """Overwrite branch dst with the leader: canvas, cache row and decoded count; dst then
@@ -451,6 +505,10 @@ class BlockBatch:
         committed with (by a forward, a merge or a sync)."""
         return float(self.commit_conf[i, at])
 
+    def finished(self) -> bool:
+        """Whether the run stops without an EOS: when every branch is done."""
+        return all(self.done)
+
     def natural_winner(self) -> int:
         """The branch a natural exit (every branch complete) returns: the leader, the branch with
         the most decoded tokens."""
@@ -481,27 +539,31 @@ class BlockBatch:
 
 
 def bulk(run: BlockBatch) -> tuple[int, str]:
-    """`bulk`: after init, steps until every branch is done. Each step forwards the branches
-    whose block still has a mask; a branch that has advanced refresh_block_size tokens asks for a
-    refresh, and then every active row gets one batched full forward. Returns (winner, exit)."""
+    """`bulk`: after init, steps until the run is finished (every branch done; `finished`). Each
+    step forwards the branches whose block still has a mask; a branch that has advanced
+    refresh_block_size tokens asks for a refresh, and then every active row gets one batched full
+    forward. Returns (winner, exit)."""
+    def policy():
+        run.advance_all()
+        run.merge_and_sync()
+
     def refresh_if_asked():
         if any(run.needs_refresh[i] for i in run.active()):
             run.full_forward(run.active(), init=False)
 
     run.full_forward(run.everyone, init=True)  # every branch commits in its first block
-    run.advance_all()
-    run.merge_and_sync()
+    policy()
     refresh_if_asked()
-    while not all(run.done):
+    while not run.finished():
         rows = [i for i in run.active() if run.block_has_mask(i)]
         if rows:
             run.block_step(rows)
         winner = run.eos_ready()
         if winner is not None:
             return winner, "eos"
-        run.advance_all()
-        run.merge_and_sync()
-        refresh_if_asked()
+        for phase in (policy, refresh_if_asked):  # the run may finish after any of them
+            if not run.finished():
+                phase()
     return run.natural_winner(), "natural"
 
 
@@ -552,7 +614,7 @@ def generate(model, prompt_ids: torch.Tensor, config: BlockBatchConfig, generato
                          f"{prompt_ids.shape[0]} prompts: call generate once per prompt")
     if attention_mask is not None:
         prompt_ids = prompt_ids[:, attention_mask[0].bool()]  # (1, P') the real tokens
-    run = with_quirks(config)(model, prompt_ids, config, generator)
+    run = with_quirks(config, getattr(model, "logit_shift", 0))(model, prompt_ids, config, generator)
     winner, exit = (rms if run.rms else bulk)(run)
     return run.result(winner, exit)
 
@@ -595,13 +657,196 @@ class MasksAfterEOS:
         pass
 
 
-def with_quirks(config: BlockBatchConfig) -> type:
-    """BlockBatch, or the original's: ours with the quirks' methods in front."""
-    q = config.quirks
-    mixins = [mixin for wanted, mixin in ((q.blockbatch_smallest_wins, SmallestWins),
-                                          (q.blockbatch_eos_prob_last_forward, EOSProbabilityFromLastForward),
-                                          (q.blockbatch_float32_divergence, Float32Divergence),
-                                          (q.blockbatch_masks_after_eos, MasksAfterEOS)) if wanted]
+# The original's Dream generator (on a shifted-head model): a copy of its LLaDA one that differs
+# in the window, the full forward's commits, the stored probabilities, merges, refreshes and exit.
+
+
+class PredecessorWindow:
+    """A block step queries as many positions as the block, shifted left by the logit shift:
+    [s-1, e-1) on Dream, so the block's last position keeps stale K/V (blockbatch_pred_window)."""
+
+    def query_span(self, i: int) -> tuple[int, int]:
+        first, stop = super().query_span(i)
+        return first, max(first, stop - self.shift)
+
+
+class SeedFirstMask:
+    """A full forward (init or refresh) commits one token per branch, at the first masked position
+    of its block, whatever its confidence, and the stored probabilities are cleared: Fast-dLLM's
+    unconditional block-start commit, copied (blockbatch_seed_first_mask)."""
+
+    def full_forward_commits(self, rows: list[int], logits: torch.Tensor, positions: torch.Tensor) -> None:
+        self.forget_probs(rows)
+        self.commit(rows, logits, positions, select=first_eligible)
+        for i in rows:  # a block the seed completed moves on at once
+            if not self.done[i] and not self.block_has_mask(i):
+                self.advance(i)
+
+
+def first_eligible(conf: torch.Tensor) -> torch.Tensor:
+    """Each row's first position that may be committed, (R, K) -> (R, K) bool."""
+    eligible = conf > -torch.inf
+    return eligible & (eligible.cumsum(dim=-1) == 1)
+
+
+class ConfidenceWithoutMask:
+    """The mask id's logit is set to -1e4 before every proposal and its confidence
+    (blockbatch_conf_without_mask); the stored probabilities keep it."""
+
+    def confidence_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits.index_fill(-1, torch.tensor([self.config.mask_id], device=logits.device), -1e4)
+
+
+class CumulativeProbDict:
+    """Stored probabilities as the Dream generator's per-branch dict: every (position, token) whose
+    float32 probability exceeds 0.2, added or overwritten by each block step and never removed,
+    cleared by a full forward's seed, copied with the canvas by a sync (blockbatch_prob_dict)."""
+
+    floor = 0.2
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prob_dict = [{} for _ in self.sizes]  # per branch: {position: {token: probability}}
+
+    def store_probs(self, rows: list[int], logits: torch.Tensor, positions: torch.Tensor) -> None:
+        probs = F.softmax(logits.float(), dim=-1)  # (R, K, V)
+        r, k, tok = (probs > self.floor).nonzero(as_tuple=True)
+        for r, pos, t, p in zip(r.tolist(), positions[r, k].tolist(), tok.tolist(), probs[r, k, tok].tolist()):
+            if pos < self.L:  # not a padding query's
+                self.prob_dict[rows[r]].setdefault(pos, {})[t] = p
+
+    def forget_probs(self, rows: list[int]) -> None:
+        for i in rows:
+            self.prob_dict[i] = {}
+
+    def stored_prob(self, dst: int, tokens: torch.Tensor) -> torch.Tensor:
+        prob = torch.zeros(tokens.shape, dtype=torch.float64)  # (Ns, L)
+        rows = tokens.tolist()
+        for pos, table in self.prob_dict[dst].items():
+            for s, row in enumerate(rows):
+                prob[s, pos] = table.get(row[pos], 0.0)
+        return prob.to(tokens.device)
+
+    def sync_to(self, dst: int, leader: int) -> None:
+        super().sync_to(dst, leader)
+        self.prob_dict[dst] = {pos: dict(table) for pos, table in self.prob_dict[leader].items()}
+
+
+class MergeOwnBlock:
+    """A merge fills only dst's own current block, where its stored probability is at least
+    conf_threshold (not above it) (blockbatch_merge_own_block)."""
+
+    def merge_region(self, dst: int, srcs: list[int]) -> torch.Tensor:
+        pos = torch.arange(self.L, device=self.canvas.device)  # (L,)
+        return (pos >= self.start[dst]) & (pos < self.end[dst])
+
+    def passes_gate(self, prob: torch.Tensor) -> torch.Tensor:
+        return prob >= self.config.conf_threshold
+
+
+class MergedTokensCount:
+    """Merged tokens count as decoded, for the leader and the sync gap: the Dream generator counts
+    the tokens on each canvas (blockbatch_merged_count_as_decoded)."""
+
+    def merge_into(self, dst: int, srcs: list[int]) -> int:
+        n = super().merge_into(dst, srcs)
+        if not self.rms:  # (rms counts them already)
+            self.decoded[dst] += n
+        return n
+
+
+class RefreshOnProgress:
+    """bulk refreshes once some branch's first mask has moved refresh_block_size positions since
+    its last full forward (a sync copies the leader's count), not blocks advanced x block size
+    (blockbatch_refresh_on_progress)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.frontier = [0] * len(self.sizes)  # first mask, relative to the prompt (G: none)
+        self.moved = [0] * len(self.sizes)  # how far it moved since the last full forward
+
+    def first_mask(self, i: int) -> int:
+        masks = (self.canvas[i, self.P:] == self.config.mask_id).nonzero()
+        return int(masks[0]) if len(masks) else self.L - self.P
+
+    def note_progress(self, i: int) -> None:
+        new = self.first_mask(i)
+        self.moved[i] += max(new - self.frontier[i], 0)
+        self.frontier[i] = new
+        self.needs_refresh[i] = self.moved[i] >= self.config.refresh_block_size
+
+    def advance(self, i: int) -> None:
+        self.snap_window(i)
+
+    def commit(self, rows: list[int], *args, **kwargs) -> None:
+        super().commit(rows, *args, **kwargs)
+        for i in rows:
+            self.note_progress(i)
+
+    def merge_into(self, dst: int, srcs: list[int]) -> int:
+        n = super().merge_into(dst, srcs)
+        if n:
+            self.note_progress(dst)
+        return n
+
+    def sync_to(self, dst: int, leader: int) -> None:
+        super().sync_to(dst, leader)
+        self.frontier[dst], self.moved[dst] = self.first_mask(dst), self.moved[leader]
+        self.needs_refresh[dst] = self.needs_refresh[leader]
+
+    def full_forward(self, rows: list[int], init: bool) -> None:
+        super().full_forward(rows, init)
+        for i in rows:
+            self.frontier[i], self.moved[i], self.needs_refresh[i] = self.first_mask(i), 0, False
+
+
+class FirstCompleteExit:
+    """The run stops as soon as one branch has no mask left, and of the complete branches the
+    largest block size wins; EOS plays no part, neither as an exit nor in the returned tokens
+    (blockbatch_first_complete_exit)."""
+
+    def finished(self) -> bool:
+        return bool((self.canvas[:, self.P:] != self.config.mask_id).all(1).any())
+
+    def natural_winner(self) -> int:
+        complete = (self.canvas[:, self.P:] != self.config.mask_id).all(1)  # (Br,)
+        return int(complete.nonzero()[-1])  # sizes ascend: the last is the largest
+
+    def eos_ready(self) -> int | None:
+        return None
+
+    def finish(self, ids: torch.Tensor) -> None:
+        pass
+
+
+class GreedyOnly:
+    """Temperature 0 whatever the config says: the generator sets temperature 0, top_p None and
+    top_k 1 on entry (blockbatch_greedy_only)."""
+
+    def __init__(self, model, prompt, config, generator=None):
+        super().__init__(model, prompt, replace(config, temperature=0.0), generator)
+
+
+def with_quirks(config: BlockBatchConfig, logit_shift: int = 0) -> type:
+    """BlockBatch, or the original's: ours with the quirks' methods in front. The original has one
+    generator per model family; on a shifted-head model (logit_shift > 0) its Dream generator's
+    quirks apply and stand first, so they override the others' exits. That generator is a `bulk`
+    one: `rms` on Dream takes the LLaDA generator's quirks."""
+    q, shifted = config.quirks, logit_shift > 0 and config.generator_variant == "bulk"
+    mixins = [mixin for wanted, mixin in (
+        (shifted and q.blockbatch_pred_window, PredecessorWindow),
+        (shifted and q.blockbatch_seed_first_mask, SeedFirstMask),
+        (shifted and q.blockbatch_conf_without_mask, ConfidenceWithoutMask),
+        (shifted and q.blockbatch_prob_dict, CumulativeProbDict),
+        (shifted and q.blockbatch_merge_own_block, MergeOwnBlock),
+        (shifted and q.blockbatch_merged_count_as_decoded, MergedTokensCount),
+        (shifted and q.blockbatch_refresh_on_progress, RefreshOnProgress),
+        (shifted and q.blockbatch_first_complete_exit, FirstCompleteExit),
+        (shifted and q.blockbatch_greedy_only, GreedyOnly),
+        (q.blockbatch_smallest_wins, SmallestWins),
+        (q.blockbatch_eos_prob_last_forward, EOSProbabilityFromLastForward),
+        (q.blockbatch_float32_divergence, Float32Divergence),
+        (q.blockbatch_masks_after_eos, MasksAfterEOS)) if wanted]
     return type("OriginalBlockBatch", (*mixins, BlockBatch), {}) if mixins else BlockBatch
 
 

@@ -1210,6 +1210,22 @@ class Quirks:
     #   forward (in bfloat16), not the confidence the EOS was committed with
     blockbatch_float32_divergence: bool = False  # rms refresh test in float32 with its cancellation
     blockbatch_masks_after_eos: bool = False  # an EOS exit returns masks after the EOS, not EOS
+    # BlockBatch's generator for a shifted-head model (its Dream file); only where logit_shift > 0
+    blockbatch_pred_window: bool = False  # a block step queries [s-1, e-1), not [s-1, e): the block's
+    #   last position keeps stale K/V
+    blockbatch_seed_first_mask: bool = False  # a full forward commits each branch's first masked
+    #   position, whatever its confidence, and clears the stored probabilities (not the threshold rule)
+    blockbatch_conf_without_mask: bool = False  # confidences leave the mask id out of the softmax
+    blockbatch_prob_dict: bool = False  # stored probabilities: every token > 0.2, kept until a full
+    #   forward clears them, copied by a sync (not this forward's tokens > 0.1)
+    blockbatch_merge_own_block: bool = False  # a merge fills dst's own block (not the sources'),
+    #   at stored probability >= 0.5 (not > 0.5)
+    blockbatch_merged_count_as_decoded: bool = False  # bulk counts merged tokens as decoded (leader, sync)
+    blockbatch_refresh_on_progress: bool = False  # refresh once the first mask has moved
+    #   refresh_block_size positions (not blocks advanced x block size)
+    blockbatch_first_complete_exit: bool = False  # stop at the first complete branch, the largest
+    #   complete block size wins; no EOS exit
+    blockbatch_greedy_only: bool = False  # temperature forced to 0
 
     @classmethod
     def original(cls) -> "Quirks":

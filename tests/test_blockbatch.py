@@ -215,9 +215,9 @@ def test_batched_block_step_equals_each_branch_alone(random_model, prompt, start
             s, e = bb.start[i], bb.end[i]
             with torch.no_grad():
                 alone.append(model(bb.canvas[i:i + 1, s:e], positions=torch.arange(s, e), cache=one)[0])  # (K_i, V)
-        positions = bb.block_positions([0, 1, 2])  # (3, Q)
+        queries, targets = bb.block_positions([0, 1, 2])  # (3, Q), (3, K)
         with torch.no_grad():
-            batched = bb.forward([0, 1, 2], positions, (0, positions.shape[1]), real_tokens=14)  # (3, Q, V)
+            batched = bb.forward([0, 1, 2], queries, (0, targets.shape[1]), real_tokens=14)  # (3, K, V)
         for i in range(3):
             ref = alone[i]
             tol = (1e-5 if dtype == torch.float32 else 1e-12) * max(1.0, float(ref.abs().max()))
