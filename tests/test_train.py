@@ -730,3 +730,179 @@ def test_recovery_touches_only_a_dead_runs_leftovers_of_our_files(tmp_path, caps
     out = capsys.readouterr().out
     assert f"left {tmp_path / f'ckpt.old-{dead_too.pid}'} alone: it holds files train.py does not write" in out
     assert out.count("removed") == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The autoregressive start and the Dream format (--family dream, --objective ar, --init-from)
+# ---------------------------------------------------------------------------------------------
+
+
+def dream_cfg(tmp_path, **over):
+    return tiny_cfg(tmp_path, **{"family": "dream", "objective": "ar", **over})
+
+
+def test_ar_loss_is_next_token_ce_over_the_answer_by_hand(tmp_path):
+    """Each scored token's CE recomputed from a forward that sees only the tokens before it: a
+    1-layer model run bidirectionally on the prefix ids[:i] (no causal mask, the future cut off),
+    whose last row (the shift) predicts token i. Mean per example over its answer (or, with
+    prompt_loss, every token after the first), then over the batch."""
+    for prompt_loss in (False, True):
+        cfg = dream_cfg(tmp_path, prompt_loss=prompt_loss, windows="32:1")
+        model = train.build_model(cfg, "cpu")
+        ids, region = batch(cfg)
+        ids, region = ids[:2], region[:2]  # two examples of different lengths are enough
+        assert ids.shape[0] == 2
+        loss, d = train.ar_loss(model, ids, region, prompt_loss)
+        assert torch.equal(d["scored"][:, 1:], torch.ones_like(region[:, 1:]) if prompt_loss else region[:, 1:])
+        expected = []
+        with torch.no_grad():
+            for b in range(2):
+                ces = []
+                for i in range(1, ids.shape[1]):
+                    if d["scored"][b, i]:
+                        logit = model(ids[b:b + 1, :i], logits_range=(i, i + 1))[0, 0]  # (V,)
+                        ces.append(torch.nn.functional.cross_entropy(logit[None], ids[b, i:i + 1]))
+                expected.append(torch.stack(ces).mean())
+        assert torch.allclose(loss, torch.stack(expected).mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_one_ar_step_lowers_the_ar_loss(tmp_path):
+    cfg = dream_cfg(tmp_path, prompt_loss=True)
+    model = train.build_model(cfg, "cpu")
+    ids, region = batch(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    before = train.ar_loss(model, ids, region, True)[0]
+    before.backward()
+    opt.step()
+    with torch.no_grad():
+        assert train.ar_loss(model, ids, region, True)[0] < before
+
+
+def test_greedy_ar_decoding_is_the_argmax_of_its_own_causal_forward(tmp_path):
+    """ar_generate's tokens, read back with one causal forward over prompt + generation, are each
+    the argmax of the row before them (up to each row's first EOS), and a left-padded batch gives
+    each row's tokens alone."""
+    from decode import left_pad
+
+    model = train.build_model(dream_cfg(tmp_path, n_layers=2), "cpu").eval()
+    prompts = [task.encode("Q: 3+4=?\n"), task.encode("Q: 5+1-2=?\n")]
+    ids, mask = left_pad(prompts, EOS)
+    out = train.ar_generate(model, ids, mask, 12)
+    assert out.shape == (2, 12)
+    for row, prompt in enumerate(prompts):
+        alone = train.ar_generate(model, torch.tensor([prompt]), torch.ones(1, len(prompt), dtype=torch.long), 12)
+        assert torch.equal(alone[0], out[row])
+        full = torch.tensor([prompt + alone[0].tolist()])
+        with torch.no_grad():
+            best = model(full, causal=True)[0, len(prompt):].argmax(-1)  # (G,)
+        stop = (alone[0] == EOS).nonzero()
+        end = int(stop[0]) + 1 if len(stop) else 12
+        assert torch.equal(best[:end], alone[0, :end])
+
+
+def test_a_dream_run_writes_a_dream_directory_and_diffusion_starts_from_it(tmp_path):
+    """The AR stage saves a real Dream directory (model_type Dream, Qwen2 names, Dream's token
+    names at the config's ids); --init-from it starts diffusion with exactly its weights, and that
+    run's checkpoint loads as a Dream model too."""
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    ar = train.train(dream_cfg(tmp_path, prompt_loss=True, steps=4))
+    ckpt = str(tmp_path / "ckpt")
+    loaded = load_model(ckpt, device="cpu")
+    assert loaded.config.family == "dream" and loaded.logit_shift == 1
+    with open(os.path.join(ckpt, "config.json")) as f:
+        config = json.load(f)
+    assert config["model_type"] == "Dream" and config["hidden_size"] == 32 and config["num_hidden_layers"] == 1
+    with safe_open(os.path.join(ckpt, "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert {"model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.bias", "lm_head.weight",
+            "model.norm.weight"} <= keys
+    ids = torch.randint(0, 70, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, causal=True), ar(ids, causal=True))
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    assert (tok.eos_token, tok.pad_token, tok.bos_token, tok.mask_token) == \
+        ("<|endoftext|>", "<|endoftext|>", "<|beginoftext|>", "<|mask|>")
+    assert (tok.eos_token_id, tok.pad_token_id, tok.bos_token_id, tok.mask_token_id) == \
+        (config["eos_token_id"], config["pad_token_id"], config["bos_token_id"], config["mask_token_id"])
+    diffusion = dream_cfg(tmp_path, objective="diffusion", init=ckpt, out=str(tmp_path / "dlm"),
+                          state_dir=str(tmp_path / "dlm-state"), steps=2)
+    assert_same_weights(ar, train.build_model(diffusion, "cpu"))
+    trained = train.train(diffusion)
+    again = load_model(str(tmp_path / "dlm"), device="cpu")
+    assert again.config.family == "dream"
+    with torch.no_grad():
+        assert torch.equal(again(ids), trained(ids))
+    with open(tmp_path / "dlm" / "training_log.json") as f:
+        assert json.load(f)["init_log"]["config"]["objective"] == "ar"
+
+
+def test_an_ar_run_resumes_bit_for_bit(tmp_path, monkeypatch):
+    straight = train.train(dream_cfg(tmp_path / "a", prompt_loss=True, steps=8))
+    real_make_batch = train.make_batch
+
+    def dies_at_step_6(cfg, step, *args):
+        if step == 6:
+            raise KeyboardInterrupt
+        return real_make_batch(cfg, step, *args)
+
+    monkeypatch.setattr(train, "make_batch", dies_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(dream_cfg(tmp_path / "b", prompt_loss=True, steps=8))
+    monkeypatch.setattr(train, "make_batch", real_make_batch)
+    assert_same_weights(straight, train.train(dream_cfg(tmp_path / "b", prompt_loss=True, steps=8)))
+    with pytest.raises(ValueError, match="other settings"):  # the objective decides the weights
+        train.train(dream_cfg(tmp_path / "b", prompt_loss=False, steps=12))
+
+
+def test_init_from_refuses_another_family_or_shape(tmp_path, straight):
+    llada = str(straight[1] / "ckpt")
+    with pytest.raises(ValueError, match=f"--init {llada} is a LLaDA checkpoint, but --family is 'dream'"):
+        train.build_model(dream_cfg(tmp_path, objective="diffusion", init=llada), "cpu")
+    train.train(dream_cfg(tmp_path, steps=1))
+    dream = str(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match=f"--init {dream} is a Dream checkpoint, but --family is 'llada'"):
+        train.build_model(tiny_cfg(tmp_path, init=dream), "cpu")
+    with pytest.raises(ValueError, match="another shape"):
+        train.build_model(dream_cfg(tmp_path, objective="diffusion", init=dream, n_heads=4), "cpu")
+    assert train.parse_args(["--init-from", dream, "--family", "dream"]).init == dream
+
+
+def test_a_snapshot_from_before_the_family_setting_resumes(tmp_path):
+    """A state.json written before --family/--objective existed ran with their defaults."""
+    train.train(tiny_cfg(tmp_path, steps=4))
+    file = tmp_path / "state" / "step-00000004" / "state.json"
+    meta = json.loads(file.read_text())
+    for key in ("family", "objective", "prompt_loss"):
+        del meta["config"][key]
+    file.write_text(json.dumps(meta))
+    assert train.load_state(tiny_cfg(tmp_path, steps=8), train.build_model(tiny_cfg(tmp_path), "cpu"),
+                            torch.optim.AdamW(train.build_model(tiny_cfg(tmp_path), "cpu").parameters()))[0] == 4
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--objective", "ar"], "objective 'ar' needs a model whose row i-1 predicts token i (--family dream)"),
+    (["--family", "dream", "--prompt-loss"], "prompt_loss scores the prompt's next tokens: it needs --objective ar"),
+    (["--family", "qwen"], "family must be one of ('llada', 'dream'), got 'qwen'"),
+    (["--objective", "mlm"], "objective must be one of ('diffusion', 'ar'), got 'mlm'"),
+])
+def test_bad_family_or_objective_is_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as err:
+        train.parse_args(argv)
+    assert err.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_an_ar_models_answer_ends_at_the_blank_line_before_a_next_shot(tmp_path, monkeypatch):
+    """A model that learned k-shot prompts writes '\\n\\nQ: ...' after its answer: scored as the
+    answer alone when decoding is causal (the few-shot stop sequence), and wrong otherwise."""
+    problem = task.FAMILIES["pair"].test_set(1)[0]
+    total = int(problem.prompt.split("=")[1].split("?")[0])
+    text = f"1+{total - 1}\n\nQ: ?+?=4\n1+3"
+    monkeypatch.setattr(train, "ar_generate", lambda model, ids, mask, G: torch.tensor([task.encode(text)]))
+    model = train.build_model(dream_cfg(tmp_path), "cpu")
+    assert train.evaluate(model, [problem], causal=True) == 1.0
+    import decode
+    monkeypatch.setattr(decode, "generate", lambda *a, **k: type("R", (), {"generated": torch.tensor([task.encode(text)])}))
+    assert train.evaluate(model, [problem], causal=False) == 0.0

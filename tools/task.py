@@ -44,6 +44,13 @@ EOS_TOKEN = "<|endoftext|>"
 EOT_TOKEN = "<|eot_id|>"
 MASK_TOKEN = "<|mdm_mask|>"
 SPECIAL_TOKENS = (EOS_TOKEN, EOT_TOKEN, MASK_TOKEN)
+# A Dream checkpoint's tokenizer spells them as Dream-v0's (Qwen2's EOS, which pads too; Dream's
+# own BOS and mask). They take the same three ids, so the ids of every text are the family's alike:
+# a Dream directory's 75 is BOS where a LLaDA one's is end-of-turn (`decode` stops at both).
+DREAM_BOS_TOKEN = "<|beginoftext|>"
+DREAM_MASK_TOKEN = "<|mask|>"
+DREAM_SPECIAL_TOKENS = (EOS_TOKEN, DREAM_BOS_TOKEN, DREAM_MASK_TOKEN)
+TOKENIZER_FAMILIES = ("llada", "dream")  # model.py's family names
 # Every character any family can produce. Fixed, so the token ids never move.
 CHARS = "0123456789+-*=?#:.,' \n" + "abcdefghijklmnopqrstuvwxyz" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -460,8 +467,9 @@ def vocabulary() -> dict[str, int]:
     return vocab
 
 
-def build_tokenizer():
-    """A `transformers` fast tokenizer (backed by a `tokenizers` WordLevel model over characters).
+def build_tokenizer(family: str = "llada"):
+    """A `transformers` fast tokenizer (backed by a `tokenizers` WordLevel model over characters),
+    its special tokens named as the model family's checkpoints name them (`family`: "llada" or "dream").
 
     Its `save_pretrained` names the class `PreTrainedTokenizerFast` in tokenizer_config.json, a
     name every transformers version requirements.txt allows can load. transformers 5 would write
@@ -481,19 +489,30 @@ def build_tokenizer():
                 f.write(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
             return files
 
-    tok = Tokenizer(models.WordLevel(vocab=vocabulary(), unk_token=None))
+    specials = special_tokens(family)  # the family's names, at the ids vocabulary() gives them
+    vocab = {name if i < len(CHARS) else specials[i - len(CHARS)]: i for name, i in vocabulary().items()}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r".|\n"), behavior="isolated")  # one piece per character
     tok.decoder = decoders.Fuse()  # decode by plain concatenation
-    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIAL_TOKENS])
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    named = {"bos_token": DREAM_BOS_TOKEN} if family == "dream" else {}
     # clean_up_tokenization_spaces defaults to True in transformers 4 and would decode " ?" as "?".
-    return CharTokenizer(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN, mask_token=MASK_TOKEN,
-                         padding_side="left", clean_up_tokenization_spaces=False)
+    return CharTokenizer(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN, mask_token=specials[2],
+                         padding_side="left", clean_up_tokenization_spaces=False, **named)
 
 
-def special_ids() -> dict[str, int]:
-    """The special ids as they go into config.json."""
+def special_tokens(family: str = "llada") -> tuple[str, str, str]:
+    """The family's names for ids 74, 75, 76: (EOS = pad, end-of-turn or BOS, mask)."""
+    if family not in TOKENIZER_FAMILIES:
+        raise ValueError(f"family must be one of {TOKENIZER_FAMILIES}, got {family!r}")
+    return DREAM_SPECIAL_TOKENS if family == "dream" else SPECIAL_TOKENS
+
+
+def special_ids(family: str = "llada") -> dict[str, int]:
+    """The special ids as they go into config.json: LLaDA's end-of-turn id is Dream's BOS."""
     v = vocabulary()
-    return {"eos_token_id": v[EOS_TOKEN], "pad_token_id": v[EOS_TOKEN], "eot_token_id": v[EOT_TOKEN],
+    second = "bos_token_id" if special_tokens(family)[1] == DREAM_BOS_TOKEN else "eot_token_id"
+    return {"eos_token_id": v[EOS_TOKEN], "pad_token_id": v[EOS_TOKEN], second: v[EOT_TOKEN],
             "mask_token_id": v[MASK_TOKEN]}
 
 

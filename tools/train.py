@@ -58,13 +58,14 @@ except ImportError:
     fcntl = None
 
 from tools import task
-from model import LLaDAModel, ModelConfig, init_weights, load_model, save_model
+from model import FAMILIES, LLaDAModel, ModelConfig, init_weights, load_model, save_model
 
 # ---------------------------------------------------------------------------------------------
 # Settings
 # ---------------------------------------------------------------------------------------------
 
 BF16_CHOICES = ("auto", "on", "off")
+OBJECTIVES = ("diffusion", "ar")
 
 
 @dataclass
@@ -74,6 +75,10 @@ class TrainConfig:
     out: str = "runs/model"  # where the final checkpoint is written (an existing one needs overwrite)
     state_dir: str = "runs/state"  # resumable training state (one directory per snapshot)
     init: str = "checkpoints/mix"  # checkpoint whose weights training starts from ('' = random init)
+    family: str = "llada"  # checkpoint format, model.FAMILIES: 'llada', or 'dream' (Qwen2 names, shifted head);
+    #   with --init it must be that checkpoint's
+    objective: str = "diffusion"  # 'diffusion' (masked tokens, bidirectional) or 'ar' (next token, causal)
+    prompt_loss: bool = False  # ar: score the prompt's tokens too, not only the answer's
     overwrite: bool = False  # allow replacing an existing checkpoint directory at `out`
     steps: int = 3000  # optimizer steps
     batch_tokens: int = 8192  # tokens per batch, prompts included (sequences follow from the lengths)
@@ -133,6 +138,15 @@ class TrainConfig:
             raise ValueError(f"zero_shot_share must be a number in [0, 1], got {self.zero_shot_share}")
         if self.bf16 not in BF16_CHOICES:
             raise ValueError(f"bf16 must be one of {BF16_CHOICES}, got {self.bf16!r}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {tuple(FAMILIES)}, got {self.family!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.objective == "ar" and FAMILIES[self.family].logit_shift != 1:
+            raise ValueError(f"objective 'ar' needs a model whose row i-1 predicts token i (--family dream); "
+                             f"a {FAMILIES[self.family].label} model's row i predicts token i itself")
+        if self.prompt_loss and self.objective != "ar":
+            raise ValueError("prompt_loss scores the prompt's next tokens: it needs --objective ar")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         self.weights()  # parses --mix, raising on a bad one
@@ -253,6 +267,9 @@ def diffusion_loss(model, ids, answer_region, mask_id: int, eps: float, generato
     """LLaDA's SFT loss: mask answer tokens with prob t, CE on the masked ones weighted by 1/t.
 
     Returns (loss, details) where details has the masks and ratios, so tests can check them.
+    A shifted model (Dream) needs nothing else: its forward already returns row i-1's head as the
+    logits of position i (model.DiffusionLM.logits), so `logits[masked]` scores each masked token
+    from the hidden state before it, as Dream's training does.
     """
     B, L = ids.shape
     # 1) One masking ratio per example, t ~ U(eps, 1) (LLaDA: p = (1 - eps) * u + eps).
@@ -271,17 +288,68 @@ def diffusion_loss(model, ids, answer_region, mask_id: int, eps: float, generato
     return loss, {"t": t, "masked": masked, "noisy": noisy}
 
 
+def ar_loss(model, ids, answer_region, prompt_loss: bool = False):
+    """An autoregressive model's loss, the stage Dream starts from (it adapted Qwen2.5): causal
+    attention, each token predicted from the tokens before it, cross-entropy averaged over each
+    example's scored tokens (its answer and EOS padding; with prompt_loss every token after the
+    first), then over the batch. Returns (loss, {"scored": (B, L) bool}).
+    """
+    # 1) Causal forward. A shifted model's row i is the head of hidden state i-1, which has read
+    #    ids[:, :i] only: the logit shift is the AR head, so row i predicts token i (row 0 has no
+    #    token before it and is never scored).
+    logits = model(ids.to(model.device), causal=True)  # (B, L, V)
+    scored = torch.ones_like(answer_region) if prompt_loss else answer_region.clone()  # (B, L)
+    scored[:, 0] = False
+    # 2) Next-token cross-entropy on the scored positions, a mean per example, then over the batch.
+    ce = F.cross_entropy(logits.float().transpose(1, 2), ids.to(logits.device), reduction="none")  # (B, L)
+    per_example = (ce * scored.to(ce.device)).sum(1) / scored.sum(1).clamp(min=1).to(ce.device)  # (B,)
+    return per_example.mean(), {"scored": scored}
+
+
+def training_loss(config: TrainConfig, model, ids, answer_region, mask_id: int, generator: torch.Generator):
+    """The configured objective's loss on one batch (the generator draws diffusion's masks)."""
+    if config.objective == "ar":
+        return ar_loss(model, ids, answer_region, config.prompt_loss)
+    return diffusion_loss(model, ids, answer_region, mask_id, config.eps, generator)
+
+
 # ---------------------------------------------------------------------------------------------
 # Evaluation: each family's scorer on its held-out problems, vanilla sampler
 # ---------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def evaluate(model, problems, families=None, block_length=32, batch_size=200, gen_length=None) -> float:
-    """Held-out accuracy with the vanilla sampler (one token per step, temperature 0).
+def ar_generate(model, prompt_ids: torch.Tensor, attention_mask: torch.Tensor, gen_length: int) -> torch.Tensor:
+    """Greedy autoregressive decoding of a causally trained shifted model (the AR stage): one
+    token per forward, left to right, without a cache. The forward runs the canvas up to the
+    token to write; a shifted model's last row predicts the position after it (logits_range
+    (Q, Q + 1)). Stops once every row has written EOS and pads the rest with it. Returns (B, G)."""
+    B, P = prompt_ids.shape
+    eos = model.config.eos_token_id
+    x = torch.cat([prompt_ids, torch.full((B, gen_length), eos, dtype=prompt_ids.dtype,
+                                          device=prompt_ids.device)], dim=1)  # (B, P + G)
+    keys = torch.cat([attention_mask, torch.ones_like(x[:, P:])], dim=1)  # (B, P + G)
+    for j in range(gen_length):
+        Q = P + j  # the tokens written so far; the next one is at position Q
+        logits = model(x[:, :Q], attention_mask=keys[:, :Q], causal=True, logits_range=(Q, Q + 1))  # (B, 1, V)
+        x[:, Q] = logits[:, 0].argmax(dim=-1)
+        if (x[:, P:Q + 1] == eos).any(dim=1).all():  # every row has ended: the rest stays EOS
+            break
+    return x[:, P:]  # (B, G)
+
+
+@torch.no_grad()
+def evaluate(model, problems, families=None, block_length=32, batch_size=200, gen_length=None,
+             causal: bool = False) -> float:
+    """Held-out accuracy with the vanilla sampler (one token per step, temperature 0), or with
+    greedy autoregressive decoding (ar_generate) when `causal` (a model trained with --objective ar).
 
     Each problem is scored by its family (task.score); each family decodes at its own window
-    (family.gen_length) unless gen_length is given.
+    (family.gen_length) unless gen_length is given. An AR model trained with --prompt-loss has
+    read k-shot prompts, where an answer is followed by a blank line and the next shot more often
+    than by EOS: its response is also cut at the first blank line, the stop sequence lm-eval's
+    few-shot tasks use. A Dream model decodes with the same sampler:
+    its forward returns per-position logits (the shift is inside model.py).
     """
     from decode import DecodeConfig, generate, left_pad
 
@@ -294,16 +362,24 @@ def evaluate(model, problems, families=None, block_length=32, batch_size=200, ge
         for i in range(0, len(group), batch_size):
             chunk = group[i:i + batch_size]
             ids, mask = left_pad([task.encode(p.prompt) for p in chunk], model.config.pad_token_id)
-            out = generate(model, ids.to(model.device), config, attention_mask=mask.to(model.device))
-            for p, row in zip(chunk, out.generated.tolist()):
-                correct += families[name].score(p, task.decode(row))
+            ids, mask = ids.to(model.device), mask.to(model.device)
+            if causal:
+                generated = ar_generate(model, ids, mask, G)
+            else:
+                generated = generate(model, ids, config, attention_mask=mask).generated
+            for p, row in zip(chunk, generated.tolist()):
+                text = task.decode(row)
+                if causal:  # a model that also learned the prompts writes the next shot after its answer
+                    text = text.split(task.SHOT_SEPARATOR)[0]
+                correct += families[name].score(p, text)
     return correct / len(problems)
 
 
-def evaluate_families(model, families, n: int, shots: int = 0) -> dict[str, float]:
-    """{family: vanilla accuracy on its first n held-out problems}, as k-shot prompts if shots > 0."""
+def evaluate_families(model, families, n: int, shots: int = 0, causal: bool = False) -> dict[str, float]:
+    """{family: vanilla (or, causal, greedy AR) accuracy on its first n held-out problems}, as
+    k-shot prompts if shots > 0."""
     return {name: round(evaluate(model, [task.few_shot(p, shots, families=families) for p in fam.test_set(n)],
-                                 families), 4) for name, fam in families.items()}
+                                 families, causal=causal), 4) for name, fam in families.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,6 +463,8 @@ def load_state(config: TrainConfig, model, opt) -> tuple[int, list, str | None]:
         raise ValueError(f"snapshot {path} is inconsistent: directory, {meta_file} (step {step}) and "
                          f"{tensor_file} (step {stamped}) disagree; {remedy}")
     # Every setting that changes the data or the weights must match, or the run would silently drift.
+    # A snapshot older than a setting ran with its default.
+    saved_cfg = {**{k: getattr(TrainConfig, k) for k in ("family", "objective", "prompt_loss")}, **saved_cfg}
     saved = {k: v for k, v in saved_cfg.items() if k not in RESUMABLE_CHANGES}
     mine = {k: v for k, v in asdict(config).items() if k not in RESUMABLE_CHANGES}
     if saved != mine:
@@ -412,16 +490,21 @@ def load_state(config: TrainConfig, model, opt) -> tuple[int, list, str | None]:
 
 def build_model(config: TrainConfig, device) -> LLaDAModel:
     """A fresh model of config's shape, with --init's weights when given."""
-    ids = task.special_ids()
-    model_config = ModelConfig(d_model=config.d_model, n_heads=config.n_heads, n_layers=config.n_layers,
-                       mlp_hidden_size=config.mlp_hidden_size, vocab_size=len(task.vocabulary()),
-                       rope_theta=10000.0, max_sequence_length=2048, **ids)
+    ids = task.special_ids(config.family)
+    model_config = ModelConfig(family=config.family, d_model=config.d_model, n_heads=config.n_heads,
+                               n_layers=config.n_layers, mlp_hidden_size=config.mlp_hidden_size,
+                               vocab_size=len(task.vocabulary()), rope_theta=10000.0,
+                               rms_norm_eps=1e-6 if config.family == "dream" else 1e-5,  # Qwen2's, LLaDA's
+                               max_sequence_length=2048, **ids)
     model = init_weights(LLaDAModel(model_config), config.seed).to(device)
     if config.init:
         try:
             start = load_model(config.init, device=device, dtype=torch.float32)
         except (ValueError, OSError) as err:
             raise ValueError(f"--init {config.init}: cannot load it ({err}); pass --init '' to train from scratch") from None
+        if start.config.family != config.family:  # the format (names, q/k/v biases, shift) is the weights'
+            raise ValueError(f"--init {config.init} is a {FAMILIES[start.config.family].label} checkpoint, but "
+                             f"--family is {config.family!r}; pass --family {start.config.family} to continue it")
         theirs = {k: getattr(start.config, k) for k in ("d_model", "n_heads", "n_layers", "mlp_hidden_size",
                                                           "vocab_size", *ids)}
         mine = {k: getattr(model_config, k) for k in theirs}
@@ -459,7 +542,7 @@ def choose_precision(config: TrainConfig, model, opt_free_batch, device, mask_id
         for i in range(3):
             start = time.perf_counter()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled):
-                loss, _ = diffusion_loss(model, ids, region, mask_id, config.eps, torch.Generator().manual_seed(i))
+                loss, _ = training_loss(config, model, ids, region, mask_id, torch.Generator().manual_seed(i))
             loss.backward()
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -638,7 +721,7 @@ def write_checkpoint(config: TrainConfig, model, log: list, precision: str) -> N
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         save_model(model, tmp)
-        task.build_tokenizer().save_pretrained(tmp)
+        task.build_tokenizer(config.family).save_pretrained(tmp)
         task.save_task(tmp, config.task)
         record = {"config": asdict(config), "precision": precision, "log": log}
         earlier = os.path.join(config.init, "training_log.json") if config.init else ""
@@ -714,7 +797,7 @@ def train_locked(config: TrainConfig, state: dict, device) -> LLaDAModel:
         ids, region = make_batch(config, step, held_out, eos_id)
         gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step + 7)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss, _ = diffusion_loss(model, ids, region, mask_id, config.eps, gen)
+            loss, _ = training_loss(config, model, ids, region, mask_id, gen)
         value = loss.item()
         if not math.isfinite(value):  # diverged: stop before it reaches the weights or a snapshot
             raise Diverged(f"the loss is {value} at step {step + 1} (lr {lr_at(config, step):.3g}); lower --lr. "
@@ -735,10 +818,12 @@ def train_locked(config: TrainConfig, state: dict, device) -> LLaDAModel:
         entry = {"step": done, "loss": round(ema, 5), "seconds": round(seconds, 1)}
         if done % config.eval_every == 0 or done == config.steps:
             model.eval()
-            entry["accuracy"] = evaluate_families(model, families, config.eval_problems)
-            print(f"step {done}: held-out vanilla accuracy {entry['accuracy']} ({seconds / 60:.1f} min)", flush=True)
+            causal = config.objective == "ar"
+            entry["accuracy"] = evaluate_families(model, families, config.eval_problems, causal=causal)
+            print(f"step {done}: held-out {'greedy AR' if causal else 'vanilla'} accuracy {entry['accuracy']} ({seconds / 60:.1f} min)", flush=True)
             if config.eval_shots:
-                entry["accuracy_shots"] = evaluate_families(model, families, config.eval_problems, config.eval_shots)
+                entry["accuracy_shots"] = evaluate_families(model, families, config.eval_problems, config.eval_shots,
+                                                            causal=causal)
                 print(f"step {done}: {config.eval_shots}-shot {entry['accuracy_shots']}", flush=True)
         if done % 50 == 0 or "accuracy" in entry:
             log.append(entry)
@@ -766,7 +851,10 @@ def parse_args(argv=None) -> TrainConfig:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     help_text = {
         "out": "checkpoint directory to write", "state_dir": "directory for resumable training state",
-        "init": "checkpoint to start from ('' = random weights)",
+        "init": "checkpoint to start from ('' = random weights); --init-from is the same flag",
+        "family": f"format of the model: {' or '.join(FAMILIES)} (with --init, that checkpoint's)",
+        "objective": "diffusion (masked tokens, bidirectional) or ar (next token, causal; needs --family dream)",
+        "prompt_loss": "ar: score the prompt's tokens too",
         "overwrite": "replace an existing checkpoint at --out",
         "steps": "optimizer steps (rerun with the step of a snapshot to export it)",
         "batch_tokens": "tokens per batch", "lr": "peak learning rate",
@@ -789,7 +877,8 @@ def parse_args(argv=None) -> TrainConfig:
                             help=help_text[name])
             continue
         kind = parse_bf16 if name == "bf16" else type(value)
-        ap.add_argument("--" + name.replace("_", "-"), type=kind, default=value,
+        flags = ["--init", "--init-from"] if name == "init" else ["--" + name.replace("_", "-")]
+        ap.add_argument(*flags, dest=name, type=kind, default=value,
                         help=f"{help_text[name]} (default: {value!r})")
     args = ap.parse_args(argv)
     try:
