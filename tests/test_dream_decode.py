@@ -11,9 +11,8 @@ import warnings
 
 import pytest
 import torch
-from conftest import GOLDEN, needs_golden
-from hypothesis import given
-from hypothesis import strategies as st
+from conftest import GOLDEN
+from test_registry import ROWS_APART, random_dream, random_dream64  # noqa: F401 (the random Dream's fixtures)
 
 import decode
 from decode import DecodeConfig, Quirks, generate, left_pad
@@ -263,9 +262,6 @@ def test_adablock_row0_length_quirk_gives_every_row_row0s_lengths(dream):
 # random for both families; here every cache x rule x block rule x measure, with the quirks on
 # and off, on the random Dream model in float64)
 # ---------------------------------------------------------------------------------------------
-
-from test_registry import ROWS_APART, random_dream, random_dream64  # noqa: E402,F401 (fixtures)
-
 
 RULES = {"topk": dict(), "threshold": dict(threshold=0.6), "factor": dict(factor=1.0)}
 METHODS = [(blocks, cache, rule) for blocks in sorted(decode.BLOCK_RULES) for cache in sorted(decode.CACHE_POLICIES)

@@ -9,6 +9,13 @@ answer length. The model is model.py's own class and the checkpoint is written i
 `load_model` reads (config.json, model.safetensors, tokenizer files), so it loads exactly as a
 real LLaDA checkpoint does.
 
+Dream (Ye et al., "Dream 7B", arXiv 2508.15487) was made differently: an autoregressive model
+(Qwen2.5) adapted to masked diffusion, keeping its head (row i-1 predicts token i). `--family dream`
+writes a Dream directory (Qwen2 names and config keys, model.py's save_model); `--objective ar`
+trains it as an AR model (causal attention, next-token loss, `ar_loss`); `--init-from` that
+checkpoint then trains the same weights with the diffusion loss, attention now bidirectional.
+Dream's context-adaptive noise rescheduling is left out (one masking ratio per example).
+
 Differences from the paper: no pre-training stage (the task families are all there is);
 generation windows of several lengths in one run (--windows, up to 1024 tokens) so the model sees
 the long EOS tails the benchmark decodes; k-shot prompts (--shots, task.few_shot's format) in a
@@ -31,6 +38,8 @@ times slower); the choice is printed and kept on resume.
 Usage:
     python -m tools.train                    # checkpoints/fewshot's last stage, into runs/model
     python -m tools.train --steps 50 --init '' --out /tmp/x --state-dir /tmp/x-state   # a smoke run
+    python -m tools.train --family dream --objective ar --init '' --out /tmp/ar --state-dir /tmp/ar-state
+    python -m tools.train --family dream --init-from /tmp/ar --out /tmp/dlm --state-dir /tmp/dlm-state
 (checkpoints/README.md has every shipped checkpoint's stages, with their commands.)
 """
 
