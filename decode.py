@@ -238,12 +238,14 @@ class Noise:
     uniform: torch.Tensor | None = None  # (B, K) float64; None unless a measure needs them
     ranking: torch.Tensor | None = None  # (B, K) float64, -log(u); None unless alg_temp > 0
     exponential: torch.Tensor | None = None  # (B, K, V) Dream's own draws (dream_draws); else None
+    generator: torch.Generator | None = None  # the step's generator, for a rule that draws itself (Dream's
+    #   torch.multinomial for alg_temp, under dream_topk_ties: only at steps that commit)
 
 
 def draw_noise(config: DecodeConfig, generator, shape, device) -> Noise:
     """The step's random numbers for logits of `shape` (B, K, V): float64, so that the sample's
     tail is not cut off by rounding. Only the positions the step reads are drawn."""
-    noise = Noise()
+    noise = Noise(generator=generator)
     if config.temperature > 0:
         noise.gumbel = -torch.log(torch.rand(shape, generator=generator, device=device, dtype=torch.float64))
     if getattr(CONFIDENCES.get(config.remasking), "needs_uniforms", False):
@@ -1297,7 +1299,7 @@ def dream_quirks(pieces: Pieces, config: DecodeConfig) -> dict:
     q, swap = config.quirks, {}
     if q.dream_draws:
         swap.update(step_noise=dream_noise, sample=exponential_race)
-    if q.dream_topk_ties and config.rule == "topk":
+    if (q.dream_topk_ties or (q.dream_draws and config.alg_temp)) and config.rule == "topk":
         swap["rule"] = topk_as_torch
     fixed, cached = config.delimiter_ids is None, config.cache in ("prefix", "dual")
     if q.dream_threshold_quota and config.rule == "threshold" and config.cache == "none" and fixed:
@@ -1320,7 +1322,7 @@ def dream_noise(config: DecodeConfig, generator, window: Window, logits: torch.T
     them; Categorical(probs).sample() draws exactly these), scattered to (B, K[, V]). Seeded with
     torch.manual_seed and generator=None, the draws are the original's."""
     B, K, V = logits.shape
-    N, device, noise = int(eligible.sum()), logits.device, Noise()
+    N, device, noise = int(eligible.sum()), logits.device, Noise(generator=generator)
     if getattr(CONFIDENCES.get(config.remasking), "needs_uniforms", False):
         noise.uniform = torch.ones((B, K), device=device)  # (B, K) 1.0 where nothing was drawn
         noise.uniform[eligible] = torch.rand(N, generator=generator, device=device)
@@ -1328,9 +1330,7 @@ def dream_noise(config: DecodeConfig, generator, window: Window, logits: torch.T
         noise.exponential = torch.ones((B, K, V), dtype=logits.dtype, device=device)  # (B, K, V)
         noise.exponential[eligible] = torch.empty((N, V), dtype=logits.dtype, device=device).exponential_(
             1, generator=generator)
-    if config.alg_temp:  # (the original draws these over its whole (B, L) row: not reproduced)
-        noise.ranking = torch.empty((B, K), dtype=torch.float64, device=device).exponential_(1, generator=generator)
-    return noise
+    return noise  # (alg_temp's draws: topk_as_torch's torch.multinomial, at steps that commit)
 
 
 def exponential_race(logits: torch.Tensor, config: DecodeConfig, noise: Noise) -> torch.Tensor:
@@ -1349,15 +1349,22 @@ def exponential_race(logits: torch.Tensor, config: DecodeConfig, noise: Noise) -
 def topk_as_torch(p: Proposals, config: DecodeConfig, k: torch.Tensor) -> torch.Tensor:
     """Dream's top-k (dream_topk_ties): torch.topk over the forward's whole query row, -inf off
     the block, as the original builds it; exact ties (e.g. negative entropies of 0.0 under top_p)
-    then fall as they fall there. Rows with the same k share one call."""
-    scores = ranking(p, config)  # (B, K)
+    then fall as they fall there. With alg_temp, the original's own call on that row,
+    torch.multinomial(softmax(row / alg_temp), k), on the step's generator and only where k > 0.
+    Rows with the same k share one call."""
+    scores = p.confidence  # (B, K)
     (a, Q), (B, K) = p.query_span, scores.shape
     row = torch.full((B, Q), -torch.inf, dtype=scores.dtype, device=scores.device)  # (B, Q)
     row[:, a:a + K] = scores
     commit = torch.zeros((B, K), dtype=torch.bool, device=scores.device)
     for n in sorted(set(k.tolist()) - {0}):
-        chosen = torch.zeros_like(row, dtype=torch.bool).scatter(1, torch.topk(row, min(n, Q), dim=1).indices, True)
-        commit = torch.where((k == n)[:, None], chosen[:, a:a + K], commit)
+        rows = k == n  # (B,) the rows that commit n (a row with nothing eligible never reaches multinomial)
+        if config.alg_temp:
+            picked = torch.multinomial(F.softmax(row[rows] / config.alg_temp, dim=-1), min(n, Q),
+                                       generator=p.noise.generator)  # (rows, n)
+        else:
+            picked = torch.topk(row[rows], min(n, Q), dim=1).indices  # (rows, n)
+        commit[rows] = torch.zeros_like(row[rows], dtype=torch.bool).scatter(1, picked, True)[:, a:a + K]
     return commit & (scores > -torch.inf)
 
 

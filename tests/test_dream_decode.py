@@ -369,3 +369,62 @@ def test_origin_reveals_a_random_number_and_finishes(dream):
 def test_bad_dream_settings_are_one_clear_line(field, value, message):
     with pytest.raises(ValueError, match="^" + message.replace("(", r"\(").replace(")", r"\)") + "$"):
         DecodeConfig(gen_length=8, block_length=8, steps=8, **{field: value})
+
+
+def dream_sample_reference(model, prompt, G, steps, alg, temperature, top_p, alg_temp, eps=1e-3):
+    """A plain rewrite of Dream's `_sample` (one row): its sample_tokens through
+    torch.distributions.Categorical, its schedule and its torch.multinomial for alg_temp, all on
+    torch's global generator. For the seeded streams no golden case records (alg_temp > 0)."""
+    M = model.config.mask_token_id
+    x = torch.nn.functional.pad(prompt, (0, G), value=M)
+    ts = torch.linspace(1, eps, steps + 1)
+    for i in range(steps):
+        mask = x == M
+        logits = model(x)[mask]  # (N, V): the per-position (shifted) logits at the masks
+        if temperature > 0:
+            logits = logits / temperature
+        if top_p is not None:
+            ordered, order = torch.sort(logits, descending=True)
+            drop = torch.cumsum(torch.softmax(ordered, -1), -1) > top_p
+            drop[..., 1:] = drop[..., :-1].clone()
+            drop[..., 0] = False
+            logits = logits.masked_fill(torch.zeros_like(drop).scatter_(-1, order, drop), torch.finfo(logits.dtype).min)
+        probs = torch.softmax(logits, -1)
+        if temperature > 0:
+            x0 = torch.distributions.Categorical(probs=probs).sample()
+            conf = probs.gather(-1, x0[:, None]).squeeze(-1)
+        else:
+            conf, x0 = probs.max(-1)
+        if alg == "entropy":
+            conf = (probs * torch.log(probs + 1e-10)).sum(-1)
+        t, s = ts[i], ts[i + 1]
+        n = mask.sum() / 1
+        k = int(n * (1 - s / t)) if i < steps - 1 else int(n)
+        full = torch.full(x.shape, -torch.inf)
+        full[mask] = conf
+        if k > 0:
+            idx = (torch.multinomial(torch.softmax(full / alg_temp, -1), k) if alg_temp
+                   else torch.topk(full, k).indices)[0]
+            proposal = torch.full_like(x, M)
+            proposal[mask] = x0
+            x[0, idx] = proposal[0, idx]
+    return x
+
+
+@needs_dream
+@pytest.mark.parametrize("alg, temperature, top_p, alg_temp, steps", [
+    ("entropy", 0.2, 0.95, 0.5, 32), ("maskgit_plus", 0.0, None, 0.1, 8), ("maskgit_plus", 0.7, None, 2.0, 16)])
+def test_seeded_alg_temp_reproduces_a_rewrite_of_the_original(dream, alg, temperature, top_p, alg_temp, steps):
+    """Under dream_draws and dream_topk_ties, a seeded run (torch.manual_seed, generator=None)
+    gives the tokens of a plain rewrite of Dream's sampler with the same seed: the sampling
+    draws and alg_temp's multinomial are the original's."""
+    prompt = torch.tensor([[1009, 83, 954, 722, 999, 851]])
+    cfg = DecodeConfig.for_model(dream.config, gen_length=32, block_length=32, steps=steps, remasking=alg,
+                                 schedule="linspace", temperature=temperature, top_p=top_p, alg_temp=alg_temp,
+                                 quirks=True)
+    torch.manual_seed(11)
+    ours = generate(dream, prompt, cfg).ids
+    torch.manual_seed(11)
+    with torch.no_grad():
+        theirs = dream_sample_reference(dream, prompt, 32, steps, alg, temperature, top_p, alg_temp)
+    assert ours.tolist() == theirs.tolist()
