@@ -417,7 +417,7 @@ def test_llada_8b_dual_step_bound_on_h100():
 
 def test_dream_7b_dual_step_bound_on_h100():
     """A DualCache step of Dream-7B in bf16 (the block's 32 tokens and the row before it, against
-    512 + 256 cached positions) reads 14.2 GB, bounded by bandwidth at 4.24 ms on an H100 SXM:
+    512 + 256 cached positions) reads 14.2 GB, bounded by bandwidth at 4.23 ms on an H100 SXM:
     fewer weights than LLaDA-8B and 8× fewer K/V bytes (4 KV heads, not 32)."""
     cfg = preset_config("dream-7b")
     step = Forward("dual step", 1, q=33, keys=768, logits=32, cached=True)
