@@ -22,6 +22,7 @@ Usage:
     python run.py --cache dllm --no-live            # dLLM-Cache, result and figures only
     python run.py --model ~/LLaDA-8B-Instruct --prompt "What is 2+2?" --gen-length 128 \
                   --cache none --threshold none   # vanilla LLaDA (blocks of 32, one token per step)
+    python run.py --model ~/Dream-v0-Instruct-7B --prompt "What is 2+2?" --dtype bfloat16   # the same, on Dream
 """
 
 from __future__ import annotations
@@ -271,7 +272,7 @@ def check_special_ids(model_dir: str, model_config, tokenizer) -> None:
 
 def build_prompt(tokenizer, text: str, model_dir: str) -> str:
     """The prompt string: our task's format for the arithmetic checkpoint, the chat template for
-    an instruction-tuned LLaDA, the text as it is otherwise."""
+    an instruction-tuned model (LLaDA- or Dream-Instruct), the text as it is otherwise."""
     if os.path.isfile(os.path.join(model_dir, "task.json")):
         if text.startswith("Q:"):
             return text if text.endswith("\n") else text + "\n"

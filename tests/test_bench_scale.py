@@ -428,7 +428,7 @@ def test_dream_7b_dual_step_bound_on_h100():
     assert forward_flops(cfg, step) == 28 * layer + 2 * 32 * 3584 * 152064
     h100 = published_peak("NVIDIA H100 80GB HBM3", torch.bfloat16)
     bound, by = roofline(h100, forward_flops(cfg, step), nbytes)
-    assert by == "memory" and bound == pytest.approx(nbytes / 3.35e12) and 4.23e-3 < bound < 4.25e-3
+    assert by == "memory" and bound == pytest.approx(nbytes / 3.35e12) and 4.23e-3 < bound < 4.24e-3
 
 
 def test_measure_cpu_gives_positive_rates():
