@@ -580,6 +580,17 @@ def test_dry_run_of_dream_7b(capsys):
     assert full["q_mean"] == 128 and full["logits"] == 32  # no cache: the canvas, no extra row
 
 
+def test_a_shrunk_dream_preset_is_timed_end_to_end(capsys):
+    """Every kind of forward replayed on a small random Dream model (its windows start one row before
+    the block, its logits after it): each is timed, and DualCache's step is the block plus one row."""
+    shrink = ["--d-model", "56", "--heads", "7", "--kv-heads", "1", "--layers", "1", "--mlp", "96", "--vocab", "300"]
+    result = bench_scale.main(["--preset", "dream-7b", *shrink, *QUICK[2:], *PEAKS, "--lengths", "32"])
+    assert all(k["seconds"] > 0 and k["bound_s"] > 0 for k in result["kinds"])
+    assert {r["policy"] for r in result["requests"]} == set(POLICIES)
+    dual = next(k for k in result["kinds"] if k["kind"] == "dual step")
+    assert (dual["q_mean"], dual["logits"]) == (9, 8)  # blocks of 8, and the row before
+
+
 def test_compile_failure_is_reported_cleanly(monkeypatch, capsys):
     """Without a working compiler torch.compile raises; the run goes on and says why."""
     def broken(*args, **kwargs):
