@@ -44,7 +44,7 @@ from model import ModelConfig
 
 # The released LLaDA-8B and Dream-v0-7B config.json files (Dream's keys under ModelConfig's
 # names: hidden_size = d_model, ...; its family gives it biases on q/k/v and the shifted head).
-# The LLaDA-8B config.json. The small presets keep its head dim (128), MLP ratio
+# The small presets keep LLaDA-8B's head dim (128), MLP ratio
 # (M = 3C) and RoPE base, and shrink the vocabulary with the model so the LM head keeps a share
 # of the weights close to the 8B's 6.5% (with LLaDA's 126k vocabulary a 100M model would be
 # mostly embedding table). Their special ids sit at the end of their vocabulary.
@@ -74,12 +74,12 @@ def preset_config(name: str, **overrides) -> ModelConfig:
     if "n_heads" in overrides and "n_kv_heads" not in overrides:
         raw["n_kv_heads"] = raw["n_heads"]  # a new head count without a kv count means plain MHA
     V = raw["vocab_size"]
-    # Special ids: the preset's own when they fit, else the last ids of the vocabulary (a BOS
-    # only where the preset has one).
-    for field_, fallback in (("mask_token_id", V - 1), ("eos_token_id", V - 2), ("pad_token_id", V - 2),
-                             ("bos_token_id", V - 3)):
-        if (raw.get(field_) is None and field_ != "bos_token_id") or (raw.get(field_) or 0) >= V:
+    # Special ids: the preset's own when they fit, else the last ids of the vocabulary.
+    for field_, fallback in (("mask_token_id", V - 1), ("eos_token_id", V - 2), ("pad_token_id", V - 2)):
+        if raw.get(field_) is None or raw[field_] >= V:
             raw[field_] = fallback
+    if raw.get("bos_token_id") is not None and raw["bos_token_id"] >= V:  # Dream's BOS, where it has one
+        raw["bos_token_id"] = V - 3
     return ModelConfig(**raw)
 
 
