@@ -292,7 +292,7 @@ def sample(logits: torch.Tensor, config: DecodeConfig, noise: Noise, scores=gumb
     if config.logits_eos_inf:
         logits = logits.index_fill(-1, torch.tensor([config.eos_id], device=logits.device), -torch.inf)
     if config.temperature > 0:
-        if config.top_p is not None or config.top_k is not None:  # the filters hold at temperature 0 too
+        if config.top_p is not None or config.top_k is not None:  # (at temperature 0 the argmax survives both)
             logits = logits.masked_fill(restrict(logits, config) == -torch.inf, -torch.inf)
         logits = scores(logits, config.temperature, noise.gumbel)
     # The mask token is never a proposal: committing it would leave the position masked forever
