@@ -20,6 +20,7 @@ Usage:
     python run.py                                   # the shipped checkpoint, a sample problem
     python run.py --prompt "8-3+7" --cache-map      # watch DualCache: '#' recomputed, '.' cached
     python run.py --cache dllm --no-live            # dLLM-Cache, result and figures only
+    python run.py --model checkpoints/dream-fewshot # a Dream-format checkpoint: the same demo, no flag
     python run.py --model ~/LLaDA-8B-Instruct --prompt "What is 2+2?" --gen-length 128 \
                   --cache none --threshold none   # vanilla LLaDA (blocks of 32, one token per step)
     python run.py --model ~/Dream-v0-Instruct-7B --prompt "What is 2+2?" --dtype bfloat16   # the same, on Dream

@@ -244,9 +244,17 @@ def test_a_llada_tokenizer_beside_a_dream_config_is_refused(capsys, dream_copy):
 @pytest.mark.skipif(not os.path.isfile(os.path.join(DREAM_FEWSHOT, "model.safetensors")),
                     reason="checkpoints/dream-fewshot is absent")
 def test_the_shipped_dream_checkpoint_decodes(capsys):
+    """`python run.py --model checkpoints/dream-fewshot`: the task's first held-out problem,
+    answered right (task.py's scorer), with the demo's settings."""
+    from tools import task
+
     code, out, err = main(["--model", DREAM_FEWSHOT, "--no-live"], capsys, pinned=False)
     assert code == 0 and err == "", err
-    assert out.splitlines()[-1].startswith("NFE ")
+    lines = out.splitlines()
+    family = next(iter(task.families_for(task.load_task(DREAM_FEWSHOT)).values()))
+    problem = family.test_set(1)[0]
+    assert lines[0] == problem.prompt.rstrip("\n") and lines[-1].startswith("NFE ")
+    assert family.score(problem, "\n".join(lines[1:-1])) == 1
 
 
 # ---------------------------------------------------------------------------------------------
