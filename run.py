@@ -13,8 +13,9 @@ schedule with --threshold none), the block rule (--adablock), --stop-at-eos, --q
 own settings, where they differ from DecodeConfig's, are the one dict DEMO below. --shots K puts K
 solved examples before the question. --cache-map draws, under the canvas, which positions each
 forward recomputed and which it read from the cache (on Dream, whose shifted head predicts a token
-from the row before it, a cached window recomputes that row too). A user's mistake ends the run with one line
-on stderr and a non-zero exit; Ctrl-C exits with 130, a closed pipe (`| head`) quietly with 141.
+from the row before it, a cached window recomputes that row too). A user's mistake ends the run
+with one line on stderr and a non-zero exit; Ctrl-C exits with 130, a closed pipe (`| head`)
+quietly with 141.
 
 Usage:
     python run.py                                   # the shipped checkpoint, a sample problem
