@@ -518,10 +518,16 @@ def test_overwrite_refuses_what_only_looks_like_a_checkpoint(tmp_path, straight,
 
 
 def test_the_shipped_checkpoints_are_checkpoints_train_wrote():
-    """arith's log comes from an earlier train.py; all three pass the marker."""
+    """arith's log comes from an earlier train.py; all four pass the marker, and dream-fewshot is a
+    Dream model whose log nests its AR start."""
     root = os.path.join(os.path.dirname(__file__), "..", "checkpoints")
-    for name in ("arith", "mix", "fewshot"):
+    for name in ("arith", "mix", "fewshot", "dream-fewshot"):
         assert train.not_our_checkpoint(os.path.join(root, name)) is None, name
+    dream = os.path.join(root, "dream-fewshot")
+    assert load_model(dream, device="cpu").config.family == "dream"
+    with open(os.path.join(dream, "training_log.json")) as f:
+        log = json.load(f)
+    assert log["config"]["family"] == "dream" and log["init_log"]["init_log"]["config"]["objective"] == "ar"
 
 
 @pytest.mark.parametrize("layout", ["same", "state_inside_out", "out_inside_state", "through_a_symlink"])
