@@ -339,6 +339,15 @@ def test_top_k_windows_do_not_depend_on_the_model(recorder, random_model, policy
     assert [r.forward for r in runs[0]] == [r.forward for r in runs[1]]
 
 
+@pytest.mark.parametrize("policy", ["none", "prefix", "dual", "dllm"])
+def test_dream_top_k_windows_do_not_depend_on_the_model(dream_recorder, dream_model, policy):
+    """The same for the Dream recorder and a sharper 2-layer Dream model: its windows are exact too."""
+    P, G = 7, 64
+    K = POLICIES[policy].block_length or 16
+    runs = [POLICIES[policy].record(m, prompt_of(P, B=2, high=14), G, K) for m in (dream_recorder, dream_model)]
+    assert [r.forward for r in runs[0]] == [r.forward for r in runs[1]]
+
+
 def test_the_random_recorder_runs_blockbatch_one_token_per_forward(recorder, random_model):
     """BlockBatch's schedule follows its commits: the recorder's confidences never reach 0.9, so each
     forward commits one token per branch (G forwards: 1 init, block steps, refreshes every 32 tokens)
