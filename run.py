@@ -1,25 +1,30 @@
 """
-Generate with a LLaDA-format checkpoint and watch the canvas denoise, mask by mask.
+Generate with a LLaDA- or Dream-format checkpoint and watch the canvas denoise, mask by mask.
 
 With no flags it loads the project's own small checkpoint (checkpoints/arith, trained by
 tools/train.py on the toy task's arithmetic chains; checkpoints/README.md has the others), asks
 it a held-out problem, and decodes with DualCache + threshold 0.9, ending at the first EOS.
-Point --model at a real LLaDA-8B directory to use the same code on the real model.
+Point --model at a real LLaDA-8B or Dream-v0-7B directory to use the same code on the real model:
+config.json's model_type says which family it is (model.load_model), and nothing here asks again.
 
 Every DecodeConfig field is a flag, read from the dataclass with its help and default: the cache
 policy (--cache none/prefix/dual/dllm), the commit rule (--threshold, --factor, or LLaDA's top-k
 schedule with --threshold none), the block rule (--adablock), --stop-at-eos, --quirks. The demo's
 own settings, where they differ from DecodeConfig's, are the one dict DEMO below. --shots K puts K
 solved examples before the question. --cache-map draws, under the canvas, which positions each
-forward recomputed and which it read from the cache. A user's mistake ends the run with one line
-on stderr and a non-zero exit; Ctrl-C exits with 130, a closed pipe (`| head`) quietly with 141.
+forward recomputed and which it read from the cache (on Dream, whose shifted head predicts a token
+from the row before it, a cached window recomputes that row too). A user's mistake ends the run
+with one line on stderr and a non-zero exit; Ctrl-C exits with 130, a closed pipe (`| head`)
+quietly with 141.
 
 Usage:
     python run.py                                   # the shipped checkpoint, a sample problem
     python run.py --prompt "8-3+7" --cache-map      # watch DualCache: '#' recomputed, '.' cached
     python run.py --cache dllm --no-live            # dLLM-Cache, result and figures only
+    python run.py --model checkpoints/dream-fewshot # a Dream-format checkpoint: the same demo, no flag
     python run.py --model ~/LLaDA-8B-Instruct --prompt "What is 2+2?" --gen-length 128 \
                   --cache none --threshold none   # vanilla LLaDA (blocks of 32, one token per step)
+    python run.py --model ~/Dream-v0-Instruct-7B --prompt "What is 2+2?" --dtype bfloat16   # the same, on Dream
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import re
 import shutil
 import sys
 import time
+import warnings
 
 import torch
 
@@ -105,7 +111,7 @@ def resolve(given: dict) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     """The flags, every decoding setting resolved (resolve); `args.given` holds the names of the
     decoding flags the user typed."""
-    ap = Parser(description="Generate with a LLaDA-format checkpoint.",
+    ap = Parser(description="Generate with a LLaDA- or Dream-format checkpoint.",
                 epilog="Methods: --cache picks the KV cache (Fast-dLLM's prefix/dual, dLLM-Cache's dllm); "
                        "the commit rule is --threshold (the default, 0.9) or --factor; --threshold none gives "
                        "LLaDA's own top-k schedule (--steps steps over the window, the same number of tokens each); "
@@ -177,13 +183,13 @@ def load(args):
     memory is one line, and the tokenizer never runs, or stops to ask about, a checkpoint's code."""
     if not os.path.isdir(args.model):
         fail(f"no checkpoint at {args.model}: train one with `python -m tools.train`, or pass --model DIR "
-             f"(an HF-style LLaDA directory: config.json, *.safetensors, tokenizer files)")
+             f"(an HF-style LLaDA or Dream directory: config.json, *.safetensors, tokenizer files)")
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from model import load_model
 
-    hf_logging.set_verbosity_error()  # AutoTokenizer warns that it doesn't know model_type 'llada'
+    hf_logging.set_verbosity_error()  # AutoTokenizer warns that it doesn't know model_type 'llada' or 'Dream'
     try:
         model = load_model(args.model, device=args.device, dtype=args.dtype)
     except (ValueError, OSError) as err:  # load_model names the file, tensor, device or dtype
@@ -197,13 +203,32 @@ def load(args):
         fail(f"{args.model} has no tokenizer files (tokenizer.json, tokenizer_config.json); "
              "run.py needs them to turn the prompt into ids")
     try:
-        # A real LLaDA config.json names its own modeling code (auto_map). The tokenizer needs
+        # A real LLaDA or Dream config.json names its own modeling code (auto_map). The tokenizer needs
         # none of it, and without trust_remote_code=False transformers stops to ask on the terminal.
-        tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=False)
+        # It also reads config.json with its own config class, which warns that a Dream config's
+        # `rope_scaling` key is deprecated: not the tokenizer's business, nor the user's.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*rope_scaling", category=FutureWarning)
+            tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=False)
     except Exception as err:  # transformers raises many kinds for a broken tokenizer file
         fail(f"could not load the tokenizer of {args.model}: {type(err).__name__}: {err}")
     check_special_ids(args.model, model.config, tokenizer)
     return model, tokenizer
+
+
+# The special tokens' names where a tokenizer does not name them itself: LLaDA's mask and end of
+# turn, Dream's mask (Dream's EOS and padding are both '<|endoftext|>', its BOS '<|beginoftext|>').
+MASK_TOKENS = ("<|mdm_mask|>", "<|mask|>")
+EOT_TOKEN = "<|eot_id|>"
+
+
+def tokenizer_ids(tokenizer) -> dict:
+    """The tokenizer's mask and end-of-turn ids (None where it has none), named or looked up."""
+    vocab = tokenizer.get_vocab()
+    mask = tokenizer.mask_token_id
+    if mask is None:
+        mask = next((vocab[t] for t in MASK_TOKENS if t in vocab), None)
+    return {"mask": mask, "end-of-turn": vocab.get(EOT_TOKEN)}
 
 
 def check_special_ids(model_dir: str, model_config, tokenizer) -> None:
@@ -212,15 +237,17 @@ def check_special_ids(model_dir: str, model_config, tokenizer) -> None:
     the tokenizer's, so a config EOS of 21 (the toy tokenizer's newline) would silently cut every
     answer at its first line. LLaDA-8B agrees on all three (mask 126336 is its vocabulary's
     '<|mdm_mask|>', which its tokenizer does not name as the mask; EOS 126081; no EOT in its config).
+    Dream-v0 names its mask '<|mask|>' (151666) and its EOS '<|endoftext|>' (151643, the padding
+    too); its config has no end-of-turn id, so a tokenizer's end of turn that is the config's BOS
+    (a LLaDA tokenizer beside a Dream config: both use id 75 in this project's task) is refused.
     Padding and BOS only warn: run.py decodes one unpadded row and never reads the config's."""
     with open(os.path.join(model_dir, "config.json")) as f:
         written = json.load(f)  # load_model has read it: a JSON object
-    vocab = tokenizer.get_vocab()
-    mask = tokenizer.mask_token_id if tokenizer.mask_token_id is not None else vocab.get("<|mdm_mask|>")
+    ids = tokenizer_ids(tokenizer)
     pairs = [  # (config.json key, the id decoding uses, the tokenizer's name for it, its id, fatal)
-        ("mask_token_id", model_config.mask_token_id, "mask", mask, True),
+        ("mask_token_id", model_config.mask_token_id, "mask", ids["mask"], True),
         ("eos_token_id", model_config.eos_token_id, "EOS", tokenizer.eos_token_id, True),
-        ("eot_token_id", model_config.eot_token_id, "end-of-turn", vocab.get("<|eot_id|>"), True),
+        ("eot_token_id", model_config.eot_token_id, "end-of-turn", ids["end-of-turn"], True),
         ("pad_token_id", model_config.pad_token_id, "padding", tokenizer.pad_token_id, False),
         ("bos_token_id", written.get("bos_token_id"), "BOS", tokenizer.bos_token_id, False),
     ]
@@ -233,6 +260,11 @@ def check_special_ids(model_dir: str, model_config, tokenizer) -> None:
         if fatal:
             fail(f"{message}; decoding would use the wrong token: make config.json and the tokenizer agree")
         print(f"warning: {message} (run.py does not use it)", file=sys.stderr)
+    # Without an end of turn in the config, the tokenizer's becomes one (decode_config): never the BOS.
+    bos = model_config.bos_token_id
+    if model_config.eot_token_id is None and bos is not None and ids["end-of-turn"] == bos:
+        fail(f"{model_dir}: the tokenizer's end-of-turn token {EOT_TOKEN!r} is {bos}, config.json's bos_token_id; "
+             f"decoding would stop at the BOS: use the tokenizer written for this checkpoint")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,7 +274,7 @@ def check_special_ids(model_dir: str, model_config, tokenizer) -> None:
 
 def build_prompt(tokenizer, text: str, model_dir: str) -> str:
     """The prompt string: our task's format for the arithmetic checkpoint, the chat template for
-    an instruction-tuned LLaDA, the text as it is otherwise."""
+    an instruction-tuned model (LLaDA- or Dream-Instruct), the text as it is otherwise."""
     if os.path.isfile(os.path.join(model_dir, "task.json")):
         if text.startswith("Q:"):
             return text if text.endswith("\n") else text + "\n"
@@ -310,8 +342,8 @@ def newline_id(tokenizer) -> int:
 def decode_config(args, model_config, tokenizer) -> DecodeConfig:
     """The flags' settings with the model's special ids and, for --adablock, the newline."""
     eot_id = model_config.eot_token_id  # LLaDA's config.json has none; its tokenizer knows '<|eot_id|>'
-    if eot_id is None:
-        eot_id = tokenizer.get_vocab().get("<|eot_id|>")
+    if eot_id is None:  # (Dream's has none either, nor its tokenizer)
+        eot_id = tokenizer_ids(tokenizer)["end-of-turn"]
     try:
         delimiter_ids = (newline_id(tokenizer),) if args.adablock else None
         return DecodeConfig.for_model(model_config, eot_id=eot_id, delimiter_ids=delimiter_ids, **settings(args))

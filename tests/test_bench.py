@@ -231,3 +231,47 @@ def test_a_stopped_run_keeps_its_finished_rows_beside_the_earlier_results(error,
     assert [r["method"] for r in json.loads((tmp_path / "bench.partial.json").read_text())["rows"]] == ["vanilla"]
     assert "| 32 | vanilla |" in (tmp_path / "bench.partial.md").read_text()
     assert all((tmp_path / name).read_text() == t for name, t in EARLIER.items())
+
+
+# ---------------------------------------------------------------------------------------------
+# Either family: a Dream-format checkpoint runs the same benchmark
+# ---------------------------------------------------------------------------------------------
+
+
+def dream_checkpoint(path):
+    """A tiny random Dream-format directory (Qwen2 names, q/k/v biases, the shifted head) with the
+    shipped checkpoint's task.json: the benchmark reads nothing else."""
+    import shutil
+
+    from model import DiffusionLM, ModelConfig, init_weights, save_model
+
+    cfg = ModelConfig(family="dream", d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_size=64,
+                      vocab_size=len(task.vocabulary()), rope_theta=10000.0, max_sequence_length=2048,
+                      **task.special_ids("dream"))
+    save_model(init_weights(DiffusionLM(cfg), seed=0), str(path))
+    shutil.copy(os.path.join(bench.DEFAULT_MODEL, "task.json"), path)
+    return path
+
+
+def test_a_dream_checkpoint_runs_one_problem(tmp_path, capsys):
+    """One problem per family at G = 32: the header names the family, and the forwards are Dream's:
+    vanilla runs the whole canvas 32 times; a DualCache step runs the 32-token block and the row
+    before it (the shifted head predicts the block's first token from there), 33 tokens."""
+    ckpt = dream_checkpoint(tmp_path / "dream")
+    bench.main(["--model", str(ckpt), "--lengths", "32", "--problems", "1", "--threads", "1", "--methods", "vanilla",
+                "dual", "--out", str(tmp_path / "out")])
+    run = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert f"checkpoint {os.path.relpath(ckpt, bench.ROOT)} (Dream), 0-shot" in run["command"]
+    assert [r["method"] for r in run["rows"]] == ["vanilla", "dual"]
+    vanilla, dual = run["rows"]
+    L = vanilla["prompt_tokens"] + 32  # the mean canvas over the problems (one per family that fits)
+    assert vanilla["nfe"] == dual["nfe"] == 32  # one token per step
+    assert vanilla["query_tokens"] == 32 * L and dual["query_tokens"] == L + 31 * 33
+    assert dual["max_logit_drift"] > 0  # the cache is stale, measured on the shifted model too
+
+
+def test_profile_of_a_dream_dual_step(tmp_path, capsys):
+    """--profile runs one DualCache step by hand: on a shifted model, from the row before the block."""
+    bench.main(["--model", str(dream_checkpoint(tmp_path / "dream")), "--lengths", "32", "--threads", "1",
+                "--profile"])
+    assert "Self CPU time total" in capsys.readouterr().out

@@ -13,10 +13,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import blockbatch
 import decode
-from model import ModelConfig
+from model import DiffusionLM, ModelConfig, init_weights
 from tools import bench_scale
 from tools.bench_scale import POLICIES, NeverEOS, ScaleSettings, build_model, recorder_config, replay, representative
-from tools.roofline import (Forward, Hardware, forward_bytes, forward_flops, kv_bytes_read, param_count,
+from tools.roofline import (Forward, Hardware, bias_size, forward_bytes, forward_flops, kv_bytes_read, param_count,
                             preset_config, published_peak, roofline, weight_bytes_read)
 
 
@@ -40,6 +40,30 @@ HAND = ModelConfig(d_model=8, n_heads=2, n_kv_heads=1, n_layers=2, mlp_hidden_si
                    max_sequence_length=64, mask_token_id=19, eos_token_id=18, pad_token_id=18)
 
 
+# The same shape as a Dream model: biases on q, k and v (8 + 4 + 4 per layer) and the shifted head.
+HAND_DREAM = ModelConfig(**{**HAND.__dict__, "family": "dream", "include_qkv_bias": None})
+
+
+@pytest.fixture(scope="module")
+def dream_recorder():
+    """The recorder for a Dream-shaped target: the same, with Dream's shifted head."""
+    return build_model(recorder_config(4096, "dream"))
+
+
+@pytest.fixture(scope="module")
+def dream_model():
+    """A sharp random Dream model (q/k/v biases, logit shift 1) of the random_model's shape."""
+    cfg = ModelConfig(family="dream", d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_size=64,
+                      vocab_size=50, rope_theta=10000.0, max_sequence_length=256, mask_token_id=49,
+                      eos_token_id=48, pad_token_id=48, bos_token_id=47)
+    model = init_weights(DiffusionLM(cfg), seed=3).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8.0)
+    return model
+
+
 def prompt_of(P, B=1, high=40):
     return torch.randint(0, high, (B, P), generator=torch.Generator().manual_seed(0))
 
@@ -56,6 +80,29 @@ def test_llada_8b_preset_is_the_released_config():
     model = build_model(cfg, device="meta", dtype=torch.bfloat16)  # no memory, works on any machine
     assert sum(p.numel() for p in model.parameters()) == 8_015_581_184
     assert param_count(cfg) == 8_015_581_184
+
+
+def test_dream_7b_preset_is_the_released_config():
+    """Dream-v0-7B: 28 layers, hidden 3584, 28 query / 4 KV heads, MLP 18944, vocabulary 152064,
+    RoPE base 1e6, untied head, q/k/v biases, Dream's special ids."""
+    cfg = preset_config("dream-7b")
+    assert (cfg.family, cfg.logit_shift, cfg.include_qkv_bias, cfg.weight_tying) == ("dream", 1, True, False)
+    assert (cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.n_layers, cfg.mlp_hidden_size) == (3584, 28, 4, 28, 18944)
+    assert (cfg.vocab_size, cfg.rope_theta, cfg.rms_norm_eps) == (152064, 1e6, 1e-6)
+    assert (cfg.mask_token_id, cfg.eos_token_id, cfg.pad_token_id, cfg.bos_token_id) == (151666, 151643, 151643, 151665)
+    # By hand: embedding and head 2·152064·3584; per layer q and o 2·3584², k and v 2·3584·512,
+    # SwiGLU 3·3584·18944, two norms 2·3584, biases 3584 + 2·512; the final norm 3584.
+    layer = 2 * 3584 ** 2 + 2 * 3584 * 512 + 3 * 3584 * 18944 + 2 * 3584 + 3584 + 2 * 512
+    assert 2 * 152064 * 3584 + 28 * layer + 3584 == 7_615_616_512
+    assert param_count(cfg) == 7_615_616_512
+    model = build_model(cfg, device="meta", dtype=torch.bfloat16)
+    assert sum(p.numel() for p in model.parameters()) == 7_615_616_512
+
+
+def test_a_shrunk_dream_preset_keeps_its_ids_in_the_vocabulary():
+    cfg = preset_config("dream-7b", vocab_size=1000, n_layers=1)
+    assert (cfg.mask_token_id, cfg.eos_token_id, cfg.pad_token_id, cfg.bos_token_id) == (999, 998, 998, 997)
+    assert preset_config("llada-8b", vocab_size=1000).bos_token_id is None  # LLaDA's preset has no BOS
 
 
 @pytest.mark.parametrize("name", ["llada-1b", "llada-100m", "tiny"])
@@ -85,6 +132,22 @@ def test_flops_by_hand():
     alone = Forward("full", rows=1, q=5, keys=5, logits=3, cached=False)
     assert forward_flops(HAND, alone) == 2 * (1920 + 800 + 2880) + 960
     assert forward_flops(HAND, Forward("dual step", 3, 5, 10, 3, True)) == 3 * 13760  # three rows
+
+
+def test_dream_flops_and_bytes_by_hand():
+    """HAND with Dream's q/k/v biases: 16 more parameters per layer, one add per bias and token."""
+    assert bias_size(HAND_DREAM) == 8 + 4 + 4 and bias_size(HAND) == 0
+    assert param_count(HAND_DREAM) == 1320 + 2 * 16
+    fwd = Forward("dual step", rows=1, q=5, keys=10, logits=3, cached=True)
+    # test_flops_by_hand's 13760, plus 5 tokens · 16 bias adds in each of the 2 layers.
+    assert forward_flops(HAND_DREAM, fwd) == 13760 + 2 * 5 * 16
+    assert weight_bytes_read(HAND_DREAM, fwd, elem=4) == (1200 + 2 * 16) * 4
+    assert kv_bytes_read(HAND_DREAM, fwd, elem=2) == 160 * 2  # biases change no cache
+    # dLLM-Cache's V-verify step: layer 0 recomputes 10 tokens, layer 1 2 tokens and projects 6 to
+    # values (each with v_proj's 4 biases); v_proj is read twice, its bias too.
+    verify = Forward("V-verify step", 1, q=10, keys=10, logits=3, cached=True, recompute=(10, 2), verify=(0, 6))
+    assert forward_flops(HAND_DREAM, verify) == 12800 + 2944 + 960 + 10 * 16 + 2 * 16 + 6 * 4
+    assert forward_bytes(HAND_DREAM, verify, elem=1) == (1240 + 32 + 2 * 16 + 4) + (160 + 24) + 320
 
 
 def test_bytes_by_hand():
@@ -147,6 +210,28 @@ def test_flops_match_torch_counter(recorder, policy):
         assert counter.get_total_flops() == forward_flops(cfg, fwd) - attention, kind
 
 
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_dream_flops_match_torch_counter(dream_recorder, policy):
+    """The same on a Dream-shaped model, recorded by the Dream recorder: torch counts a biased
+    projection's matmul (addmm) as 2·m·n·k, so ours equals it less attention and the bias adds."""
+    cfg = preset_config("tiny", family="dream", bos_token_id=509)
+    model = build_model(cfg)
+    P, G, K = 12, 16, 8
+    recorded = POLICIES[policy].record(dream_recorder, prompt_of(P, high=14), G, POLICIES[policy].block_length or K)
+    canvas, caches, kinds = torch.randint(0, cfg.mask_token_id - 3, (8, P + G)), {}, {}
+    for rec in recorded:
+        kinds.setdefault(rec.forward.kind, rec)
+    for kind, rec in kinds.items():
+        fwd, call = rec.forward, replay(model, rec, canvas, caches)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            call(model)
+        queries = fwd.layer(0)[0] + (cfg.n_layers - 1) * fwd.layer(1)[0]
+        verified = fwd.layer(0)[1] + (cfg.n_layers - 1) * fwd.layer(1)[1]
+        attention = 4 * fwd.rows * queries * fwd.keys * cfg.n_heads * cfg.head_dim
+        biases = fwd.rows * (queries * bias_size(cfg) + verified * cfg.n_kv_heads * cfg.head_dim)
+        assert counter.get_total_flops() == forward_flops(cfg, fwd) - attention - biases, kind
+
+
 # ---------------------------------------------------------------------------------------------
 # The recorded forwards are the ones generate ran (bench_scale.py)
 # ---------------------------------------------------------------------------------------------
@@ -199,6 +284,33 @@ def test_recorded_forwards_are_what_generate_ran(random_model, policy):
                                                       "V-verify step"}
 
 
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_recorded_dream_forwards_are_what_generate_ran(dream_model, policy):
+    """The same on a shifted-head (Dream) model: every model call, as the hooks saw it, is the
+    recorded forward (a cached window one row longer than its block's logits)."""
+    P, G = 5, 64
+    K = POLICIES[policy].block_length or 16
+    with Trace(dream_model) as trace:
+        recorded = POLICIES[policy].record(dream_model, prompt_of(P), G, K)
+    assert trace.calls == [expected(r.forward, dream_model.config.n_layers) for r in recorded]
+
+
+def test_a_dream_dual_step_window_holds_the_row_before_its_block(dream_recorder):
+    """A shifted head predicts a block's first token from the row before it, so each cached step
+    runs that row too: K + 1 queries from the block's start - 1, logits for the K block tokens."""
+    P, G, K = 5, 16, 4
+    recorded = POLICIES["dual"].record(dream_recorder, prompt_of(P, high=14), G, K)
+    steps = [r for r in recorded if r.forward.kind == "dual step"]
+    assert len(steps) == G - G // K and all((r.forward.q, r.forward.logits) == (K + 1, K) for r in steps)
+    assert steps[K - 1].window.positions.tolist() == list(range(P + K - 1, P + 2 * K))  # block 1's first cached step
+    assert steps[K - 1].window.logits_range == (1, K + 1)
+    prefix = [r for r in POLICIES["prefix"].record(dream_recorder, prompt_of(P, high=14), G, K)
+              if r.forward.kind == "prefix step"]
+    assert prefix[0].window.positions.tolist() == list(range(P - 1, P + G))  # the prompt's last row, then all after
+    rep = representative(prefix, shift=1)  # the mean-Q window is cut inside the canvas: logits never at row 0
+    assert rep.window.logits_range[0] >= 1 and rep.forward.q == round(sum(r.forward.q for r in prefix) / len(prefix))
+
+
 @pytest.mark.parametrize("policy", ["none", "prefix", "dual"])
 def test_recorded_windows_are_the_model_calls(random_model, policy):
     """The windows themselves: positions, logits range and cache use of every model call."""
@@ -224,6 +336,15 @@ def test_top_k_windows_do_not_depend_on_the_model(recorder, random_model, policy
     P, G = 7, 64
     K = POLICIES[policy].block_length or 16
     runs = [POLICIES[policy].record(m, prompt_of(P, B=2, high=14), G, K) for m in (recorder, random_model)]
+    assert [r.forward for r in runs[0]] == [r.forward for r in runs[1]]
+
+
+@pytest.mark.parametrize("policy", ["none", "prefix", "dual", "dllm"])
+def test_dream_top_k_windows_do_not_depend_on_the_model(dream_recorder, dream_model, policy):
+    """The same for the Dream recorder and a sharper 2-layer Dream model: its windows are exact too."""
+    P, G = 7, 64
+    K = POLICIES[policy].block_length or 16
+    runs = [POLICIES[policy].record(m, prompt_of(P, B=2, high=14), G, K) for m in (dream_recorder, dream_model)]
     assert [r.forward for r in runs[0]] == [r.forward for r in runs[1]]
 
 
@@ -301,6 +422,22 @@ def test_llada_8b_dual_step_bound_on_h100():
     refresh = Forward("refresh", 1, q=768, keys=768, logits=32, cached=True)
     assert roofline(h100, forward_flops(cfg, refresh), forward_bytes(cfg, refresh, elem=2))[1] == "compute"
     assert h100.ridge == pytest.approx(989.4 / 3.35)
+
+
+def test_dream_7b_dual_step_bound_on_h100():
+    """A DualCache step of Dream-7B in bf16 (the block's 32 tokens and the row before it, against
+    512 + 256 cached positions) reads 14.2 GB, bounded by bandwidth at 4.23 ms on an H100 SXM:
+    fewer weights than LLaDA-8B and 8× fewer K/V bytes (4 KV heads, not 32)."""
+    cfg = preset_config("dream-7b")
+    step = Forward("dual step", 1, q=33, keys=768, logits=32, cached=True)
+    nbytes = forward_bytes(cfg, step, elem=2)
+    # Every weight but the embedding table plus 33 of its rows; K/V 2·28 layers·512·768 positions.
+    assert nbytes == (7_615_616_512 - 152064 * 3584 + 33 * 3584) * 2 + 2 * 28 * 512 * 768 * 2
+    layer = 2 * 33 * 3584 * (2 * 3584 + 2 * 512) + 4 * 33 * 768 * 3584 + 6 * 33 * 3584 * 18944 + 33 * (3584 + 2 * 512)
+    assert forward_flops(cfg, step) == 28 * layer + 2 * 32 * 3584 * 152064
+    h100 = published_peak("NVIDIA H100 80GB HBM3", torch.bfloat16)
+    bound, by = roofline(h100, forward_flops(cfg, step), nbytes)
+    assert by == "memory" and bound == pytest.approx(nbytes / 3.35e12) and 4.23e-3 < bound < 4.24e-3
 
 
 def test_measure_cpu_gives_positive_rates():
@@ -434,6 +571,33 @@ def test_dry_run_of_llada_8b_allocates_nothing(capsys):
     dual = next(k for k in result["kinds"] if k["kind"] == "dual step")
     assert dual["bound_by"] == "memory" and dual["seconds"] is None
     assert "Dry run" in capsys.readouterr().out
+
+
+def test_dry_run_of_dream_7b(capsys):
+    """The Dream preset end to end on the meta device: its parameters, its family in the header,
+    and its cached steps one row longer than LLaDA's (the row before the block)."""
+    argv = ["--dry-run", "--hardware", "H100 SXM", "--lengths", "64", "--prompt-length", "64"]
+    dream = bench_scale.main(["--preset", "dream-7b", *argv])
+    assert dream["params"] == 7_615_616_512 and "Dream family (q/k/v biases: yes, logit shift 1)" in dream["header"][0]
+    llada = bench_scale.main(["--preset", "llada-8b", *argv])
+    assert "LLaDA family (q/k/v biases: no, logit shift 0)" in llada["header"][0]
+    for kind in ("prefix step", "dual step", "batched block step"):
+        d, l = (next(k for k in r["kinds"] if k["kind"] == kind) for r in (dream, llada))
+        assert (d["count"], d["q_mean"], d["logits"]) == (l["count"], l["q_mean"] + 1, l["logits"]), kind
+    assert next(k for k in dream["kinds"] if k["kind"] == "dual step")["bound_by"] == "memory"
+    full = next(k for k in dream["kinds"] if k["kind"] == "full")
+    assert full["q_mean"] == 128 and full["logits"] == 32  # no cache: the canvas, no extra row
+
+
+def test_a_shrunk_dream_preset_is_timed_end_to_end(capsys):
+    """Every kind of forward replayed on a small random Dream model (its windows start one row before
+    the block, its logits after it): each is timed, and DualCache's step is the block plus one row."""
+    shrink = ["--d-model", "56", "--heads", "7", "--kv-heads", "1", "--layers", "1", "--mlp", "96", "--vocab", "300"]
+    result = bench_scale.main(["--preset", "dream-7b", *shrink, *QUICK[2:], *PEAKS, "--lengths", "32"])
+    assert all(k["seconds"] > 0 and k["bound_s"] > 0 for k in result["kinds"])
+    assert {r["policy"] for r in result["requests"]} == set(POLICIES)
+    dual = next(k for k in result["kinds"] if k["kind"] == "dual step")
+    assert (dual["q_mean"], dual["logits"]) == (9, 8)  # blocks of 8, and the row before
 
 
 def test_compile_failure_is_reported_cleanly(monkeypatch, capsys):

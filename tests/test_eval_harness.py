@@ -558,3 +558,62 @@ def test_ctrl_c_and_out_of_memory_are_one_line(error, code, message, tmp_path, m
     else:
         assert text.startswith(message) and "\n" not in text
     assert list((tmp_path / "out").iterdir()) == []  # no staging folder left behind
+
+
+# ---------------------------------------------------------------------------------------------
+# Either family: a Dream-format checkpoint behind the same adapter
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dream_ckpt(tmp_path_factory):
+    """A tiny random Dream-format directory (Qwen2 names, q/k/v biases, the shifted head) with the
+    toy tokenizer under Dream's token names (<|mask|>, <|beginoftext|>)."""
+    import shutil
+
+    from model import DiffusionLM, ModelConfig, init_weights, save_model
+
+    path = tmp_path_factory.mktemp("dream") / "ckpt"
+    cfg = ModelConfig(family="dream", d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_size=64,
+                      vocab_size=len(task.vocabulary()), rope_theta=10000.0, max_sequence_length=2048,
+                      **task.special_ids("dream"))
+    save_model(init_weights(DiffusionLM(cfg), seed=0), str(path))
+    task.build_tokenizer("dream").save_pretrained(str(path))
+    shutil.copy(os.path.join(SHIPPED, "task.json"), path)
+    return str(path)
+
+
+def test_a_dream_checkpoint_generates_as_bench(dream_ckpt, recwarn):
+    """One toy-task run through lm-eval on a Dream checkpoint: every response is the text bench.py's
+    loop decodes from the same model, and transformers says nothing about the Dream config."""
+    res = evaluate(["toy_short"], 6, pretrained=dream_ckpt, **DECODE)
+    problems = short_family().test_set(6)
+    model = load_model(dream_ckpt, device="cpu")
+    outputs, *_ = bench.decode_all(model, problems, DecodeConfig.for_model(model.config, **DECODE), 1)
+    samples = sorted(res["samples"]["toy_short"], key=lambda s: s["doc_id"])
+    assert [s["resps"][0][0] for s in samples] == [task.decode(o) for o in outputs]
+    assert not [w for w in recwarn if "rope_scaling" in str(w.message)]
+
+
+def test_a_dream_loglikelihood_is_the_estimate_by_hand(dream_ckpt):
+    """The Monte-Carlo estimate on a shifted head, by hand for one sample: mask k continuation
+    tokens, run the whole sequence, and score the hidden ones with the full forward's logits (whose
+    row i the model computes from hidden state i - 1); the adapter asks only for the continuation's."""
+    import torch.nn.functional as F
+
+    lm = eh.DiffusionLM(pretrained=dream_ckpt, mc_num=1, batch_size=1)
+    p = short_family().test_set(1)[0]
+    context, continuation = task.encode(p.prompt), task.encode(p.answer)
+    P, G = len(context), len(continuation)
+    estimate = eh.mc_loglikelihood(lm.model, context, continuation, lm.decode_config.mask_id, 1, 1,
+                                   torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)  # the same draws, in the same order
+    k = int(torch.randint(1, G + 1, (1,), generator=g))
+    hidden = torch.rand(1, G, generator=g).argsort(dim=1).argsort(dim=1)[0] < k  # (G,)
+    x = torch.tensor(context + continuation)
+    x[P:][hidden] = lm.decode_config.mask_id
+    with torch.no_grad():
+        full = lm.model(x[None])[0]  # (L, V): row i predicts token i (model.logits applies Dream's shift)
+    assert lm.model.logit_shift == 1
+    ce = F.cross_entropy(full[P:P + G].float(), torch.tensor(continuation), reduction="none")
+    assert estimate == pytest.approx(-float(ce[hidden].sum()) * G / k, rel=1e-5)

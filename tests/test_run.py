@@ -137,6 +137,127 @@ def test_live_view_draws_the_state(capsys, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
+# Either family, without a flag: a Dream-format checkpoint
+# ---------------------------------------------------------------------------------------------
+
+DREAM_FEWSHOT = os.path.join(ROOT, "checkpoints", "dream-fewshot")
+
+
+def make_dream_checkpoint(path):
+    """A tiny random Dream-format directory (Qwen2 names, q/k/v biases, the shifted head) with the
+    toy task's tokenizer under Dream's token names and the arith checkpoint's task.json."""
+    from model import DiffusionLM, ModelConfig, init_weights, save_model
+    from tools import task
+
+    cfg = ModelConfig(family="dream", d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_size=64,
+                      vocab_size=len(task.vocabulary()), rope_theta=10000.0, max_sequence_length=2048,
+                      **task.special_ids("dream"))
+    save_model(init_weights(DiffusionLM(cfg), seed=0), str(path))
+    task.build_tokenizer("dream").save_pretrained(str(path))
+    shutil.copy(os.path.join(SHIPPED, "task.json"), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dream_ckpt(tmp_path_factory):
+    return make_dream_checkpoint(tmp_path_factory.mktemp("dream") / "ckpt")
+
+
+@pytest.fixture
+def dream_copy(dream_ckpt, tmp_path):
+    return shutil.copytree(dream_ckpt, tmp_path / "dream")
+
+
+def cache_lines(out):
+    return [line[len("[cache   ] "):] for line in out.splitlines() if line.startswith("[cache   ]")]
+
+
+def test_a_dream_checkpoint_runs_without_a_flag(capsys, recwarn, dream_ckpt):
+    """config.json's model_type says Dream: the same command decodes, silently (no warning from
+    transformers reading a Dream config), with the prompt, the answer and the figures."""
+    code, out, err = main(["--model", str(dream_ckpt), "--no-live"], capsys)
+    assert code == 0 and err == "", err
+    assert not [w for w in recwarn if "rope_scaling" in str(w.message)]
+    lines = out.splitlines()
+    assert lines[0].startswith("Q: ") and lines[-1].startswith("NFE ") and "cache=dual, threshold=0.9" in lines[-1]
+
+
+@pytest.mark.parametrize("cache, fifth", [("dual", "." * 7 + "#" * 9 + "." * 16), ("prefix", "." * 7 + "#" * 25)])
+def test_dream_cache_map_shows_the_row_before_the_block(capsys, dream_ckpt, cache, fifth):
+    """Dream's shifted head predicts a block's first token from the row before it, so a cached step
+    recomputes that row: in block 2 (positions 8..15) the map marks position 7 '#'. In block 1 the
+    row before is the prompt's last, off the map."""
+    code, out, err = main(["--model", str(dream_ckpt), "--no-live", "--cache-map", "--cache", cache,
+                           "--threshold", "none", "--block-length", "8", "--steps", "16", "--no-stop-at-eos"], capsys)
+    maps = cache_lines(out)
+    assert code == 0 and len(maps) == 16, err
+    assert maps[0] == maps[4] == "#" * 32  # each block's first forward computes everything
+    assert maps[1] == "#" * (8 if cache == "dual" else 32) + "." * (24 if cache == "dual" else 0)
+    assert maps[5] == fifth
+
+
+def test_dream_live_view_draws_the_state(capsys, monkeypatch, dream_ckpt):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    monkeypatch.setattr(run.time, "sleep", lambda s: None)
+    code, out, err = main(["--model", str(dream_ckpt), "--cache-map", "--threshold", "none", "--block-length", "8",
+                           "--steps", "16", "--no-stop-at-eos"], capsys)
+    assert code == 0, err
+    assert out.count("[step ") == 17 and out.count("[cache   ]") == 17 and "\033[1A" in out
+    assert "." * 7 + "#" * 9 in out  # a cached step of block 2, with the row before it
+
+
+@pytest.mark.parametrize("edit, message", [
+    (dict(mask_token_id=73), "config.json's mask_token_id is 73, but the tokenizer's mask token '<|mask|>' is 76"),
+    (dict(eos_token_id=21), "config.json's eos_token_id is 21, but the tokenizer's EOS token '<|endoftext|>' is 74"),
+])
+def test_a_dream_config_and_its_tokenizer_must_agree(capsys, dream_copy, edit, message):
+    edit_config(dream_copy, **edit)
+    one_line_error(capsys, ["--model", str(dream_copy), "--no-live"], message)
+
+
+def test_a_tokenizer_that_does_not_name_its_mask_is_looked_up_by_dreams_name(capsys, dream_copy):
+    """Without mask_token in tokenizer_config.json, Dream's '<|mask|>' is found in the vocabulary."""
+    tokenizer_config = json.loads((dream_copy / "tokenizer_config.json").read_text())
+    del tokenizer_config["mask_token"]
+    (dream_copy / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    edit_config(dream_copy, mask_token_id=73)
+    one_line_error(capsys, ["--model", str(dream_copy), "--no-live"], "the tokenizer's mask token '<|mask|>' is 76")
+
+
+def test_a_dream_bos_disagreement_only_warns(capsys, dream_copy):
+    edit_config(dream_copy, bos_token_id=5)
+    code, out, err = main(["--model", str(dream_copy), "--no-live"], capsys)
+    assert code == 0 and err.splitlines() == [
+        f"warning: {dream_copy}: config.json's bos_token_id is 5, but the tokenizer's BOS token '<|beginoftext|>' "
+        f"is 75 (run.py does not use it)"]
+
+
+def test_a_llada_tokenizer_beside_a_dream_config_is_refused(capsys, dream_copy):
+    """Dream's config has no end-of-turn id; a LLaDA tokenizer's '<|eot_id|>' would become one, and
+    in the toy task it is id 75, the Dream config's BOS: decoding would stop at the BOS."""
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(SHIPPED, name), dream_copy / name)
+    one_line_error(capsys, ["--model", str(dream_copy), "--no-live"],
+                   "the tokenizer's end-of-turn token '<|eot_id|>' is 75, config.json's bos_token_id")
+
+
+@pytest.mark.skipif(not os.path.isfile(os.path.join(DREAM_FEWSHOT, "model.safetensors")),
+                    reason="checkpoints/dream-fewshot is absent")
+def test_the_shipped_dream_checkpoint_decodes(capsys):
+    """`python run.py --model checkpoints/dream-fewshot`: the task's first held-out problem,
+    answered right (task.py's scorer), with the demo's settings."""
+    from tools import task
+
+    code, out, err = main(["--model", DREAM_FEWSHOT, "--no-live"], capsys, pinned=False)
+    assert code == 0 and err == "", err
+    lines = out.splitlines()
+    family = next(iter(task.families_for(task.load_task(DREAM_FEWSHOT)).values()))
+    problem = family.test_set(1)[0]
+    assert lines[0] == problem.prompt.rstrip("\n") and lines[-1].startswith("NFE ")
+    assert family.score(problem, "\n".join(lines[1:-1])) == 1
+
+
+# ---------------------------------------------------------------------------------------------
 # A user's mistake: one line on stderr, a non-zero exit
 # ---------------------------------------------------------------------------------------------
 

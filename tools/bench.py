@@ -1,5 +1,6 @@
 """
 Benchmark the decoding methods on the project's trained checkpoint: accuracy per task family and speed.
+Either family (a LLaDA- or Dream-format checkpoint: config.json says which) runs the same way.
 
 For each generation length and each method it decodes the same held-out problems of every task
 family (task.py: `short` and `long` arithmetic chains, `pair`), as k-shot prompts with --shots k
@@ -43,7 +44,7 @@ import torch
 import blockbatch
 from cache import KVCache
 from decode import CACHES, RULES, DecodeConfig, Noise, generate, left_pad, propose
-from model import load_model
+from model import FAMILIES, load_model
 from tools import bench_scale, task
 
 HERE = os.path.dirname(os.path.abspath(__file__))  # tools/
@@ -504,15 +505,16 @@ def profile_dual_step(model, gen_length: int, block_length: int, repeats: int = 
     from torch.profiler import ProfilerActivity, profile
 
     prompt = task.encode(task.FAMILIES["short"].test_set(1)[0].prompt)
-    P, L = len(prompt), len(prompt) + gen_length
+    P, L, shift = len(prompt), len(prompt) + gen_length, model.logit_shift
     x = torch.full((1, L), model.config.mask_token_id, dtype=torch.long, device=model.device)
     x[0, :P] = torch.tensor(prompt)
     cache = KVCache.for_model(model.config, batch=1, capacity=L, device=model.device, dtype=model.dtype)
-    s, e = P, P + block_length
+    s, e = P, P + block_length  # the block; a shifted head (Dream) also runs the row before it
     config = DecodeConfig.for_model(model.config, gen_length=gen_length, block_length=block_length, steps=gen_length)
 
     def step():
-        logits = model(x[:, s:e], positions=torch.arange(s, e, device=model.device), cache=cache)
+        logits = model(x[:, s - shift:e], positions=torch.arange(s - shift, e, device=model.device), cache=cache,
+                       logits_range=(shift, shift + e - s))  # (1, K, V)
         return propose(logits, x[:, s:e] == config.mask_id, config, Noise())  # temperature 0: no noise
 
     with torch.no_grad():
@@ -646,8 +648,9 @@ def run(argv, rows: list, progress: dict):
             sys.exit(f"bench.py --summary: error: {err}")
     if "--scale" in argv:  # per-forward cost at model scale: bench_scale.py, with flags of its own
         return bench_scale.main([a for a in argv if a != "--scale"], prog="-m tools.bench --scale")
-    ap = argparse.ArgumentParser(description="Benchmark decoding methods on the trained checkpoint.")
-    ap.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory")
+    ap = argparse.ArgumentParser(description="Benchmark decoding methods on a trained LLaDA- or Dream-format "
+                                             "checkpoint.")
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory (either family)")
     ap.add_argument("--lengths", type=int, nargs="+", default=None,
                     help="generation lengths (default: 64 256 1024; the sweep uses the first, default 64)")
     ap.add_argument("--shots", type=int, default=0,
@@ -713,8 +716,9 @@ def run(argv, rows: list, progress: dict):
     given = any(a.split("=")[0] == "--model" for a in argv)
     model_flag = [] if given else ["--model", os.path.relpath(args.model, ROOT)]
     command = "python -m tools.bench " + " ".join(model_flag + list(argv))  # reruns as it ran
-    note = (f"`{command}` — checkpoint {os.path.relpath(args.model, ROOT)}, {args.shots}-shot, block length "
-            f"{args.block_length}, batch size {args.batch_size}, temperature 0, "
+    family = FAMILIES[model.config.family].label
+    note = (f"`{command}` — checkpoint {os.path.relpath(args.model, ROOT)} ({family}), {args.shots}-shot, "
+            f"block length {args.block_length}, batch size {args.batch_size}, temperature 0, "
             f"{'the original code (quirks on)' if args.quirks else 'the papers' + chr(39) + ' rules (quirks off)'}, {device}")
     # Every row's settings, built before anything is decoded (vanilla rows first: the others'
     # speedups and differences are relative to them).

@@ -9,8 +9,10 @@ dLLM-Cache (arXiv 2506.06295) the whole canvas with few tokens recomputed per la
 (tools/roofline.py), replays one of each kind on a random model of that shape and prints its time
 next to the bound. A request's time is extrapolated: count x mean time of each kind.
 
-The recorder is a random model, one layer of width 8 (`recorder_config`). Under LLaDA's top-k
-schedule (one token per step, G forwards) the windows are the settings', the same for any model;
+The recorder is a random model, one layer of width 8 (`recorder_config`), of the target's family:
+a Dream-shaped target (its shifted head: the row before a token predicts it) makes its cached
+windows start one row before the block, and the recorder, shifted too, records them so. Under the
+top-k schedule (one token per step, G forwards) the windows are the settings', the same for any model;
 dLLM-Cache's plan is the same in every layer after the first. BlockBatch commits by threshold, so
 its windows follow the model: the recorder, never 0.9 confident, commits one token per branch and
 forward, with no merges or syncs; a trained model commits more. Its EOS is its mask id, never
@@ -18,6 +20,7 @@ committed, so no stray EOS ends a request.
 
     python -m tools.bench_scale                                          # llada-100m, CPU
     python -m tools.bench_scale --preset llada-8b --dry-run --hardware "H100 SXM"
+    python -m tools.bench_scale --preset dream-7b --dry-run --hardware "H100 SXM"
     python -m tools.bench_scale --preset llada-8b --device cuda --dtype bfloat16 --compile
 
 Shape legend: B batch, R rows of a forward, P prompt, G generation, L = P + G canvas (= cache
@@ -42,7 +45,7 @@ import torch
 import blockbatch
 import decode
 from cache import FeatureCache, KVCache
-from model import LLaDAModel, ModelConfig, _resolve_dtype
+from model import FAMILIES, DiffusionLM, ModelConfig, _resolve_dtype
 from tools.roofline import (HARDWARE, PRESETS, Forward, Hardware, estimate_peak_bytes, forward_bytes,
                             forward_flops, param_count, preset_config, published_peak, roofline)
 
@@ -51,8 +54,8 @@ from tools.roofline import (HARDWARE, PRESETS, Forward, Hardware, estimate_peak_
 # ---------------------------------------------------------------------------------------------
 
 
-def build_model(cfg: ModelConfig, device="cpu", dtype=torch.float32, seed: int = 0) -> LLaDAModel:
-    """A randomly initialised LLaDAModel, built straight on `device` in `dtype`.
+def build_model(cfg: ModelConfig, device="cpu", dtype=torch.float32, seed: int = 0) -> DiffusionLM:
+    """A randomly initialised DiffusionLM of cfg's family, built straight on `device` in `dtype`.
 
     The module is made on the meta device (no memory, no init), cast, then materialised once on
     the target device, so an 8B model never passes through host memory or float32. On "meta" it
@@ -60,7 +63,7 @@ def build_model(cfg: ModelConfig, device="cpu", dtype=torch.float32, seed: int =
     cost does not depend on the values.
     """
     with torch.device("meta"):
-        model = LLaDAModel(cfg).to(dtype)
+        model = DiffusionLM(cfg).to(dtype)
     if torch.device(device).type == "meta":
         return model.eval()
     model = model.to_empty(device=device)
@@ -102,13 +105,14 @@ class Recorded:
     window: decode.Window
 
 
-def recorder_config(max_sequence_length: int) -> ModelConfig:
-    """The random recorder's shape: one layer, width 8, 16 tokens. It takes any request the target
-    model takes. (BlockBatch's recording hides its EOS, `NeverEOS`: a random model proposes any
-    token, and a committed EOS would end a request at a random point.)"""
-    return ModelConfig(d_model=8, n_heads=2, n_kv_heads=2, n_layers=1, mlp_hidden_size=16, vocab_size=16,
-                       rope_theta=500000.0, max_sequence_length=max_sequence_length, mask_token_id=15,
-                       eos_token_id=14, pad_token_id=14)
+def recorder_config(max_sequence_length: int, family: str = "llada") -> ModelConfig:
+    """The random recorder's shape: one layer, width 8, 16 tokens, of the target's family (its
+    logit shift decides where a cached window starts). It takes any request the target model
+    takes. (BlockBatch's recording hides its EOS, `NeverEOS`: a random model proposes any token,
+    and a committed EOS would end a request at a random point.)"""
+    return ModelConfig(family=family, d_model=8, n_heads=2, n_kv_heads=2, n_layers=1, mlp_hidden_size=16,
+                       vocab_size=16, rope_theta=500000.0, max_sequence_length=max_sequence_length,
+                       mask_token_id=15, eos_token_id=14, pad_token_id=14)
 
 
 def dllm_work(parts, P: int, L: int, n_verify: int) -> tuple[int, int]:
@@ -175,6 +179,10 @@ class NeverEOS(torch.nn.Module):
     def dtype(self):
         return self.model.dtype
 
+    @property
+    def logit_shift(self):  # the family's, which BlockBatch's windows follow
+        return self.model.logit_shift
+
     def forward(self, *args, **kwargs):
         logits = self.model(*args, **kwargs)  # (rows, K, V)
         return logits.index_fill(-1, torch.tensor([self.config.eos_token_id], device=logits.device), -1e4)
@@ -183,11 +191,12 @@ class NeverEOS(torch.nn.Module):
 def record_blockbatch(recorder, prompt: torch.Tensor, G: int, K: int) -> list[Recorded]:
     """BlockBatch's forwards, from blockbatch.generate's extras["forwards"]: (rows R, query tokens
     Q, logits K) of each batched forward. A full forward (Q = L) is replayed over the whole canvas;
-    a block step as R rows of Q positions (its padded tokens cost as much as real ones). The block
-    length K is unused: each branch has its own (the default sizes that divide G)."""
+    a block step as R rows of Q positions (its padded tokens cost as much as real ones), whose
+    logits start after the recorder's logit shift (a shifted model's window holds the row before
+    its block). The block length K is unused: each branch has its own (the default sizes that divide G)."""
     config = blockbatch.BlockBatchConfig.for_model(recorder.config, gen_length=G, block_sizes=blockbatch_sizes(G))
     out = blockbatch.generate(NeverEOS(recorder), prompt, config)
-    P = prompt.shape[1]
+    P, shift = prompt.shape[1], recorder.logit_shift
     L = P + G
     seen = []
     for n, (R, Q, k) in enumerate(out.extras["forwards"]):
@@ -196,7 +205,7 @@ def record_blockbatch(recorder, prompt: torch.Tensor, G: int, K: int) -> list[Re
             kind = "init forward" if n == 0 else "batched refresh"
         else:
             start = P + (G - Q) // 2  # any Q positions inside the answer cost the same
-            window = decode.Window((start + torch.arange(Q)).expand(R, -1), (0, k), False)  # (R, Q)
+            window = decode.Window((start + torch.arange(Q)).expand(R, -1), (shift, shift + k), False)  # (R, Q)
             kind = "batched block step"
         seen.append(Recorded(Forward(kind, R, Q, L, k, True), window))
     return seen
@@ -217,14 +226,16 @@ POLICIES = {name: Policy(decode_policy(name), OWN_BLOCK_LENGTH.get(name)) for na
 POLICIES["blockbatch"] = Policy(record_blockbatch)
 
 
-def representative(forwards: list[Recorded]) -> Recorded:
+def representative(forwards: list[Recorded], shift: int = 0) -> Recorded:
     """The forward to time for a kind: one of them if all have one shape, else one of the mean Q.
 
     A forward's cost is affine in Q at fixed rows, keys and logits (linear layers are
     proportional to Q, attention to Q·S), so the mean cost of a kind whose Q varies (the prefix
     step: block + a shrinking suffix; BlockBatch's step, as long branches finish) is the cost of
     one forward of the mean Q: the longest one's window cut to its last Q positions, with the
-    mean number of logits.
+    mean number of logits. `shift` is the model's logit shift: a shifted model's logits may end one
+    row after the window (its last row predicts the next position), and never start at a cut
+    window's first row, which has no row before it.
     """
     qs = [r.forward.q for r in forwards]
     if min(qs) == max(qs):
@@ -232,7 +243,7 @@ def representative(forwards: list[Recorded]) -> Recorded:
     longest = max(forwards, key=lambda r: r.forward.q)
     q = round(sum(qs) / len(qs))
     k = round(sum(r.forward.logits for r in forwards) / len(forwards))
-    a = min(longest.window.logits_range[0], q - k)
+    a = min(longest.window.logits_range[0], q - k + shift)
     window = replace(longest.window, positions=longest.window.positions[..., -q:], logits_range=(a, a + k))
     fwd = longest.forward
     return Recorded(replace(fwd, q=q, logits=k, keys=fwd.keys if fwd.cached else q), window)
@@ -557,7 +568,7 @@ def plan(cfg: ModelConfig, G: int, recordings: dict[str, list[Recorded]], hw: Ha
                 bound = sum(b for b, _ in bounds) / len(bounds)
                 limits = Counter(limit for _, limit in bounds)
                 by = next(iter(limits)) if len(limits) == 1 else f"mixed ({limits['memory']} memory)"
-            rep = representative(rs)
+            rep = representative(rs, cfg.logit_shift)
             n = len(fs)
             row = KindRow(G, name, kind, rows, n, sum(f.q for f in fs) / n, min(f.q for f in fs), max(f.q for f in fs),
                           rep.forward.keys, sum(f.logits for f in fs) / n,
@@ -750,7 +761,7 @@ def run(settings: ScaleSettings, shape: dict | None = None) -> dict:
         check_fits(cfg, elem, device)
     torch.set_num_threads(settings.threads)
     load_before = os.getloadavg()
-    recorder = build_model(recorder_config(cfg.max_sequence_length), seed=settings.seed)
+    recorder = build_model(recorder_config(cfg.max_sequence_length, cfg.family), seed=settings.seed)
     recordings = {G: record_all(recorder, settings, G) for G in settings.gen_lengths}  # fails before any timing
     model = build_model(cfg, device="meta" if settings.dry_run else device, dtype=dtype, seed=settings.seed)
     n_params = sum(p.numel() for p in model.parameters())  # counted on the built module, meta or real
@@ -760,17 +771,19 @@ def run(settings: ScaleSettings, shape: dict | None = None) -> dict:
         device_name = torch.cuda.get_device_name(device)
     else:
         device_name = "meta (nothing timed)" if settings.dry_run else f"CPU, {torch.get_num_threads()} thread(s)"
+    family = FAMILIES[cfg.family]
     header = [f"model: {settings.preset} shape (random weights), {n_params / 1e6:,.1f}M parameters: C {cfg.d_model}, "
               f"N {cfg.n_layers}, H {cfg.n_heads}, Hkv {cfg.n_kv_heads}, M {cfg.mlp_hidden_size}, V {cfg.vocab_size}; "
-              f"{str(dtype).removeprefix('torch.')}, batch {settings.batch}",
+              f"{family.label} family (q/k/v biases: {'yes' if cfg.include_bias or cfg.include_qkv_bias else 'no'}, "
+              f"logit shift {cfg.logit_shift}); {str(dtype).removeprefix('torch.')}, batch {settings.batch}",
               f"device: {device_name}; CPU load average before: {load_before[0]:.2f}"]
     if hw:
         header.append(f"roofline: {_num(hw.flops, 1e12)} TFLOP/s, {_num(hw.bandwidth, 1e9)} GB/s ({hw.source})")
     header.append(f"request: prompt {settings.prompt_length}, one token per step (top-k, steps = G), block "
                   f"{settings.block_length} unless the policy has its own; BlockBatch: threshold "
                   f"{blockbatch.BlockBatchConfig.threshold}")
-    header.append("forwards recorded by running each method with a random 1-layer, width-8 model (exact for "
-                  "top-k; BlockBatch: one token per branch and forward)")
+    header.append(f"forwards recorded by running each method with a random 1-layer, width-8 {family.label} model "
+                  f"(exact for top-k; BlockBatch: one token per branch and forward)")
     print("\n".join(header) + "\n", flush=True)
     result = {"header": header, "params": n_params, "kinds": [], "requests": []}
     timed = {}  # shape -> timings, shared across G and policies

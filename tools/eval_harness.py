@@ -2,7 +2,8 @@
 Evaluate this project's model with lm-evaluation-harness, on one process or many.
 
 lm-evaluation-harness (EleutherAI, `lm-eval`) owns the benchmarks: prompts, few-shot examples,
-scoring. This file is the model side: it registers the project's model as `dllm`, decodes with
+scoring. This file is the model side: it registers the project's model as `dllm` (a LLaDA- or
+Dream-format checkpoint, whichever config.json names; nothing here asks which), decodes with
 `decode.generate` (every DecodeConfig field is a `--model_args` key) and estimates log-likelihoods
 as LLaDA's evaluation does (Nie et al., "Large Language Diffusion Models", arXiv 2502.09992): a
 Monte-Carlo estimate of the masked-diffusion bound on log p(continuation | context). Run as a
@@ -42,6 +43,7 @@ import tempfile
 import time
 import types
 import typing
+import warnings
 import zlib
 from dataclasses import dataclass
 
@@ -263,7 +265,8 @@ def mc_loglikelihood(model, context: list[int], continuation: list[int], mask_id
     evaluates the lower-variance equivalent with a masked *count*: draw k uniformly from 1..G,
     mask exactly k of the G continuation positions at random, and weight the summed cross-entropy
     by G / k. The context is never masked. The estimate averages `mc_num` such samples, run
-    `batch_size` at a time; `generator` (CPU) makes it reproducible.
+    `batch_size` at a time; `generator` (CPU) makes it reproducible. Either family: a Dream
+    model's logits for the continuation come from the rows before it (model.logits).
     """
     device = model.device
     P, G = len(context), len(continuation)
@@ -337,8 +340,11 @@ class DiffusionLM(LM):
         self.model = load_model(config.pretrained, device=device, dtype=config.dtype)
         self._device = self.model.device
         hf_logging.set_verbosity_error()  # AutoTokenizer warns that it doesn't know model_type 'llada'
-        self.tokenizer = AutoTokenizer.from_pretrained(config.pretrained)
+        with warnings.catch_warnings():  # nor that a Dream config's `rope_scaling` key is deprecated
+            warnings.filterwarnings("ignore", message=".*rope_scaling", category=FutureWarning)
+            self.tokenizer = AutoTokenizer.from_pretrained(config.pretrained)
         # 3) Decoding settings. LLaDA's config.json has no end-of-turn id; its tokenizer knows '<|eot_id|>'.
+        #    (Dream has none in either.)
         model_config = self.model.config
         eot_id = model_config.eot_token_id
         if eot_id is None and "<|eot_id|>" in self.tokenizer.get_vocab():

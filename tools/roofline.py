@@ -1,5 +1,5 @@
 """
-What one forward of a LLaDA-shaped model costs, counted from the shapes, and the hardware's floor.
+What one forward of a LLaDA- or Dream-shaped model costs, counted from the shapes, and the hardware's floor.
 
 A forward's time is bounded below by two numbers: the FLOPs of the tokens it computes at the chip's
 peak rate, and the bytes it must read (every weight once, plus cached keys/values and features) at
@@ -8,11 +8,13 @@ Waterman and Patterson, "Roofline: An Insightful Visual Performance Model for Mu
 Architectures", CACM 2009); the term that wins names what limits the forward. A `Forward` here
 describes a forward in numbers that do not depend on the model's width (rows, query tokens, keys,
 logits, and what dLLM-Cache's layers recompute), so one recorded on a small model is costed at
-LLaDA-8B's shape (Nie et al., "Large Language Diffusion Models", arXiv 2502.09992). Nothing here
-runs a model: tools/bench_scale.py records the forwards and times them.
+LLaDA-8B's shape (Nie et al., "Large Language Diffusion Models", arXiv 2502.09992) or Dream-7B's
+(Ye et al., "Dream 7B", arXiv 2508.15487: grouped-query attention and biases on q/k/v). Nothing
+here runs a model: tools/bench_scale.py records the forwards and times them.
 
-Simplifications: FLOPs count matrix multiplies only (projections, attention scores and values,
-MLP, LM head; norms, RoPE, softmax and V-verify's cosine are a few percent at these sizes). Bytes
+Simplifications: FLOPs count matrix multiplies (projections, attention scores and values, MLP,
+LM head) and the bias additions of a model that has biases (Dream's q/k/v: one add per output);
+norms, RoPE, softmax and V-verify's cosine are a few percent at these sizes and left out. Bytes
 count reads only: each weight matrix a forward uses, once (the embedding only for the rows it
 gathers), and the keys/values and cached features attention reads; activations are assumed to
 stay on chip. GPU peaks are datasheet figures, not measurements.
@@ -37,10 +39,12 @@ from decode import check_finite
 from model import ModelConfig
 
 # ---------------------------------------------------------------------------------------------
-# Model shapes: the released LLaDA-8B and smaller presets of the same architecture
+# Model shapes: the released LLaDA-8B and Dream-7B, and smaller presets of LLaDA's architecture
 # ---------------------------------------------------------------------------------------------
 
-# The released LLaDA-8B config.json. The small presets keep its head dim (128), MLP ratio
+# The released LLaDA-8B and Dream-v0-7B config.json files (Dream's keys under ModelConfig's
+# names: hidden_size = d_model, ...; its family gives it biases on q/k/v and the shifted head).
+# The small presets keep LLaDA-8B's head dim (128), MLP ratio
 # (M = 3C) and RoPE base, and shrink the vocabulary with the model so the LM head keeps a share
 # of the weights close to the 8B's 6.5% (with LLaDA's 126k vocabulary a 100M model would be
 # mostly embedding table). Their special ids sit at the end of their vocabulary.
@@ -48,6 +52,9 @@ PRESETS = {
     "llada-8b": dict(d_model=4096, n_heads=32, n_kv_heads=32, n_layers=32, mlp_hidden_size=12288,
                      vocab_size=126464, rope_theta=500000.0, max_sequence_length=4096,
                      mask_token_id=126336, eos_token_id=126081, pad_token_id=126081),
+    "dream-7b": dict(family="dream", d_model=3584, n_heads=28, n_kv_heads=4, n_layers=28, mlp_hidden_size=18944,
+                     vocab_size=152064, rope_theta=1000000.0, rms_norm_eps=1e-6, max_sequence_length=131072,
+                     mask_token_id=151666, eos_token_id=151643, pad_token_id=151643, bos_token_id=151665),
     "llada-1b": dict(d_model=2048, n_heads=16, n_kv_heads=16, n_layers=16, mlp_hidden_size=6144,
                      vocab_size=32768, rope_theta=500000.0, max_sequence_length=4096),
     "llada-100m": dict(d_model=768, n_heads=6, n_kv_heads=6, n_layers=10, mlp_hidden_size=2304,
@@ -71,18 +78,27 @@ def preset_config(name: str, **overrides) -> ModelConfig:
     for field_, fallback in (("mask_token_id", V - 1), ("eos_token_id", V - 2), ("pad_token_id", V - 2)):
         if raw.get(field_) is None or raw[field_] >= V:
             raw[field_] = fallback
+    if raw.get("bos_token_id") is not None and raw["bos_token_id"] >= V:  # Dream's BOS, where it has one
+        raw["bos_token_id"] = V - 3
     return ModelConfig(**raw)
 
 
-def layer_params(cfg: ModelConfig) -> int:
-    """Parameters of one LLaDABlock: q, k, v, out, SwiGLU's three matrices, two norms, biases."""
+def qkv_bias(cfg: ModelConfig) -> bool:
+    """Whether q, k and v have biases: Dream's family default, or every layer's (include_bias)."""
+    return bool(cfg.include_bias or cfg.include_qkv_bias)
+
+
+def bias_size(cfg: ModelConfig) -> int:
+    """Bias entries of one layer, which are also its bias additions per token: q, k, v (Dream, or
+    include_bias), and with include_bias the output projection and SwiGLU's three matrices."""
     C, M, kv = cfg.d_model, cfg.mlp_hidden_size, cfg.n_kv_heads * cfg.head_dim
-    n = C * C + 2 * C * kv + C * C + 3 * C * M + 2 * C
-    if cfg.include_bias or cfg.include_qkv_bias:
-        n += C + 2 * kv
-    if cfg.include_bias:
-        n += C + 2 * M + C
-    return n
+    return (C + 2 * kv if qkv_bias(cfg) else 0) + (C + 2 * M + C if cfg.include_bias else 0)
+
+
+def layer_params(cfg: ModelConfig) -> int:
+    """Parameters of one block: q, k, v, out, SwiGLU's three matrices, two norms, biases."""
+    C, M, kv = cfg.d_model, cfg.mlp_hidden_size, cfg.n_kv_heads * cfg.head_dim
+    return C * C + 2 * C * kv + C * C + 3 * C * M + 2 * C + bias_size(cfg)
 
 
 def head_params(cfg: ModelConfig) -> int:
@@ -91,7 +107,7 @@ def head_params(cfg: ModelConfig) -> int:
 
 
 def param_count(cfg: ModelConfig) -> int:
-    """Parameters of LLaDAModel(cfg), from the shapes: embedding, blocks, final norm, LM head."""
+    """Parameters of DiffusionLM(cfg), from the shapes: embedding, blocks, final norm, LM head."""
     return cfg.embedding_size * cfg.d_model + cfg.n_layers * layer_params(cfg) + cfg.d_model + head_params(cfg)
 
 
@@ -154,19 +170,22 @@ def over_layers(cfg: ModelConfig, fwd: Forward, per_layer) -> int:
 
 
 def layer_flops(cfg: ModelConfig, Q: int, S: int, verify: int = 0) -> int:
-    """Matrix-multiply FLOPs of one layer for one row: Q query tokens over S keys (a multiply-add
-    counts 2), plus `verify` tokens projected to values only."""
+    """FLOPs of one layer for one row: Q query tokens over S keys (a multiply-add counts 2), plus
+    `verify` tokens projected to values only; with the bias additions, one per bias and token."""
     C, M, kv = cfg.d_model, cfg.mlp_hidden_size, cfg.n_kv_heads * cfg.head_dim
     proj = 2 * Q * C * (C + 2 * kv + C)  # q, k, v and output projections
     attn = 2 * 2 * Q * S * cfg.n_heads * cfg.head_dim  # scores q·k and the weighted sum of values, every head
     mlp = 3 * 2 * Q * C * M  # SwiGLU: gate, up, down
-    return proj + attn + mlp + 2 * verify * C * kv
+    biases = Q * bias_size(cfg) + (verify * kv if qkv_bias(cfg) else 0)  # Dream: q/k/v's, and v_proj's for V-verify
+    return proj + attn + mlp + 2 * verify * C * kv + biases
 
 
 def forward_flops(cfg: ModelConfig, fwd: Forward) -> int:
-    """Matrix-multiply FLOPs of one forward: its layers, then the LM head over the logits only."""
+    """FLOPs of one forward: its layers, then the LM head over the logits only."""
     layers = over_layers(cfg, fwd, lambda r, v: layer_flops(cfg, r, fwd.keys, v))
     head = 2 * fwd.logits * cfg.d_model * cfg.embedding_size
+    if cfg.include_bias and not cfg.weight_tying:
+        head += fwd.logits * cfg.embedding_size  # the untied head's bias
     return fwd.rows * (layers + head)
 
 
@@ -175,7 +194,8 @@ def weight_bytes_read(cfg: ModelConfig, fwd: Forward, elem: int) -> int:
     (V-verify reads v_proj twice: over the response, then inside the chosen tokens' q/k/v), the
     final norm and LM head, and the embedding rows it gathers (R·Q rows, or the whole table)."""
     C, kv = cfg.d_model, cfg.n_kv_heads * cfg.head_dim
-    layers = over_layers(cfg, fwd, lambda r, v: (layer_params(cfg) if r or v else 0) + (C * kv if v else 0))
+    v_proj = C * kv + (kv if qkv_bias(cfg) else 0)  # v_proj's weight and bias
+    layers = over_layers(cfg, fwd, lambda r, v: (layer_params(cfg) if r or v else 0) + (v_proj if v else 0))
     gathered = min(fwd.rows * fwd.q, cfg.embedding_size) * C  # rows of the embedding lookup
     table = cfg.embedding_size * C if cfg.weight_tying else gathered + head_params(cfg)  # a tied head reads it all
     return (layers + C + table) * elem
