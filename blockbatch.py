@@ -659,6 +659,7 @@ class MasksAfterEOS:
 
 # The original's Dream generator (on a shifted-head model): a copy of its LLaDA one that differs
 # in the window, the full forward's commits, the stored probabilities, merges, refreshes and exit.
+# `with_quirks`, after these, picks the LLaDA generator's quirks or these by the model's shift.
 
 
 class PredecessorWindow:

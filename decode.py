@@ -1174,8 +1174,8 @@ class Quirks:
     """The original implementations' deviations from their papers, each reproduced behind one
     flag so that parity with their code stays exact. All off by default (the papers' rules);
     `DecodeConfig(quirks=True)` and `BlockBatchConfig(quirks=True)` turn on every one. Nothing in
-    the loop or the methods reads them: `with_quirks` below swaps whole pieces, and blockbatch.py
-    does the same for its flags in its last section."""
+    the loop or the methods reads them: `with_quirks` below swaps whole pieces, and blockbatch.py's
+    own `with_quirks`, in its section of the original's quirks, does the same for its flags."""
 
     # Fast-dLLM (NVlabs/Fast-dLLM)
     factor_off_by_one: bool = False  # factor rule: when only the last rank fails its bound, all commit
