@@ -127,11 +127,11 @@ def traced(monkeypatch, name, check):
     monkeypatch.setattr(bbm.BlockBatch, name, wrapped)
 
 
-@settings(max_examples=8)
-@given(prompt=prompts, sizes=st.sampled_from([[4, 8, 16], [2, 4, 8, 16], [4, 16]]),
-       variant=st.sampled_from(["bulk", "rms"]), sync=st.sampled_from([0, 2, 8]))
-def test_merge_keeps_committed_tokens_and_sync_bounds_the_lag(random_model, prompt, sizes, variant, sync):
-    mask = random_model.config.mask_token_id
+def decode_checking_merges_and_syncs(model, prompt, sizes, sync, **settings):
+    """BlockBatch on `prompt` (G = 32, threshold 0.7) with every merge and sync checked as it
+    happens: a merge fills only masks of its destination branch and touches no other branch, and
+    after a merge-and-sync no active branch trails the leader by more than sync_threshold."""
+    mask = model.config.mask_token_id
     seen = {"merge": 0, "sync": 0}
 
     def merge_check(bb, args, before, filled):
@@ -152,11 +152,18 @@ def test_merge_keeps_committed_tokens_and_sync_bounds_the_lag(random_model, prom
     with pytest.MonkeyPatch.context() as mp:
         traced(mp, "merge_into", merge_check)
         traced(mp, "merge_and_sync", sync_check)
-        cfg = BlockBatchConfig.for_model(random_model.config, gen_length=32, block_sizes=sizes, threshold=0.7,
-                                         generator_variant=variant, sync_threshold=sync)
-        out = generate(random_model, torch.tensor([prompt]), cfg)
+        cfg = BlockBatchConfig.for_model(model.config, gen_length=32, block_sizes=sizes, threshold=0.7,
+                                         sync_threshold=sync, **settings)
+        out = generate(model, torch.tensor([prompt]), cfg)
     assert seen["sync"] > 0
     assert out.ids.shape == (1, len(prompt) + 32)
+
+
+@settings(max_examples=8)
+@given(prompt=prompts, sizes=st.sampled_from([[4, 8, 16], [2, 4, 8, 16], [4, 16]]),
+       variant=st.sampled_from(["bulk", "rms"]), sync=st.sampled_from([0, 2, 8]))
+def test_merge_keeps_committed_tokens_and_sync_bounds_the_lag(random_model, prompt, sizes, variant, sync):
+    decode_checking_merges_and_syncs(random_model, prompt, sizes, sync, generator_variant=variant)
 
 
 def test_every_committed_token_carries_its_confidence():

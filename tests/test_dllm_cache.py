@@ -12,6 +12,14 @@ import decode
 from decode import DecodeConfig, generate
 
 
+def first_choice_gap(seen: list, run: dict) -> float:
+    """The recorded k-th/(k+1)-th similarity gap at the first V-verify choice that differs from
+    the original's (`seen`: our choices in order, sorted per layer)."""
+    recorded = [(sorted(layer["sel"]), layer["cos_kth_gap"]) for step in run["cache_trace"]
+                for layer in step["layers"] if "sel" in layer]
+    return next(gap for mine, (theirs, gap) in zip(seen, recorded) if mine != theirs)
+
+
 def config_for_case(case, model):
     kw = dict(case["kwargs"])
     cache = "none" if case["case"].startswith("dcache_baseline") else "dllm"
@@ -59,10 +67,8 @@ def test_golden_parity_with_own_selections(tiny_model, case):
             out = generate(tiny_model, torch.tensor(run["prompt"]), cfg)
             if out.ids.tolist() == run["output_ids"]:
                 continue
-            recorded = [(sorted(layer["sel"]), layer["cos_kth_gap"]) for step in run["cache_trace"]
-                        for layer in step["layers"] if "sel" in layer]
-            first = next(i for i, (mine, (theirs, _)) in enumerate(zip(seen, recorded)) if mine != theirs)
-            assert recorded[first][1] < 1e-6, f"V-verify chose differently at a clear margin ({recorded[first][1]})"
+            gap = first_choice_gap(seen, run)
+            assert gap < 1e-6, f"V-verify chose differently at a clear margin ({gap})"
     finally:
         decode.least_similar = real
 

@@ -22,7 +22,7 @@ from cache import KVCache
 from decode import DecodeConfig, Quirks
 from decode import generate as decode_generate
 from model import DiffusionLM, ModelConfig, init_weights, load_model
-from test_blockbatch import traced
+from test_blockbatch import check_run, decode_checking_merges_and_syncs
 
 DREAM = os.path.join(GOLDEN, "dream_tiny")
 DREAM_CKPT = os.path.join(DREAM, "ckpt")
@@ -114,13 +114,7 @@ def test_golden_parity(dream, case):
     for run in case["runs"]:
         out = generate(dream, torch.tensor(run["prompt"]), cfg)
         assert matches(out, run)
-        assert out.nfe == run["batched_forwards"] and out.masks_left == run["masks_left"]
-        for i, b in enumerate(cfg.block_sizes):
-            assert out.extras["branch_ids"][i].tolist() == run["branch_rows"][str(b)]
-        events = run["events"]
-        assert out.extras["syncs"] == sum(e["ev"] == "sync" for e in events)
-        assert out.extras["merges"] == sum(e["ev"] == "merge" for e in events)
-        assert out.extras["refreshes"] == sum(e["ev"] == "forward" and e["kind"] == "full" for e in events) - 1
+        check_run(out, run, cfg.block_sizes)  # forwards, masks left, every branch, merges, syncs, refreshes
 
 
 @needs_dream
@@ -225,28 +219,7 @@ def test_single_branch_is_dualcache_on_the_golden_checkpoint(dream):
 def test_merge_keeps_committed_tokens_and_sync_bounds_the_lag(random_dream, quirks, prompt, sizes, sync):
     """On Dream, with either generator's rules: a merge fills only masks of its destination, and
     after a merge-and-sync no active branch trails the leader by more than sync_threshold."""
-    mask, seen = random_dream.config.mask_token_id, {"merge": 0, "sync": 0}
-
-    def merge_check(bb, args, before, filled):
-        dst = args[0]
-        committed = before[dst] != mask
-        assert torch.equal(bb.canvas[dst][committed], before[dst][committed])
-        assert int(((before[dst] == mask) & (bb.canvas[dst] != mask)).sum()) == filled
-        assert not (bb.canvas != before)[[i for i in bb.everyone if i != dst]].any()
-        seen["merge"] += 1
-
-    def sync_check(bb, args, before, synced):
-        leader = bb.leader()
-        assert all(bb.decoded[leader] - bb.decoded[i] <= sync for i in bb.active())
-        seen["sync"] += 1
-
-    with pytest.MonkeyPatch.context() as mp:
-        traced(mp, "merge_into", merge_check)
-        traced(mp, "merge_and_sync", sync_check)
-        cfg = BlockBatchConfig.for_model(random_dream.config, gen_length=32, block_sizes=sizes, threshold=0.7,
-                                         sync_threshold=sync, quirks=quirks)
-        out = generate(random_dream, torch.tensor([prompt]), cfg)
-    assert seen["sync"] > 0 and out.ids.shape == (1, len(prompt) + 32)
+    decode_checking_merges_and_syncs(random_dream, prompt, sizes, sync, quirks=quirks)
 
 
 def branches_on_different_blocks(model, prompt, starts, quirks=False):

@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 from conftest import GOLDEN
+from test_dllm_cache import first_choice_gap
 from test_registry import ROWS_APART, random_dream, random_dream64  # noqa: F401 (the random Dream's fixtures)
 
 import decode
@@ -221,10 +222,8 @@ def test_dllm_cache_parity_with_own_selections(dream, case, monkeypatch):
         out = run_case(dream, case, run, cfg)
         if out.ids.tolist() == run["output_ids"]:
             continue
-        recorded = [(sorted(layer["sel"]), layer["cos_kth_gap"]) for step in run["cache_trace"]
-                    for layer in step["layers"] if "sel" in layer]
-        first = next(i for i, (mine, (theirs, _)) in enumerate(zip(seen, recorded)) if mine != theirs)
-        assert recorded[first][1] < 1e-6, f"V-verify chose differently at a clear margin ({recorded[first][1]})"
+        gap = first_choice_gap(seen, run)
+        assert gap < 1e-6, f"V-verify chose differently at a clear margin ({gap})"
 
 
 @needs_dream
