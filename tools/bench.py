@@ -279,7 +279,7 @@ def bench(args, model, families, problem_sets, plan, rows: list, progress: dict)
                 vanillas.setdefault(block, (outputs, seconds, right))
             reference, vanilla_seconds, vanilla_right = vanillas.get(block) or vanillas.get(
                 args.block_length) or (None, None, None)
-            drift = None
+            drift = None  # measured on the row's first problem only (docs/benchmark.md says so)
             if isinstance(config, DecodeConfig) and config.cache != "none":
                 drift_cfg = dataclasses.replace(config, measure_drift=True)
                 probe = torch.tensor([task.encode(problems[0].prompt)], device=model.device)
