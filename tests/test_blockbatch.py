@@ -196,6 +196,21 @@ def test_every_committed_token_carries_its_confidence():
     assert seen["merges"] > 0 and seen["syncs"] > 0, seen  # both paths were taken
 
 
+def branches_on_different_blocks(model, prompt, starts, quirks=False):
+    """A BlockBatch after its init forward, its three branches moved to different blocks with
+    different tokens before them."""
+    cfg = BlockBatchConfig.for_model(model.config, gen_length=32, block_sizes=[2, 4, 8], threshold=0.5, quirks=quirks)
+    bb = bbm.with_quirks(cfg, model.logit_shift)(model, torch.tensor([prompt]), cfg)
+    with torch.no_grad():
+        bb.full_forward([0, 1, 2], init=True)
+    for i, s in enumerate(starts):
+        b = bb.sizes[i]
+        bb.start[i] = bb.P + (s * b) % 32
+        bb.end[i] = bb.start[i] + b
+        bb.canvas[i, bb.P:bb.start[i]] = 7 + i
+    return bb
+
+
 @settings(max_examples=6)
 @given(prompt=prompts, starts=st.lists(st.integers(0, 7), min_size=3, max_size=3),
        dtype=st.sampled_from([torch.float32, torch.float64]))
@@ -204,16 +219,7 @@ def test_batched_block_step_equals_each_branch_alone(random_model, prompt, start
     block forward gives alone, against its own cache row."""
     model = random_model.to(dtype)
     try:
-        cfg = BlockBatchConfig.for_model(model.config, gen_length=32, block_sizes=[2, 4, 8], threshold=0.5)
-        bb = bbm.BlockBatch(model, torch.tensor([prompt]), cfg)
-        with torch.no_grad():
-            bb.full_forward([0, 1, 2], init=True)
-        # Put the branches on different blocks of their grids, with different commits.
-        for i, s in enumerate(starts):
-            b = bb.sizes[i]
-            bb.start[i] = bb.P + (s * b) % 32
-            bb.end[i] = bb.start[i] + b
-            bb.canvas[i, bb.P:bb.start[i]] = 7 + i
+        bb = branches_on_different_blocks(model, prompt, starts)
         alone = []
         for i in range(3):
             one = KVCache.for_model(model.config, batch=1, capacity=bb.L, dtype=dtype)

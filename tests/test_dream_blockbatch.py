@@ -22,7 +22,7 @@ from cache import KVCache
 from decode import DecodeConfig, Quirks
 from decode import generate as decode_generate
 from model import DiffusionLM, ModelConfig, init_weights, load_model
-from test_blockbatch import check_run, decode_checking_merges_and_syncs
+from test_blockbatch import branches_on_different_blocks, check_run, decode_checking_merges_and_syncs
 
 DREAM = os.path.join(GOLDEN, "dream_tiny")
 DREAM_CKPT = os.path.join(DREAM, "ckpt")
@@ -220,21 +220,6 @@ def test_merge_keeps_committed_tokens_and_sync_bounds_the_lag(random_dream, quir
     """On Dream, with either generator's rules: a merge fills only masks of its destination, and
     after a merge-and-sync no active branch trails the leader by more than sync_threshold."""
     decode_checking_merges_and_syncs(random_dream, prompt, sizes, sync, quirks=quirks)
-
-
-def branches_on_different_blocks(model, prompt, starts, quirks=False):
-    """A BlockBatch after its init forward, its three branches moved to different blocks with
-    different tokens before them."""
-    cfg = BlockBatchConfig.for_model(model.config, gen_length=32, block_sizes=[2, 4, 8], threshold=0.5, quirks=quirks)
-    bb = bbm.with_quirks(cfg, model.logit_shift)(model, torch.tensor([prompt]), cfg)
-    with torch.no_grad():
-        bb.full_forward([0, 1, 2], init=True)
-    for i, s in enumerate(starts):
-        b = bb.sizes[i]
-        bb.start[i] = bb.P + (s * b) % 32
-        bb.end[i] = bb.start[i] + b
-        bb.canvas[i, bb.P:bb.start[i]] = 7 + i
-    return bb
 
 
 @pytest.mark.parametrize("quirks", [False, True])
